@@ -1,0 +1,151 @@
+"""Headless entry points: `lora-gui config ...`, `lora-gui demo`, `lora-gui train`, `lora-gui gui`.
+
+Heavy modules (torch, gradio) are imported inside the commands that need them, so `config` stays
+fast and light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lora_gui.settings import SettingsError, io
+from lora_gui.settings.foreign import convert, looks_foreign
+
+
+def _print_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    doc = io.read_json(args.file)
+    if looks_foreign(doc):
+        _print_error(f"{args.file} is not a lora-gui settings file (it looks like a kohya_ss or "
+                     f"older script config): convert it with 'lora-gui config convert {args.file} "
+                     "-o settings.json'")
+        return 2
+    settings = io.load_document(doc)
+    print(f"{args.file}: valid lora-gui settings (version {io.SETTINGS_VERSION}).")
+    if args.verbose:
+        print(io.dumps(settings, sparse=True), end="")
+    return 0
+
+
+def cmd_config_convert(args: argparse.Namespace) -> int:
+    doc = io.read_json(args.file)
+    settings, report = convert(doc)
+    print(report.report())
+    if args.output:
+        io.save_settings(settings, args.output)
+        print(f"Wrote {args.output}")
+    else:
+        print(io.dumps(settings), end="")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    settings = io.load_preset(args.preset) if args.preset else io.defaults()
+    print(io.dumps(settings, sparse=args.sparse), end="")
+    return 0
+
+
+def cmd_config_presets(args: argparse.Namespace) -> int:
+    for name, path in io.list_presets().items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lora_gui.engine.demo import build_demo
+
+    paths = build_demo(args.out, seed=args.seed)
+    print(f"Demo model (diffusers folder): {paths.model_dir}")
+    print(f"Demo model (single file):      {paths.single_file}")
+    print(f"Demo dataset:                  {paths.dataset_dir}")
+    print(f"Demo regularisation images:    {paths.reg_dir}")
+    return 0
+
+
+def load_run_settings(path: str | None, preset: str | None, assignments: list[str]):
+    if path and preset:
+        raise SettingsError([io.Issue("(command line)", "give a settings file or --preset, not both")])
+    if path:
+        doc = io.read_json(path)
+        settings = convert(doc)[0] if looks_foreign(doc) else io.load_document(doc)
+    elif preset:
+        settings = io.load_preset(preset)
+    else:
+        raise SettingsError([io.Issue("(command line)", "give a settings file or --preset NAME")])
+    return io.apply_overrides(settings, assignments) if assignments else settings
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    settings = load_run_settings(args.settings, args.preset, args.set or [])
+    from lora_gui.engine.cli_runner import train_from_cli
+
+    return train_from_cli(settings, demo_dir=args.demo_dir)
+
+
+def cmd_gui(args: argparse.Namespace) -> int:
+    from lora_gui.ui.launch import main as gui_main
+
+    return gui_main(args.gui_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-gui", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="check, convert and show settings files")
+    csub = config.add_subparsers(dest="config_command", required=True)
+    p = csub.add_parser("validate", help="check a lora-gui settings JSON file")
+    p.add_argument("file")
+    p.add_argument("-v", "--verbose", action="store_true", help="print what differs from defaults")
+    p.set_defaults(func=cmd_config_validate)
+    p = csub.add_parser("convert", help="import a kohya_ss or older-script JSON config")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", help="write the converted settings here")
+    p.set_defaults(func=cmd_config_convert)
+    p = csub.add_parser("show", help="print the defaults or a preset")
+    p.add_argument("--preset")
+    p.add_argument("--sparse", action="store_true", help="only what differs from the defaults")
+    p.set_defaults(func=cmd_config_show)
+    p = csub.add_parser("presets", help="list the presets")
+    p.set_defaults(func=cmd_config_presets)
+
+    p = sub.add_parser("demo", help="build the tiny offline demo model and dataset")
+    p.add_argument("--out", default="demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a LoRA headless")
+    p.add_argument("settings", nargs="?", help="settings JSON (ours, or a kohya_ss config)")
+    p.add_argument("--preset", help="start from a preset instead of a file")
+    p.add_argument("--set", action="append", metavar="GROUP.FIELD=VALUE",
+                   help="override a setting, e.g. --set training.learning_rate=0.0002")
+    p.add_argument("--demo-dir", default="demo",
+                   help="where the demo model is built when the settings point at it and it is missing")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("gui", help="open the browser GUI", add_help=False)
+    p.add_argument("gui_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_gui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SettingsError as exc:
+        _print_error(str(exc))
+        return 2
+    except (OSError, json.JSONDecodeError) as exc:
+        _print_error(str(exc))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

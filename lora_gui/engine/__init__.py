@@ -1,0 +1,1 @@
+"""The training engine: torch, diffusers, transformers, accelerate. Never imports gradio."""

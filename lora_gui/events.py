@@ -1,0 +1,205 @@
+"""Typed events (nouns) that flow out of the engine and typed commands (verbs) that flow in.
+
+Standard library only: the engine, the worker and the web process all import this module, and the
+web process must never import torch. Every type is a frozen dataclass with a class-level ``kind``;
+``to_json``/``from_json`` turn them into one JSON line and back. Images travel as file paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: ClassVar[str] = "event"
+
+
+@dataclass(frozen=True)
+class Started(Event):
+    kind: ClassVar[str] = "started"
+    total_steps: int
+    steps_per_epoch: int
+    epochs: int
+    num_train_images: int
+    num_reg_images: int
+    device: str
+    output_dir: str
+
+
+@dataclass(frozen=True)
+class Log(Event):
+    """A line for the user's log panel (also printed by the CLI)."""
+
+    kind: ClassVar[str] = "log"
+    message: str
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Progress(Event):
+    kind: ClassVar[str] = "progress"
+    step: int
+    total_steps: int
+    epoch: int
+    epochs: int
+    elapsed_s: float
+    steps_per_s: float
+    eta_s: float
+    phase: str = "training"
+
+
+@dataclass(frozen=True)
+class LossReported(Event):
+    kind: ClassVar[str] = "loss"
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+
+
+@dataclass(frozen=True)
+class ValidationLoss(Event):
+    kind: ClassVar[str] = "validation_loss"
+    step: int
+    epoch: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class SampleReady(Event):
+    kind: ClassVar[str] = "sample"
+    step: int
+    epoch: int
+    path: str
+    prompt: str
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointSaved(Event):
+    kind: ClassVar[str] = "checkpoint"
+    step: int
+    epoch: int
+    path: str
+    state_dir: str | None = None
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class Finished(Event):
+    """The run ended normally (``stopped`` is True when a Stop command ended it early)."""
+
+    kind: ClassVar[str] = "finished"
+    step: int
+    output_path: str
+    state_dir: str | None = None
+    stopped: bool = False
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Failed(Event):
+    """The run could not go on; ``message`` is a sentence the user can act on."""
+
+    kind: ClassVar[str] = "failed"
+    message: str
+    step: int = 0
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Command:
+    kind: ClassVar[str] = "command"
+
+
+@dataclass(frozen=True)
+class Stop(Command):
+    """Save a LoRA and a state at the current step, then end the run."""
+
+    kind: ClassVar[str] = "stop"
+
+
+@dataclass(frozen=True)
+class SaveNow(Command):
+    kind: ClassVar[str] = "save_now"
+
+
+@dataclass(frozen=True)
+class SampleNow(Command):
+    kind: ClassVar[str] = "sample_now"
+
+
+@dataclass(frozen=True)
+class ForceStop(Command):
+    """Terminate the trainer if it does not answer a Stop within the grace period."""
+
+    kind: ClassVar[str] = "force_stop"
+    grace_s: float = 10.0
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls
+    for cls in (Started, Log, Progress, LossReported, ValidationLoss, SampleReady,
+                CheckpointSaved, Finished, Failed)
+}
+COMMAND_TYPES: dict[str, type[Command]] = {
+    cls.kind: cls for cls in (Stop, SaveNow, SampleNow, ForceStop)
+}
+
+
+def to_dict(item: Event | Command) -> dict[str, Any]:
+    data = dataclasses.asdict(item)
+    for key, value in data.items():
+        if isinstance(value, tuple):
+            data[key] = list(value)
+    return {"kind": item.kind, **data}
+
+
+def to_json(item: Event | Command) -> str:
+    return json.dumps(to_dict(item), ensure_ascii=False, allow_nan=True)
+
+
+def _build(table: dict[str, type], data: dict[str, Any]):
+    data = dict(data)
+    cls = table[data.pop("kind")]
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
+    return cls(**kwargs)
+
+
+def event_from_json(line: str) -> Event:
+    return _build(EVENT_TYPES, json.loads(line))
+
+
+def command_from_json(line: str) -> Command:
+    return _build(COMMAND_TYPES, json.loads(line))
+
+
+class EventSink(Protocol):
+    """Where the engine sends its events (a list, a JSONL writer, the CLI's printer...)."""
+
+    def __call__(self, event: Event) -> None: ...
+
+
+class CommandSource(Protocol):
+    """What the training loop polls at step boundaries: returns the commands that arrived since."""
+
+    def poll(self) -> list[Command]: ...
+
+
+@dataclass
+class CommandQueue:
+    """An in-process command source: tests and the CLI push commands, the loop polls them."""
+
+    pending: list[Command] = field(default_factory=list)
+
+    def put(self, command: Command) -> None:
+        self.pending.append(command)
+
+    def poll(self) -> list[Command]:
+        items, self.pending = self.pending, []
+        return items

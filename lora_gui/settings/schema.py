@@ -1,0 +1,645 @@
+"""Every setting, declared once. One class per tab group, composed into ``TrainingSettings``.
+
+The description of each field is its tooltip and CLI help; the UI metadata sits next to it (see
+``fields.setting``). Cross-field rules live in ``TrainingSettings``; each error names the field to
+change and what to do. This module imports only pydantic and the standard library.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from lora_gui.settings.fields import setting
+
+LR_SCHEDULERS = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+    "adafactor",
+)
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "SGDNesterov", "Prodigy", "DAdaptAdam", "Adafactor")
+SAMPLERS = (
+    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+)
+
+# Keys that loading a settings file leaves alone: paths that only make sense on one machine, the
+# run's name and comment. The skip-list itself is never taken from a file.
+DEFAULT_SKIP_LIST = (
+    "base_model", "img_folder", "reg_img_folder", "output_folder", "log_dir", "vae",
+    "lora_model_for_resume", "output_name", "training_comment",
+)
+
+
+class Group(BaseModel):
+    """A tab's worth of settings. Frozen: change settings with ``model_copy`` + revalidation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    tab: ClassVar[str]
+    title: ClassVar[str]
+
+
+class ModelSettings(Group):
+    tab: ClassVar[str] = "model"
+    title: ClassVar[str] = "Model and folders"
+
+    base_model: str = setting(
+        "", "The Stable Diffusion 1.x or 2.x model to train on: a local diffusers folder or a single "
+        ".safetensors / .ckpt file. It is read offline; nothing is downloaded.", widget="file")
+    v2: bool = setting(
+        False, "The base model is SD 2.x (OpenCLIP text encoder, 1024-wide cross-attention). "
+        "lora-gui detects this from the weights and tells you when this box disagrees.",
+        widget="checkbox", label="SD 2.x base")
+    v_parameterization: bool = setting(
+        False, "Train with the v-prediction objective (the target is the velocity, not the noise), "
+        "as SD 2.x 768-v models were trained. Use it only with a v-prediction base model.",
+        widget="checkbox")
+    vae: str = setting(
+        "", "Optional path to a replacement VAE (diffusers folder or single file) used to encode "
+        "images and decode samples instead of the base model's VAE. Empty = the base model's VAE.",
+        widget="file", advanced=True, label="Replacement VAE")
+    img_folder: str = setting(
+        "", "Training images: a parent folder of 'N_name' subfolders (N = repeats, the rest = class "
+        "tokens, e.g. 10_mychar), or one folder of images that then uses the Repeats setting.",
+        widget="folder", label="Image folder")
+    reg_img_folder: str = setting(
+        "", "Optional regularisation images (prior preservation), in 'N_class' subfolders. Each epoch "
+        "then holds as many regularisation samples as training samples, so it is twice as long.",
+        widget="folder", label="Regularisation folder")
+    output_folder: str = setting(
+        "outputs", "Folder where the LoRA files, samples, the settings copy and the tag report are "
+        "written. Existing files are never silently overwritten.", widget="folder")
+    output_name: str = setting(
+        "my-lora", "File name (without extension) of the LoRA. Intermediate saves are named "
+        "NAME-000001 and so on.", widget="text", min_length=1, max_length=120)
+    save_as: Literal["safetensors", "ckpt", "pt"] = setting(
+        "safetensors", "File format of the LoRA: safetensors (safe, carries metadata; loads in "
+        "AUTOMATIC1111, ComfyUI and diffusers), ckpt or pt (a plain torch state dict, no metadata).",
+        widget="dropdown", advanced=True)
+    save_precision: Literal["fp16", "bf16", "float"] = setting(
+        "fp16", "Number format of the saved LoRA tensors: fp16 (half the size, what most LoRAs use), "
+        "bf16, or float (32-bit).", widget="dropdown", advanced=True)
+    training_comment: str = setting(
+        "", "Free text stored in the LoRA's metadata (ss_training_comment).", widget="textarea",
+        advanced=True)
+    no_meta: bool = setting(
+        False, "Save only the minimal metadata (network shape and base model version) instead of the "
+        "full training record.", widget="checkbox", advanced=True, label="Minimal metadata")
+    log_dir: str = setting(
+        "", "Folder for TensorBoard logs (loss, learning rate, validation loss). Empty = 'logs' "
+        "inside the output folder.", widget="folder", advanced=True, label="Log folder")
+    lora_model_for_resume: str = setting(
+        "", "Start from the weights of an existing LoRA file of the same rank (not its optimizer "
+        "state). Empty = start from a fresh LoRA.", widget="file", advanced=True,
+        label="Start from LoRA")
+    save_state: bool = setting(
+        False, "Next to each saved LoRA, also save the full training state (optimizer, scheduler, "
+        "step, random states, data order) so the run can be resumed at that exact step.",
+        widget="checkbox", advanced=True)
+    load_previous_save_state: str = setting(
+        "", "Resume from a state folder written by 'save state' (NAME-state or NAME-000002-state): "
+        "training continues at the exact step it was saved. Empty = start a new run.",
+        widget="folder", advanced=True, label="Resume from state")
+
+    @field_validator("output_name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if re.search(r'[\\/:*?"<>|]', value) or value.strip() != value or value in {".", ".."}:
+            raise PydanticCustomError(
+                "file_name", "must be a plain file name without slashes, colons or surrounding "
+                "spaces: use letters, digits, '-' or '_'")
+        return value
+
+
+class TriggerSettings(Group):
+    tab: ClassVar[str] = "triggers"
+    title: ClassVar[str] = "Trigger words"
+
+    trigger_words: str = setting(
+        "", "Comma-separated words put first in every caption (never shuffled or dropped), stored in "
+        "the LoRA's metadata and shown with the result. Use them in prompts to call the LoRA.",
+        widget="text")
+
+
+class ImageSettings(Group):
+    tab: ClassVar[str] = "images"
+    title: ClassVar[str] = "Image processing"
+
+    repeats: int = setting(
+        10, "How many times each image is seen per epoch, for image folders without an 'N_' prefix "
+        "(a prefix such as 10_name sets the repeats of its folder).", widget="number", ge=1, le=10000)
+    epochs: int = setting(
+        10, "Passes over the (repeated) dataset. Ignored when max steps is above 0.",
+        widget="number", ge=1, le=100000)
+    max_steps: int = setting(
+        0, "Stop after this many optimizer steps. 0 = train for the number of epochs.",
+        widget="number", ge=0)
+    save_every_n_epochs: int = setting(
+        0, "Also save an intermediate LoRA every N epochs (NAME-000002...). 0 = only the final one.",
+        widget="number", ge=0)
+    resolution: str = setting(
+        "512", "Training resolution: one number for a square (512) or 'width,height' (768,512). With "
+        "buckets this is the training area; each image keeps roughly its aspect ratio.",
+        widget="text")
+    buckets: bool = setting(
+        True, "Aspect-ratio bucketing: images are grouped by aspect ratio into buckets of about the "
+        "training area, so wide and tall images are not squashed or cropped to a square.",
+        widget="checkbox", label="Enable buckets")
+    min_bucket_resolution: int = setting(
+        256, "Smallest bucket side in pixels.", widget="number", ge=64, le=8192, advanced=True)
+    max_bucket_resolution: int = setting(
+        1024, "Largest bucket side in pixels.", widget="number", ge=64, le=8192, advanced=True)
+    bucket_reso_steps: int = setting(
+        64, "Bucket sides are multiples of this many pixels (a multiple of 64 for SD 1.x/2.x).",
+        widget="number", ge=64, le=1024, advanced=True)
+    bucket_no_upscale: bool = setting(
+        False, "Never upscale: images smaller than the training area keep their size (floored to the "
+        "bucket step); larger ones are scaled down to the area.", widget="checkbox", advanced=True)
+    flip_aug: bool = setting(
+        False, "Randomly mirror images left-right. Do not use it for subjects that are not symmetric "
+        "(text, asymmetric characters).", widget="checkbox")
+    color_aug: bool = setting(
+        False, "Small random hue shift of each image. Changes pixels every time, so it cannot be used "
+        "with cached latents.", widget="checkbox", advanced=True)
+    random_crop: bool = setting(
+        False, "Crop a random part of each image to its bucket instead of the centre. Cannot be used "
+        "with cached latents.", widget="checkbox", advanced=True)
+    cache_latents: bool = setting(
+        True, "Encode every image with the VAE once before training and keep the result; training is "
+        "faster and the VAE leaves the GPU.", widget="checkbox")
+    cache_latents_to_disk: bool = setting(
+        False, "Also keep the cached latents on disk next to the images, so the next run skips "
+        "encoding (recomputed when an image or the resolution changes).", widget="checkbox",
+        advanced=True)
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, value: str) -> str:
+        parts = [p.strip() for p in str(value).replace("x", ",").split(",")]
+        if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+            raise PydanticCustomError(
+                "resolution", "must be one number such as 512 or 'width,height' such as 768,512")
+        sides = [int(p) for p in parts]
+        if any(s < 64 or s > 8192 or s % 8 for s in sides):
+            raise PydanticCustomError(
+                "resolution", "each side must be a multiple of 8 between 64 and 8192 (e.g. 512)")
+        return ",".join(str(s) for s in (sides * 2)[:2]) if len(sides) == 2 else str(sides[0])
+
+    @field_validator("bucket_reso_steps")
+    @classmethod
+    def _step_multiple_of_64(cls, value: int) -> int:
+        if value % 64:
+            raise PydanticCustomError(
+                "bucket_step", "must be a multiple of 64 for SD 1.x/2.x (64, 128, ...)")
+        return value
+
+    @property
+    def resolution_wh(self) -> tuple[int, int]:
+        sides = [int(p) for p in self.resolution.split(",")]
+        return (sides[0], sides[-1])
+
+
+class TrainingGroup(Group):
+    tab: ClassVar[str] = "training"
+    title: ClassVar[str] = "Training"
+
+    seed: int = setting(
+        42, "Random seed: the same settings and seed give the same LoRA.", widget="number", ge=0,
+        le=2**32 - 1)
+    clip_skip: int = setting(
+        1, "Use the output of the N-th layer from the end of the CLIP text encoder, followed by its "
+        "final layer norm (1 = last layer, 2 = penultimate, common for anime models).",
+        widget="number", ge=1, le=12)
+    learning_rate: float = setting(
+        1e-4, "Base learning rate; the U-Net and text encoder rates below override it when set.",
+        widget="number", ge=0, le=10, step=1e-5)
+    unet_lr: float | None = setting(
+        None, "Learning rate of the U-Net LoRA. Empty = the base learning rate; 0 = do not train the "
+        "U-Net.", widget="number", ge=0, le=10, label="U-Net learning rate", step=1e-5)
+    text_encoder_lr: float | None = setting(
+        None, "Learning rate of the text-encoder LoRA. Empty = the base learning rate; 0 = do not "
+        "train the text encoder.", widget="number", ge=0, le=10, label="Text encoder learning rate",
+        step=1e-5)
+    unet_only: bool = setting(
+        False, "Put the LoRA only on the U-Net; the text encoder is not trained (and its outputs can "
+        "be cached).", widget="checkbox", label="Train U-Net only")
+    text_only: bool = setting(
+        False, "Put the LoRA only on the text encoder; the U-Net is not trained.",
+        widget="checkbox", label="Train text encoder only", advanced=True)
+    lr_scheduler: Literal[LR_SCHEDULERS] = setting(  # type: ignore[valid-type]
+        "cosine", "How the learning rate changes over the run. 'adafactor' only with the Adafactor "
+        "optimizer.", widget="dropdown", label="LR scheduler")
+    lr_scheduler_num_cycles: int = setting(
+        1, "Number of hard restarts of cosine_with_restarts.", widget="number", ge=1, le=1000,
+        advanced=True, label="Scheduler cycles")
+    lr_scheduler_power: float = setting(
+        1.0, "Power of the polynomial scheduler (1 = linear decay).", widget="number", gt=0, le=100,
+        advanced=True, label="Scheduler power")
+    lr_warmup_steps: float = setting(
+        0, "Linear learning-rate warm-up: a value below 1 is a fraction of the total steps (0.1 = "
+        "10 %), 1 or more is a number of steps. Needs a scheduler with warm-up (not 'constant').",
+        widget="number", ge=0, label="Warm-up steps")
+    optimizer: Literal[OPTIMIZERS] = setting(  # type: ignore[valid-type]
+        "AdamW", "Optimizer. AdamW8bit (bitsandbytes) saves memory; Prodigy and DAdaptAdam set their "
+        "own step size (use learning rate 1); Adafactor can use its own schedule.",
+        widget="dropdown")
+    optimizer_args: str = setting(
+        "", "Extra optimizer arguments as key=value pairs separated by spaces, e.g. "
+        "'weight_decay=0.01 betas=0.9,0.99'. Values are numbers, true/false, None or text.",
+        widget="text", advanced=True)
+    network_dim: int = setting(
+        16, "LoRA rank r: the size of the low-rank update. Higher = more capacity and a larger file.",
+        widget="number", ge=1, le=1024, label="Network rank (dim)")
+    network_alpha: float = setting(
+        8, "Scales the LoRA update by alpha / rank (alpha = rank gives scale 1; lower alpha = "
+        "smaller effective learning rate).", widget="number", gt=0, le=4096)
+    batch_size: int = setting(
+        1, "Images per step (all from one bucket).", widget="number", ge=1, le=1024)
+    gradient_accumulation_steps: int = setting(
+        1, "Add up the gradients of this many batches before each optimizer step: effective batch = "
+        "batch size x accumulation x processes.", widget="number", ge=1, le=1024, advanced=True)
+    num_workers: int = setting(
+        0, "Data loader processes that prepare images in the background (0 = in the training "
+        "process).", widget="number", ge=0, le=64, advanced=True)
+    persistent_workers: bool = setting(
+        False, "Keep the data loader processes alive between epochs (needs workers > 0).",
+        widget="checkbox", advanced=True)
+    mixed_precision: Literal["no", "fp16", "bf16"] = setting(
+        "no", "Compute in 16-bit where safe: bf16 (recent GPUs, also CPU) or fp16 (CUDA only). "
+        "The LoRA weights stay 32-bit while training.", widget="dropdown")
+    gradient_checkpointing: bool = setting(
+        False, "Recompute activations during the backward pass: much less memory, somewhat slower, "
+        "same result.", widget="checkbox")
+    max_grad_norm: float = setting(
+        1.0, "Clip the gradient norm to this value; 0 = no clipping.", widget="number", ge=0,
+        advanced=True)
+    validation_split: float = setting(
+        0.0, "Fraction of the training images held out (not trained on) to compute a validation "
+        "loss, which shows over-fitting when it rises while the training loss falls. 0 = off.",
+        widget="number", ge=0, le=0.5, step=0.05)
+    validation_every_n_steps: int = setting(
+        0, "Compute the validation loss every N steps (0 = only per epoch, see below).",
+        widget="number", ge=0)
+    validation_every_n_epochs: int = setting(
+        1, "Compute the validation loss every N epochs (0 = not per epoch).", widget="number", ge=0,
+        advanced=True)
+
+
+    @field_validator("optimizer_args")
+    @classmethod
+    def _optimizer_args(cls, value: str) -> str:
+        try:
+            parse_optimizer_args(value)
+        except ValueError as exc:
+            raise PydanticCustomError("optimizer_args", str(exc)) from None
+        return value
+
+
+class LabelSettings(Group):
+    tab: ClassVar[str] = "labels"
+    title: ClassVar[str] = "Labels"
+
+    caption_extension: str = setting(
+        ".txt", "Caption file = image name with this extension (photo.png -> photo.txt). Images "
+        "without one are captioned with their folder's class tokens.", widget="text")
+    shuffle_caption: bool = setting(
+        False, "Shuffle the comma-separated tags of a caption each time it is used.",
+        widget="checkbox")
+    keep_tokens: int = setting(
+        0, "The first N comma-separated tags stay in place when shuffling (tags, not CLIP tokens).",
+        widget="number", ge=0, le=255)
+    caption_dropout_rate: float = setting(
+        0.0, "Probability that a sample's whole caption is replaced by an empty one (trains "
+        "unconditional generation).", widget="number", ge=0, le=1, advanced=True, step=0.01)
+    caption_dropout_every_n_epochs: int = setting(
+        0, "Drop all captions in every N-th epoch (0 = never).", widget="number", ge=0,
+        advanced=True)
+    caption_tag_dropout_rate: float = setting(
+        0.0, "Probability of dropping each tag that is not kept.", widget="number", ge=0, le=1,
+        advanced=True, step=0.01)
+    max_token_length: int = setting(
+        75, "Longest caption in CLIP tokens: 75, 150 or 225. Longer captions are encoded as 75-token "
+        "chunks and concatenated; nothing is skipped.", widget="dropdown", choices=["75", "150", "225"])
+    tag_occurrence_txt_file: bool = setting(
+        True, "Write a text report of how often each tag occurs in the captions next to the LoRA.",
+        widget="checkbox", label="Write tag report")
+    sort_tag_occurrence_alphabetically: bool = setting(
+        False, "Sort the tag report alphabetically instead of by count.", widget="checkbox",
+        advanced=True)
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _extension(cls, value: str) -> str:
+        if not re.fullmatch(r"\.[A-Za-z0-9_.-]{1,20}", value):
+            raise PydanticCustomError("extension", "must start with a dot, e.g. .txt or .caption")
+        return value
+
+    @field_validator("max_token_length")
+    @classmethod
+    def _token_length(cls, value: int) -> int:
+        if value not in (75, 150, 225):
+            raise PydanticCustomError("token_length", "must be 75, 150 or 225")
+        return value
+
+
+class AdvancedSettings(Group):
+    tab: ClassVar[str] = "advanced"
+    title: ClassVar[str] = "Advanced"
+
+    noise_offset: float = setting(
+        0.0, "Add offset x N(0,1) per sample and channel to the noise, so the model can learn very "
+        "dark or very bright images. Typical 0.05-0.1; 0 = off.", widget="number", ge=0, le=1,
+        step=0.01)
+    multires_noise_iterations: int = setting(
+        0, "Pyramid (multi-resolution) noise: add this many levels of up-sampled lower-resolution "
+        "noise. Typical 6-10; 0 = off.", widget="number", ge=0, le=16)
+    multires_noise_discount: float = setting(
+        0.3, "Weight of each coarser pyramid-noise level (level i is weighted discount^i).",
+        widget="number", ge=0, le=1, step=0.05)
+    min_snr_gamma: float = setting(
+        0.0, "Min-SNR loss weighting (Hang et al. 2023): caps the weight of low-noise timesteps. "
+        "Typical 5; 0 = off.", widget="number", ge=0, le=100, label="Min-SNR gamma")
+    conv_dim: int = setting(
+        0, "LoCon: also put a LoRA of this rank on the 3x3 convolutions of the ResNet blocks and the "
+        "down/up-samplers. 0 = off (plain LoRA).", widget="number", ge=0, le=1024,
+        label="Conv rank (LoCon)")
+    conv_alpha: float = setting(
+        1.0, "Alpha of the convolution LoRA (scale = conv alpha / conv rank).", widget="number",
+        gt=0, le=4096)
+    network_dropout: float = setting(
+        0.0, "Dropout on the LoRA layers while training (regularises; 0 = off).", widget="number",
+        ge=0, lt=1, step=0.05)
+    prior_loss_weight: float = setting(
+        1.0, "Loss weight of the regularisation images.", widget="number", ge=0, le=100)
+    attention: Literal["sdpa", "xformers"] = setting(
+        "sdpa", "Attention kernel: sdpa (PyTorch's scaled-dot-product attention) or xformers if it "
+        "is installed. Same result, different speed and memory.", widget="dropdown")
+
+
+class SampleSettings(Group):
+    tab: ClassVar[str] = "samples"
+    title: ClassVar[str] = "Samples"
+
+    sample_prompts: str = setting(
+        "", "One prompt per line for sample images during training. Options per line: --n negative "
+        "prompt, --w width, --h height, --d seed, --l CFG scale, --s steps. Lines starting with # "
+        "are skipped.", widget="textarea")
+    sample_sampler: Literal[SAMPLERS] = setting(  # type: ignore[valid-type]
+        "euler_a", "Sampler (noise scheduler) used for sample images.", widget="dropdown")
+    sample_width: int = setting(
+        512, "Default width of sample images (multiple of 8).", widget="number", ge=64, le=4096)
+    sample_height: int = setting(
+        512, "Default height of sample images (multiple of 8).", widget="number", ge=64, le=4096)
+    sample_steps: int = setting(
+        20, "Default number of denoising steps per sample image.", widget="number", ge=1, le=1000)
+    sample_cfg_scale: float = setting(
+        7.0, "Default classifier-free guidance scale: how strongly samples follow the prompt "
+        "(1 = no guidance).", widget="number", ge=0, le=50, label="Sample CFG scale")
+    test_seed: int = setting(
+        1234, "Seed for sample images, so samples from different epochs are comparable.",
+        widget="number", ge=0, le=2**32 - 1)
+    sample_every_n_epochs: int = setting(
+        0, "Make sample images every N epochs (0 = not per epoch).", widget="number", ge=0)
+    sample_every_n_steps: int = setting(
+        0, "Make sample images every N steps (0 = not per step).", widget="number", ge=0)
+
+    @field_validator("sample_width", "sample_height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise PydanticCustomError(
+                "multiple_of_8", "must be a multiple of 8 (e.g. {suggestion})",
+                {"suggestion": max(64, value // 8 * 8)})
+        return value
+
+
+class RunSettings(Group):
+    tab: ClassVar[str] = "runs"
+    title: ClassVar[str] = "Presets and runs"
+
+    save_json_folder: str = setting(
+        "", "Folder where a copy of the settings is saved when a run starts (every run also keeps its "
+        "settings next to its outputs).", widget="folder", advanced=True)
+    load_json_path: str = setting(
+        "", "A settings JSON file to load (keys in the skip-list are not overwritten).",
+        widget="file")
+    json_load_skip_list: list[str] = setting(
+        list(DEFAULT_SKIP_LIST), "Settings that loading a JSON file leaves unchanged (machine-"
+        "specific paths, the run name). This list itself is never loaded from a file.",
+        widget="list", label="Skip-list for loading")
+    multi_run_folder: str = setting(
+        "", "A folder of settings JSON files run one after another in sorted order; finished files "
+        "move to complete/, failed ones to failed/, and the queue survives a restart.",
+        widget="folder", advanced=True)
+    save_json_only: bool = setting(
+        False, "Only write the settings JSON; do not train.", widget="checkbox", advanced=True)
+
+    @field_validator("json_load_skip_list")
+    @classmethod
+    def _known_keys(cls, value: list[str]) -> list[str]:
+        unknown = [k for k in value if k.split(".")[-1] not in FIELD_GROUPS]
+        if unknown:
+            raise PydanticCustomError(
+                "skip_list", "names unknown settings: {unknown}; use setting names such as "
+                "base_model or img_folder", {"unknown": ", ".join(unknown)})
+        return list(dict.fromkeys(k.split(".")[-1] for k in value))
+
+
+GROUPS: dict[str, type[Group]] = {
+    "model": ModelSettings,
+    "triggers": TriggerSettings,
+    "images": ImageSettings,
+    "training": TrainingGroup,
+    "labels": LabelSettings,
+    "advanced": AdvancedSettings,
+    "samples": SampleSettings,
+    "runs": RunSettings,
+}
+
+# field name -> group name. Field names are unique across groups, so a bare name is enough to find
+# a setting (the skip-list and foreign files use bare names).
+FIELD_GROUPS: dict[str, str] = {
+    name: group for group, cls in GROUPS.items() for name in cls.model_fields
+}
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How long a run is, from the number of batches one epoch of the dataset makes."""
+
+    batches_per_epoch: int
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+
+
+class TrainingSettings(BaseModel):
+    """All settings of one run. Build it with ``lora_gui.settings.io`` to get friendly errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    triggers: TriggerSettings = Field(default_factory=TriggerSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
+    training: TrainingGroup = Field(default_factory=TrainingGroup)
+    labels: LabelSettings = Field(default_factory=LabelSettings)
+    advanced: AdvancedSettings = Field(default_factory=AdvancedSettings)
+    samples: SampleSettings = Field(default_factory=SampleSettings)
+    runs: RunSettings = Field(default_factory=RunSettings)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> TrainingSettings:
+        issues = cross_field_issues(self)
+        if issues:
+            raise PydanticCustomError(
+                "cross_field", "{summary}",
+                {"summary": "; ".join(f"{p}: {m}" for p, m in issues), "issues": issues})
+        return self
+
+    def get(self, name: str):
+        """The value of a setting by bare name or 'group.name'."""
+        name = name.split(".")[-1]
+        return getattr(getattr(self, FIELD_GROUPS[name]), name)
+
+    @property
+    def effective_unet_lr(self) -> float:
+        t = self.training
+        return 0.0 if t.text_only else (t.learning_rate if t.unet_lr is None else t.unet_lr)
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        t = self.training
+        if t.unet_only:
+            return 0.0
+        return t.learning_rate if t.text_encoder_lr is None else t.text_encoder_lr
+
+    @property
+    def train_unet(self) -> bool:
+        return self.effective_unet_lr > 0
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return self.effective_text_encoder_lr > 0
+
+    def effective_batch_size(self, num_processes: int = 1) -> int:
+        return self.training.batch_size * self.training.gradient_accumulation_steps * num_processes
+
+    @cached_property
+    def optimizer_kwargs(self) -> dict:
+        return parse_optimizer_args(self.training.optimizer_args)
+
+    def plan_steps(self, batches_per_epoch: int, num_processes: int = 1) -> StepPlan:
+        """Optimizer steps per epoch and in total. ``max_steps`` > 0 overrides the epoch count."""
+        per_process = math.ceil(batches_per_epoch / num_processes)
+        steps_per_epoch = max(1, math.ceil(per_process / self.training.gradient_accumulation_steps))
+        if self.images.max_steps > 0:
+            total = self.images.max_steps
+            epochs = math.ceil(total / steps_per_epoch)
+        else:
+            epochs = self.images.epochs
+            total = epochs * steps_per_epoch
+        return StepPlan(batches_per_epoch, steps_per_epoch, epochs, total)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        w = self.training.lr_warmup_steps
+        return int(round(w * total_steps)) if w < 1 else int(w)
+
+
+def estimate_batches(num_train_items: int, batch_size: int, with_reg: bool) -> int:
+    """Batches in one epoch for ``num_train_items`` (images x repeats, summed over folders).
+
+    Regularisation doubles the epoch (as many reg samples as training samples). The engine counts
+    exactly per bucket (a batch never mixes buckets); this is the estimate before images are read.
+    """
+    items = num_train_items * (2 if with_reg else 1)
+    return math.ceil(items / batch_size) if items else 0
+
+
+_ARG_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(\"[^\"]*\"|'[^']*'|[^\s]+)")
+
+
+def parse_optimizer_args(text: str) -> dict:
+    """Parse 'key=value key=value' safely (no eval): numbers, booleans, None, tuples, strings."""
+    import ast
+
+    text = text.strip()
+    out: dict = {}
+    pos = 0
+    for match in _ARG_RE.finditer(text):
+        if text[pos:match.start()].strip(" ,;"):
+            break
+        key, raw = match.group(1), match.group(2)
+        low = raw.lower()
+        if low in ("true", "false"):
+            value = low == "true"
+        elif low == "none":
+            value = None
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
+            if isinstance(value, list):
+                value = tuple(value)
+        out[key] = value
+        pos = match.end()
+    if text[pos:].strip(" ,;"):
+        raise ValueError(
+            f"cannot read {text[pos:].strip()!r}: write key=value pairs separated by spaces, "
+            "e.g. weight_decay=0.01 betas=0.9,0.99")
+    return out
+
+
+def cross_field_issues(s: TrainingSettings) -> list[tuple[str, str]]:
+    """Rules that involve more than one field: (field path to change, what to do)."""
+    issues: list[tuple[str, str]] = []
+    img, tr = s.images, s.training
+    if img.buckets:
+        if img.min_bucket_resolution > img.max_bucket_resolution:
+            issues.append(("images.min_bucket_resolution",
+                           "is larger than the max bucket resolution: lower it or raise the max"))
+        for side in img.resolution_wh:
+            if not img.min_bucket_resolution <= side <= img.max_bucket_resolution:
+                issues.append(("images.resolution",
+                               f"side {side} is outside the bucket range {img.min_bucket_resolution}"
+                               f"..{img.max_bucket_resolution}: change the resolution or the "
+                               "min/max bucket resolution"))
+                break
+    if img.cache_latents:
+        for name, what in (("color_aug", "colour augmentation"), ("random_crop", "random crop")):
+            if getattr(img, name):
+                issues.append((f"images.{name}",
+                               f"{what} changes the pixels every epoch, so latents cannot be cached: "
+                               f"turn off {name} or cache_latents"))
+    if tr.unet_only and tr.text_only:
+        issues.append(("training.text_only",
+                       "cannot be combined with 'train U-Net only': choose one of them (or neither "
+                       "to train both)"))
+    if tr.lr_warmup_steps > 0 and tr.lr_scheduler == "constant":
+        issues.append(("training.lr_scheduler",
+                       "'constant' has no warm-up: choose constant_with_warmup, or set warm-up "
+                       "steps to 0"))
+    if tr.lr_scheduler == "adafactor" and tr.optimizer != "Adafactor":
+        issues.append(("training.lr_scheduler",
+                       "'adafactor' is the Adafactor optimizer's own schedule: choose the Adafactor "
+                       "optimizer or another scheduler"))
+    if tr.unet_only and tr.unet_lr == 0:
+        issues.append(("training.unet_lr",
+                       "is 0 while only the U-Net is trained, so nothing would train: set a U-Net "
+                       "learning rate or leave it empty"))
+    if tr.text_only and tr.text_encoder_lr == 0:
+        issues.append(("training.text_encoder_lr",
+                       "is 0 while only the text encoder is trained, so nothing would train: set a "
+                       "text encoder learning rate or leave it empty"))
+    if not (tr.unet_only or tr.text_only) and s.effective_unet_lr == 0 \
+            and s.effective_text_encoder_lr == 0:
+        issues.append(("training.learning_rate",
+                       "every learning rate is 0, so nothing would train: set a learning rate"))
+    if tr.persistent_workers and tr.num_workers == 0:
+        issues.append(("training.persistent_workers",
+                       "needs data loader workers: set num_workers above 0 or turn this off"))
+    return issues
