@@ -1,0 +1,562 @@
+"""The training dataset: repeats, regularisation, validation split, batches, latent cache.
+
+Everything the web process needs (scan, buckets, captions, summary) lives in the torch-free modules
+:mod:`lora_gui.engine.captions` and :mod:`lora_gui.engine.buckets` and is re-exported here. This
+module imports torch lazily, inside the functions that build tensors, so importing it stays cheap.
+
+Determinism: the batches of an epoch are a pure function of (seed, epoch), and every random choice
+for a sample (flip, crop, hue, caption shuffle/dropout) comes from an RNG seeded with
+(seed, epoch, batch_index, position). A resumed run that skips the first k batches of an epoch sees
+exactly the data it would have seen, whatever was loaded before and however many workers load it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lora_gui.engine.buckets import (
+    Bucket,
+    assign_bucket,
+    choose_bucket,
+    load_image_array,
+    make_buckets,
+    no_upscale_bucket,
+    random_hue_shift,
+)
+from lora_gui.engine.captions import (
+    DatasetError,
+    DatasetInfo,
+    DatasetSummary,
+    ImageEntry,
+    Subset,
+    count_batches,
+    cycle_to_length,
+    dataset_summary,
+    derive_seed,
+    drop_all_captions,
+    plan_buckets,
+    process_caption,
+    scan_dataset,
+    split_validation,
+    tag_frequency,
+    write_tag_report,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "Batch",
+    "DataOptions",
+    "DatasetError",
+    "DatasetInfo",
+    "DatasetSummary",
+    "EpochView",
+    "ImageEntry",
+    "Item",
+    "LatentCache",
+    "Subset",
+    "TrainDataset",
+    "assign_bucket",
+    "choose_bucket",
+    "dataset_summary",
+    "make_buckets",
+    "no_upscale_bucket",
+    "process_caption",
+    "scan_dataset",
+    "summarize",
+    "tag_frequency",
+    "write_tag_report",
+]
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """The data settings the engine passes in (mapped from the settings model)."""
+
+    resolution: tuple[int, int] = (512, 512)
+    enable_buckets: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+    batch_size: int = 1
+    seed: int = 0
+    validation_split: float = 0.0
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be at least 1 (got {self.batch_size})")
+        if not 0 <= self.validation_split < 1:
+            problems.append(f"validation_split must be in [0, 1) (got {self.validation_split})")
+        for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must be in [0, 1] (got {getattr(self, name)})")
+        if self.bucket_reso_steps < 1:
+            problems.append(f"bucket_reso_steps must be positive (got {self.bucket_reso_steps})")
+        if problems:
+            raise ValueError("; ".join(problems) + ".")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One sample of an epoch (an image with its bucket and raw caption). Cheap to pickle."""
+
+    path: Path
+    caption: str
+    bucket: Bucket
+    is_reg: bool
+    trigger_words: str = ""
+
+
+@dataclass
+class Batch:
+    """A loaded batch: ``pixels`` [B,3,H,W] in [-1, 1], or ``latents`` [B,4,H/8,W/8] (scaled)."""
+
+    captions: list[str]
+    is_reg: torch.Tensor
+    bucket: Bucket
+    paths: list[Path]
+    flipped: list[bool]
+    pixels: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """The random choices for one sample."""
+
+    flip: bool
+    crop_position: tuple[float, float] | None
+    hue_shift: float
+    caption: str
+
+
+class TrainDataset:
+    """Items, per-epoch batches and batch loading for a scanned dataset."""
+
+    def __init__(self, info: DatasetInfo, options: DataOptions | None = None) -> None:
+        self.info = info
+        self.options = options = options or DataOptions()
+        self.bucket_of = plan_buckets(
+            info,
+            resolution=options.resolution,
+            enable_buckets=options.enable_buckets,
+            min_reso=options.min_bucket_reso,
+            max_reso=options.max_bucket_reso,
+            step=options.bucket_reso_steps,
+            no_upscale=options.bucket_no_upscale,
+        )
+        train_images = [(s, i) for s in info.train_subsets for i in s.images]
+        self.held_out = split_validation(
+            [i.path for _, i in train_images], options.validation_split, options.seed
+        )
+        self.warnings: list[str] = []
+        if options.validation_split > 0 and not self.held_out:
+            self.warnings.append(
+                "No validation images were held out: a validation split needs at least 2 images."
+            )
+        trigger = info.trigger_words
+        self.train_items = [
+            self._item(s, i, trigger)
+            for s, i in train_images
+            if i.path not in self.held_out
+            for _ in range(s.repeats)
+        ]
+        reg_pool = [
+            self._item(s, i, "") for s in info.reg_subsets for i in s.images for _ in range(s.repeats)
+        ]
+        self.reg_items = cycle_to_length(reg_pool, len(self.train_items), options.seed)
+        self._validation = [self._item(s, i, trigger) for s, i in train_images if i.path in self.held_out]
+        self.latent_cache: LatentCache | None = None
+
+    def _item(self, subset: Subset, image: ImageEntry, trigger: str) -> Item:
+        return Item(image.path, subset.caption_for(image), self.bucket_of[image.path], subset.is_reg, trigger)
+
+    # --- plans ------------------------------------------------------------------------------------
+
+    def bucket_counts(self) -> dict[Bucket, int]:
+        """Samples per bucket in every epoch (train + reg)."""
+        counts: dict[Bucket, int] = defaultdict(int)
+        for item in self.train_items + self.reg_items:
+            counts[item.bucket] += 1
+        return dict(counts)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch (the same for every epoch)."""
+        return count_batches(self.bucket_counts(), self.options.batch_size)
+
+    @property
+    def num_train_images(self) -> int:
+        return len({item.path for item in self.train_items})
+
+    @property
+    def num_reg_images(self) -> int:
+        return self.info.num_reg_images
+
+    def epoch_batches(self, epoch: int) -> list[list[Item]]:
+        """The batches of ``epoch``: a pure function of (seed, epoch).
+
+        Items are shuffled, grouped by bucket (a batch never mixes buckets), cut into batches (the
+        last batch of a bucket may be short), and the batches are shuffled.
+        """
+        rng = random.Random(derive_seed(self.options.seed, "epoch", epoch))
+        by_bucket: dict[Bucket, list[Item]] = defaultdict(list)
+        for item in self.train_items + self.reg_items:
+            by_bucket[item.bucket].append(item)
+        size = self.options.batch_size
+        batches = []
+        for bucket in sorted(by_bucket):
+            items = by_bucket[bucket]
+            rng.shuffle(items)
+            batches += [items[i : i + size] for i in range(0, len(items), size)]
+        rng.shuffle(batches)
+        return batches
+
+    def validation_items(self) -> list[Item]:
+        """The held-out images, one item each (no repeats)."""
+        return list(self._validation)
+
+    def validation_batches(self) -> list[list[Item]]:
+        """Validation items grouped by bucket into batches, in a fixed order."""
+        by_bucket: dict[Bucket, list[Item]] = defaultdict(list)
+        for item in self._validation:
+            by_bucket[item.bucket].append(item)
+        size = self.options.batch_size
+        return [
+            items[i : i + size]
+            for bucket, items in sorted(by_bucket.items())
+            for i in range(0, len(items), size)
+        ]
+
+    def epoch_view(self, epoch: int, skip_batches: int = 0) -> EpochView:
+        """A map-style dataset of loaded batches (for ``DataLoader(view, batch_size=None)``)."""
+        return EpochView(self, epoch, skip_batches)
+
+    # --- loading ----------------------------------------------------------------------------------
+
+    def _draw(self, item: Item, epoch: int, batch_index: int, position: int) -> _Draw:
+        o = self.options
+        rng = random.Random(derive_seed(o.seed, "sample", epoch, batch_index, position))
+        flip = o.flip_aug and rng.random() < 0.5
+        crop = (rng.random(), rng.random()) if o.random_crop else None
+        hue = random_hue_shift(rng) if o.color_aug else 0.0
+        caption = process_caption(
+            item.caption,
+            trigger_words=item.trigger_words,
+            keep_tokens=o.keep_tokens,
+            shuffle=o.shuffle_caption,
+            tag_dropout_rate=o.caption_tag_dropout_rate,
+            dropout_rate=o.caption_dropout_rate,
+            drop_all=drop_all_captions(epoch, o.caption_dropout_every_n_epochs),
+            rng=rng,
+        )
+        return _Draw(flip, crop, hue, caption)
+
+    def fixed_caption(self, item: Item) -> str:
+        """The caption as used without randomness (validation, and the text-encoder cache)."""
+        return self._fixed_draw(item).caption
+
+    def _fixed_draw(self, item: Item) -> _Draw:
+        caption = process_caption(item.caption, trigger_words=item.trigger_words, rng=random.Random(0))
+        return _Draw(False, None, 0.0, caption)
+
+    def load_batch(
+        self, items: Sequence[Item], epoch: int = 0, batch_index: int = 0, *, augment: bool = True
+    ) -> Batch:
+        """Load one batch. ``augment=False`` (validation): fixed caption, centre crop, no flip."""
+        import torch
+
+        if not items:
+            raise ValueError("load_batch needs at least one item.")
+        buckets = {item.bucket for item in items}
+        if len(buckets) != 1:
+            raise ValueError(f"a batch must not mix buckets (got {sorted(buckets)}).")
+        draws = [
+            self._draw(item, epoch, batch_index, pos) if augment else self._fixed_draw(item)
+            for pos, item in enumerate(items)
+        ]
+        batch = Batch(
+            captions=[d.caption for d in draws],
+            is_reg=torch.tensor([item.is_reg for item in items], dtype=torch.bool),
+            bucket=items[0].bucket,
+            paths=[item.path for item in items],
+            flipped=[d.flip for d in draws],
+        )
+        if self.latent_cache is not None:
+            batch.latents = torch.stack(
+                [self.latent_cache.get(i.path, i.bucket, d.flip) for i, d in zip(items, draws)]
+            )
+        else:
+            arrays = [
+                load_image_array(
+                    i.path, i.bucket, flip=d.flip, crop_position=d.crop_position, hue_shift=d.hue_shift
+                )
+                for i, d in zip(items, draws)
+            ]
+            batch.pixels = torch.from_numpy(np.stack(arrays))
+        return batch
+
+    # --- latent cache -----------------------------------------------------------------------------
+
+    def cache_requests(self) -> list[tuple[Path, Bucket, bool]]:
+        """Every (image, bucket, flip) a run can ask for: flipped too with flip_aug."""
+        flips = (False, True) if self.options.flip_aug else (False,)
+        seen: dict[tuple[Path, Bucket, bool], None] = {}
+        for item in self.train_items + self.reg_items:
+            for flip in flips:
+                seen[(item.path, item.bucket, flip)] = None
+        for item in self._validation:
+            seen[(item.path, item.bucket, False)] = None
+        return list(seen)
+
+    def _check_cacheable(self) -> None:
+        # The settings layer refuses this combination first; this guards direct engine use.
+        if self.options.color_aug or self.options.random_crop:
+            raise ValueError(
+                "color_aug and random_crop change the pixels every time and cannot be used with "
+                "cached latents: turn them off or turn off cache_latents."
+            )
+
+    def attach_latent_cache(self, cache: LatentCache) -> None:
+        """Load latents from ``cache`` instead of pixels (which must hold :meth:`cache_requests`)."""
+        self._check_cacheable()
+        self.latent_cache = cache
+
+    def cache_latents(
+        self, vae: Any, *, to_disk: bool = False, on_progress: ProgressCallback | None = None, **kwargs: Any
+    ) -> LatentCache:
+        """Build a :class:`LatentCache` for this dataset with ``vae`` and attach it."""
+        self._check_cacheable()
+        cache = LatentCache(vae, to_disk=to_disk, **kwargs)
+        cache.build(self.cache_requests(), on_progress=on_progress)
+        self.attach_latent_cache(cache)
+        return cache
+
+
+class EpochView:
+    """Batches of one epoch as a sequence, from ``skip_batches`` on (resume mid-epoch)."""
+
+    def __init__(self, dataset: TrainDataset, epoch: int, skip_batches: int = 0) -> None:
+        self.dataset, self.epoch, self.skip = dataset, epoch, skip_batches
+        self.batches = dataset.epoch_batches(epoch)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batches) - self.skip)
+
+    def __getitem__(self, index: int) -> Batch:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        batch_index = index + self.skip
+        return self.dataset.load_batch(self.batches[batch_index], self.epoch, batch_index)
+
+
+# --- latent cache ---------------------------------------------------------------------------------
+
+_CACHE_VERSION = 1
+_CACHE_SUFFIX = ".lora-latents.npz"
+
+
+def _vae_fingerprint(vae: Any) -> str:
+    """Cheap identity of a VAE's weights (first and last parameter tensors + scaling factor)."""
+    import hashlib
+
+    params = list(vae.parameters())
+    digest = hashlib.sha256(str(vae.config.scaling_factor).encode())
+    for p in (params[0], params[-1]):
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(eq=False)
+class LatentCache:
+    """VAE latents of each (image, bucket, flip), encoded once, kept in memory, optionally on disk.
+
+    Latents are ``latent_dist.mean * scaling_factor`` (deterministic) by default; with
+    ``sample_seed`` they are a sample, mean + std * noise, the noise seeded per (image, bucket,
+    flip) so it does not depend on batching. On disk each (image, bucket) is one file next to the
+    image, ``<image file name>.<w>x<h>.lora-latents.npz``, holding the latent (and the flipped one)
+    with the image's size and mtime, the VAE's fingerprint and the mode; any mismatch re-encodes.
+    """
+
+    vae: Any
+    to_disk: bool = False
+    sample_seed: int | None = None
+    batch_size: int = 4
+    memory: dict[tuple[str, Bucket, bool], Any] = field(default_factory=dict)
+    encoded: int = 0
+    loaded_from_disk: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.fingerprint = _vae_fingerprint(self.vae)
+        self.mode = "mean" if self.sample_seed is None else f"sample:{self.sample_seed}"
+
+    @staticmethod
+    def disk_path(path: str | Path, bucket: Bucket) -> Path:
+        path = Path(path)
+        return path.with_name(f"{path.name}.{bucket[0]}x{bucket[1]}{_CACHE_SUFFIX}")
+
+    @staticmethod
+    def _key(path: str | Path, bucket: Bucket, flip: bool) -> tuple[str, Bucket, bool]:
+        return (str(Path(path).resolve()), tuple(bucket), bool(flip))  # type: ignore[return-value]
+
+    def __contains__(self, request: tuple[Path, Bucket, bool]) -> bool:
+        return self._key(*request) in self.memory
+
+    def get(self, path: str | Path, bucket: Bucket, flip: bool = False) -> torch.Tensor:
+        try:
+            return self.memory[self._key(path, bucket, flip)]
+        except KeyError:
+            raise KeyError(
+                f"no cached latent for {path} at {bucket[0]}x{bucket[1]} (flip={flip}): build the cache "
+                "for every item first."
+            ) from None
+
+    def _meta(self, path: Path, bucket: Bucket) -> dict[str, Any]:
+        stat = path.stat()
+        return {
+            "version": _CACHE_VERSION,
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "bucket": list(bucket),
+            "vae": self.fingerprint,
+            "mode": self.mode,
+        }
+
+    def _load_disk(self, path: Path, bucket: Bucket, flips: Sequence[bool]) -> bool:
+        """Load (path, bucket) from disk when the file is current and holds every flip asked for."""
+        import torch
+
+        file = self.disk_path(path, bucket)
+        if not file.is_file():
+            return False
+        try:
+            with np.load(file) as data:
+                if json.loads(str(data["meta"])) != self._meta(path, bucket):
+                    return False
+                names = {False: "latent", True: "latent_flipped"}
+                if any(names[f] not in data.files for f in flips):
+                    return False
+                for flip in (False, True):
+                    if names[flip] in data.files:
+                        self.memory[self._key(path, bucket, flip)] = torch.from_numpy(
+                            data[names[flip]].copy()
+                        )
+        except (OSError, ValueError, KeyError):
+            return False  # damaged or foreign file: encode again
+        return True
+
+    def _save_disk(self, path: Path, bucket: Bucket) -> None:
+        arrays = {"meta": np.array(json.dumps(self._meta(path, bucket)))}
+        for flip, name in ((False, "latent"), (True, "latent_flipped")):
+            latent = self.memory.get(self._key(path, bucket, flip))
+            if latent is not None:
+                arrays[name] = latent.numpy()
+        file = self.disk_path(path, bucket)
+        tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)
+            os.replace(tmp, file)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            self.warnings.append(
+                f"Could not write the latent cache file {file} ({exc}): kept in memory only."
+            )
+
+    def _encode(self, requests: Sequence[tuple[Path, Bucket, bool]]) -> None:
+        import torch
+
+        param = next(self.vae.parameters())
+        pixels = torch.from_numpy(np.stack([load_image_array(p, b, flip=f) for p, b, f in requests]))
+        with torch.no_grad():
+            dist = self.vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+            latents = dist.mean
+            if self.sample_seed is not None:
+                noise = torch.stack(
+                    [
+                        torch.randn(
+                            latents.shape[1:],
+                            generator=torch.Generator().manual_seed(
+                                derive_seed(self.sample_seed, str(p), b, f) % 2**63
+                            ),
+                        )
+                        for p, b, f in requests
+                    ]
+                )
+                latents = latents + dist.std * noise.to(latents.device, latents.dtype)
+            latents = (latents * self.vae.config.scaling_factor).float().cpu()
+        for request, latent in zip(requests, latents):
+            self.memory[self._key(*request)] = latent.clone()
+        self.encoded += len(requests)
+
+    def build(
+        self, requests: Iterable[tuple[Path, Bucket, bool]], on_progress: ProgressCallback | None = None
+    ) -> int:
+        """Make sure every (image, bucket, flip) is cached; returns how many were encoded now."""
+        groups: dict[tuple[Path, Bucket], list[bool]] = defaultdict(list)
+        for path, bucket, flip in requests:
+            if flip not in groups[(Path(path), tuple(bucket))]:
+                groups[(Path(path), tuple(bucket))].append(flip)  # type: ignore[index]
+        total = sum(len(flips) for flips in groups.values())
+        done, before = 0, self.encoded
+        todo: dict[Bucket, list[tuple[Path, Bucket, bool]]] = defaultdict(list)
+        for (path, bucket), flips in groups.items():
+            missing = [f for f in flips if self._key(path, bucket, f) not in self.memory]
+            if missing and self.to_disk and self._load_disk(path, bucket, missing):
+                self.loaded_from_disk += len(missing)
+                missing = []
+            todo[bucket] += [(path, bucket, f) for f in missing]
+            done += len(flips) - len(missing)
+        if on_progress:
+            on_progress(done, total)
+        for bucket in sorted(todo):
+            requests_ = todo[bucket]
+            for i in range(0, len(requests_), self.batch_size):
+                chunk = requests_[i : i + self.batch_size]
+                self._encode(chunk)
+                done += len(chunk)
+                if on_progress:
+                    on_progress(done, total)
+            if self.to_disk:
+                for path in dict.fromkeys(p for p, _, _ in requests_):
+                    self._save_disk(path, bucket)
+        return self.encoded - before
+
+
+def summarize(info: DatasetInfo, options: DataOptions) -> DatasetSummary:
+    """:func:`dataset_summary` with the same options as a :class:`TrainDataset`."""
+    return dataset_summary(
+        info,
+        batch_size=options.batch_size,
+        resolution=options.resolution,
+        enable_buckets=options.enable_buckets,
+        min_reso=options.min_bucket_reso,
+        max_reso=options.max_bucket_reso,
+        step=options.bucket_reso_steps,
+        no_upscale=options.bucket_no_upscale,
+        validation_split=options.validation_split,
+        seed=options.seed,
+    )

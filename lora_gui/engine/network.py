@@ -1,0 +1,391 @@
+"""LoRA / LoCon on Stable Diffusion, with kohya-format save and load.
+
+The adapter layers come from peft (one adapter per model, injected in place); this module only
+chooses the targets the way kohya-ss/sd-scripts does and maps them to and from the file format
+that A1111, ComfyUI and diffusers load (REFERENCE.md, section 2):
+
+* ``lora_unet_<module path, dots as underscores>`` and ``lora_te_text_model_<...>`` keys, each with
+  ``.lora_down.weight`` [r, in(, k, k)], ``.lora_up.weight`` [out, r(, 1, 1)] and a scalar ``.alpha``;
+* forward ``W x + up(down(x)) * alpha / r`` (Hu et al. 2021, "LoRA", eq. 3 with the alpha / r scale);
+  peft's default init (down Kaiming-uniform with a = sqrt(5), up zeros) is kohya's init.
+
+Dropout is peft's ``lora_dropout``, which drops the *input* of the down projection; kohya's
+``network_dropout`` drops the down projection's output. Both are off at 0 and both are inactive in
+eval mode; the expected value of the update is the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from peft import LoraConfig, inject_adapter_in_model  # noqa: E402  (after the logging tweak)
+from peft.tuners.lora import LoraLayer  # noqa: E402
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+UNET_PREFIX = "lora_unet_"
+TE_PREFIX = "lora_te_"
+SAVE_FORMATS = ("safetensors", "ckpt", "pt")
+
+# kohya-ss/sd-scripts networks/lora.py targets: every Linear / 1x1 conv inside these U-Net blocks...
+_UNET_ATTENTION_BLOCKS = ("Transformer2DModel",)
+# ...and, with conv_dim ("LoCon"), every Linear / conv inside these.
+_UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+# CLIP text encoder: attention q/k/v/out projections and the MLP (12 layers x 6 = 72 in SD 1.x).
+_TE_TARGET = re.compile(r"(^|\.)encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+
+
+@dataclass
+class NetworkSpec:
+    """What to inject: rank/alpha for Linear and 1x1 conv, conv_rank/conv_alpha for kxk convs."""
+
+    rank: int
+    alpha: float
+    conv_rank: int = 0
+    conv_alpha: float | None = None
+    dropout: float = 0.0
+    train_unet: bool = True
+    train_text_encoder: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"The LoRA rank (network_dim) must be at least 1, got {self.rank}.")
+        if self.alpha <= 0:
+            raise ValueError(f"The LoRA alpha (network_alpha) must be positive, got {self.alpha}.")
+        if self.conv_rank < 0:
+            raise ValueError(f"The conv rank (conv_dim) must be 0 (off) or positive, got {self.conv_rank}.")
+        if self.conv_alpha is not None and self.conv_alpha <= 0:
+            raise ValueError(f"The conv alpha must be positive, got {self.conv_alpha}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"The network dropout is a probability in [0, 1), got {self.dropout}.")
+        if not (self.train_unet or self.train_text_encoder):
+            raise ValueError("Train at least one of the U-Net and the text encoder.")
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        """kohya's default: conv_alpha falls back to 1.0 when only conv_dim is given."""
+        return 1.0 if self.conv_alpha is None else float(self.conv_alpha)
+
+
+@dataclass(frozen=True)
+class _Target:
+    part: str  # "unet" or "text_encoder"
+    path: str  # module path inside the model
+    kohya_name: str
+    is_conv: bool  # kxk conv with k > 1: gets the conv rank/alpha
+
+
+def _is_1x1_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+
+
+def _unet_targets(unet: nn.Module, locon: bool) -> list[_Target]:
+    blocks = _UNET_ATTENTION_BLOCKS + (_UNET_CONV_BLOCKS if locon else ())
+    found: dict[str, _Target] = {}
+    for block_path, block in unet.named_modules():
+        if type(block).__name__ not in blocks:
+            continue
+        for sub_path, module in block.named_modules():
+            path = f"{block_path}.{sub_path}" if block_path else sub_path
+            if isinstance(module, nn.Linear) or _is_1x1_conv(module):
+                is_conv = False
+            elif isinstance(module, nn.Conv2d) and type(block).__name__ in _UNET_CONV_BLOCKS:
+                is_conv = True
+            else:
+                continue
+            name = UNET_PREFIX + path.replace(".", "_")
+            found.setdefault(path, _Target("unet", path, name, is_conv))
+    return list(found.values())
+
+
+def _te_targets(text_encoder: nn.Module) -> list[_Target]:
+    targets = []
+    for path, module in text_encoder.named_modules():
+        if isinstance(module, nn.Linear) and _TE_TARGET.search(path):
+            # transformers 5 flattened CLIPTextModel (no `text_model.` level); A1111/ComfyUI expect it.
+            kohya_path = path if path.startswith("text_model.") else f"text_model.{path}"
+            targets.append(_Target("text_encoder", path, TE_PREFIX + kohya_path.replace(".", "_"), False))
+    return targets
+
+
+def _inject(model: nn.Module, targets: list[_Target], spec: NetworkSpec) -> dict[str, LoraLayer]:
+    """Inject one peft adapter covering `targets`; return {kohya_name: peft layer}."""
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} already has LoRA adapters; apply the network to a fresh model."
+        )
+    conv_paths = [re.escape(t.path) for t in targets if t.is_conv]
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=[t.path for t in targets],
+        rank_pattern={p: spec.conv_rank for p in conv_paths},
+        alpha_pattern={p: spec.effective_conv_alpha for p in conv_paths},
+        lora_dropout=spec.dropout,
+        init_lora_weights=True,  # A: kaiming_uniform_(a=sqrt(5)), B: zeros == kohya
+        bias="none",
+    )
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    layers: dict[str, LoraLayer] = {}
+    for t in targets:
+        layer = model.get_submodule(t.path)
+        if not isinstance(layer, LoraLayer) or ADAPTER_NAME not in layer.lora_A:
+            raise RuntimeError(f"peft did not wrap {t.path} ({type(layer).__name__}) with a LoRA layer.")
+        expected_r = spec.conv_rank if t.is_conv else spec.rank
+        if layer.r[ADAPTER_NAME] != expected_r:
+            raise RuntimeError(f"peft gave {t.path} rank {layer.r[ADAPTER_NAME]} instead of {expected_r}.")
+        layers[t.kohya_name] = layer
+    return layers
+
+
+def _lora_params(layers: dict[str, LoraLayer]) -> list[nn.Parameter]:
+    params: list[nn.Parameter] = []
+    for layer in layers.values():
+        params += list(layer.lora_A[ADAPTER_NAME].parameters())
+        params += list(layer.lora_B[ADAPTER_NAME].parameters())
+    return params
+
+
+class LoraNetwork:
+    """The LoRA adapters injected into a U-Net and a CLIP text encoder, addressed by kohya name."""
+
+    def __init__(self, spec: NetworkSpec, unet_layers: dict[str, LoraLayer], te_layers: dict[str, LoraLayer]):
+        self.spec = spec
+        self._layers = {"unet": unet_layers, "text_encoder": te_layers}
+
+    @classmethod
+    def apply(cls, unet: nn.Module | None, text_encoder: nn.Module | None, spec: NetworkSpec) -> LoraNetwork:
+        """Inject adapters in place, freeze both models, and make only the (float32) LoRA weights trainable."""
+        for model in (unet, text_encoder):
+            if model is not None:
+                model.requires_grad_(False)
+        unet_layers: dict[str, LoraLayer] = {}
+        te_layers: dict[str, LoraLayer] = {}
+        if spec.train_unet:
+            if unet is None:
+                raise ValueError("train_unet is set but no U-Net was given.")
+            targets = _unet_targets(unet, locon=spec.conv_rank > 0)
+            if not targets:
+                raise ValueError("The U-Net has no Transformer2DModel (or ResNet) blocks to put LoRA on.")
+            unet_layers = _inject(unet, targets, spec)
+        if spec.train_text_encoder:
+            if text_encoder is None:
+                raise ValueError("train_text_encoder is set but no text encoder was given.")
+            targets = _te_targets(text_encoder)
+            if not targets:
+                raise ValueError("The text encoder has no CLIP attention/MLP layers to put LoRA on.")
+            te_layers = _inject(text_encoder, targets, spec)
+        network = cls(spec, unet_layers, te_layers)
+        for layer in network._all_layers().values():
+            # Keep LoRA weights in float32 even on an fp16/bf16 base; peft casts activations per layer.
+            for module in (layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]):
+                module.to(torch.float32).requires_grad_(True)
+        return network
+
+    def unet_parameters(self) -> list[nn.Parameter]:
+        return _lora_params(self._layers["unet"])
+
+    def text_encoder_parameters(self) -> list[nn.Parameter]:
+        return _lora_params(self._layers["text_encoder"])
+
+    def module_names(self) -> dict[str, list[str]]:
+        """Kohya module names (keys without .lora_down.weight / .lora_up.weight / .alpha) per part."""
+        return {part: list(layers) for part, layers in self._layers.items()}
+
+    def _all_layers(self) -> dict[str, LoraLayer]:
+        # kohya writes the text encoder's modules first.
+        return {**self._layers["text_encoder"], **self._layers["unet"]}
+
+    def state_dict_kohya(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """kohya keys -> CPU tensors in `dtype` (alpha included, as a 0-d tensor, like sd-scripts)."""
+        sd: dict[str, torch.Tensor] = {}
+        for name, layer in self._all_layers().items():
+            down = layer.lora_A[ADAPTER_NAME].weight
+            up = layer.lora_B[ADAPTER_NAME].weight
+            sd[f"{name}.lora_down.weight"] = (
+                down.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
+            )
+            sd[f"{name}.lora_up.weight"] = up.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
+            sd[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER_NAME]), dtype=dtype)
+        return sd
+
+    def load_state_dict_kohya(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load weights of an existing kohya LoRA (lora_model_for_resume).
+
+        The file must have exactly this network's modules and ranks. A module's alpha comes from the
+        file (a missing alpha means alpha = rank, as in A1111 and diffusers), so the loaded network
+        computes exactly what the file computes elsewhere; a differing alpha is logged.
+        """
+        layers = self._all_layers()
+        expected = {f"{n}.lora_{d}.weight" for n in layers for d in ("down", "up")}
+        allowed = expected | {f"{n}.alpha" for n in layers}
+        missing = sorted(expected - sd.keys())
+        unexpected = sorted(k for k in sd if k not in allowed)
+        if missing or unexpected:
+            raise ValueError(_key_mismatch_sentence(missing, unexpected))
+        mismatches = []
+        for name, layer in layers.items():
+            for direction, module in (
+                ("down", layer.lora_A[ADAPTER_NAME]),
+                ("up", layer.lora_B[ADAPTER_NAME]),
+            ):
+                key = f"{name}.lora_{direction}.weight"
+                if tuple(sd[key].shape) != tuple(module.weight.shape):
+                    mismatches.append((key, tuple(sd[key].shape), tuple(module.weight.shape)))
+        if mismatches:
+            key, got, want = mismatches[0]
+            rank_at = 0 if key.endswith("lora_down.weight") else 1
+            raise ValueError(
+                f"The LoRA file does not fit this network: {key} has shape {list(got)} where the network expects "
+                f"{list(want)} (rank {got[rank_at]} in the file, {want[rank_at]} here)"
+                + (f", and {len(mismatches) - 1} more tensors differ" if len(mismatches) > 1 else "")
+                + "; set network_dim / conv_dim to the file's ranks."
+            )
+        with torch.no_grad():
+            for name, layer in layers.items():
+                down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+                down.copy_(sd[f"{name}.lora_down.weight"].to(down.dtype))
+                up.copy_(sd[f"{name}.lora_up.weight"].to(up.dtype))
+                r = layer.r[ADAPTER_NAME]
+                alpha = float(sd[f"{name}.alpha"].item()) if f"{name}.alpha" in sd else float(r)
+                if not math.isclose(alpha, layer.lora_alpha[ADAPTER_NAME], rel_tol=1e-3):
+                    logger.warning(
+                        "%s: alpha %g from the file replaces %g", name, alpha, layer.lora_alpha[ADAPTER_NAME]
+                    )
+                layer.lora_alpha[ADAPTER_NAME] = alpha
+                layer.set_scale(ADAPTER_NAME, 1.0)  # scaling = alpha / r
+
+
+def _key_mismatch_sentence(missing: list[str], unexpected: list[str]) -> str:
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} keys of this network are missing from the file ({some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} keys in the file are not in this network ({some(unexpected)})")
+    keys = missing + unexpected
+    hint = ""
+    if all(k.startswith(TE_PREFIX) for k in keys):
+        hint = " (was the file trained with a different text-encoder setting?)"
+    elif all(k.startswith(UNET_PREFIX) and ("resnets" in k or "samplers" in k) for k in keys):
+        hint = " (was the file trained with a different conv_dim, LoCon on or off?)"
+    elif all(k.startswith(UNET_PREFIX) for k in keys):
+        hint = " (was the file trained with a different U-Net setting?)"
+    return "The LoRA file does not match this network: " + " and ".join(parts) + hint + "."
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def _final_path(path: str | os.PathLike, fmt: str) -> Path:
+    if fmt not in SAVE_FORMATS:
+        raise ValueError(f"Unknown LoRA file format {fmt!r}; use one of {', '.join(SAVE_FORMATS)}.")
+    path = Path(path)
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix in SAVE_FORMATS and suffix != fmt:
+        raise ValueError(f"The file name {path.name} ends in .{suffix} but the format is {fmt}.")
+    return path if suffix == fmt else path.with_name(f"{path.name}.{fmt}")
+
+
+def save_lora(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None,
+    fmt: str,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a LoRA file atomically (temp file in the same folder, then os.replace); return its path.
+
+    ``.{fmt}`` is appended when the name has no LoRA suffix. safetensors stores `metadata` (all values
+    must be strings); ckpt and pt are ``torch.save`` of the plain tensor dict and carry no metadata.
+    """
+    final = _final_path(path, fmt)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists; choose another output name or allow overwriting.")
+    bad = [k for k, v in (metadata or {}).items() if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"safetensors metadata values must be strings, but {', '.join(bad)} are not.")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if fmt == "safetensors":
+                f.write(safetensors.torch.save(tensors, metadata=dict(metadata) if metadata else None))
+            else:
+                torch.save(tensors, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return final
+
+
+def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a LoRA file: (tensors on CPU, metadata). ckpt/pt files have no metadata ({})."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"The LoRA file {path} does not exist.")
+    with open(path, "rb") as f:
+        is_zip = f.read(2) == b"PK"  # torch.save's zip container
+    if path.suffix.lower() == ".safetensors" or not is_zip:
+        try:
+            with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys()}, metadata
+        except Exception as e:
+            raise ValueError(f"{path.name} is not a readable safetensors file ({e}).") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path.name} is not a readable torch checkpoint ({e}).") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path.name} does not contain a plain dictionary of tensors.")
+    return dict(obj), {}
+
+
+def _body_after_header(data: bytes) -> bytes:
+    header_len = int.from_bytes(data[:8], "little")
+    return data[8 + header_len :]
+
+
+def _serialise_for_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
+    # sd-scripts hashes the file as written with only the ss_* (training) metadata, so that user
+    # metadata edits do not change the hash.
+    ss_only = {k: v for k, v in (metadata or {}).items() if k.startswith("ss_")}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return safetensors.torch.save(tensors, metadata=ss_only)
+
+
+def addnet_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> str:
+    """``sshs_model_hash``: sha256 (hex) of the safetensors body after the header."""
+    return hashlib.sha256(_body_after_header(_serialise_for_hash(tensors, metadata))).hexdigest()
+
+
+def addnet_legacy_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> str:
+    """``sshs_legacy_hash``: first 8 hex digits of sha256 of bytes 0x100000..0x110000 of the file."""
+    data = _serialise_for_hash(tensors, metadata)
+    return hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]

@@ -1,0 +1,81 @@
+"""Optimizers and learning-rate schedulers, by the names users know from kohya_ss."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from lora_gui.settings import TrainingSettings
+
+
+class OptimizerSettingError(ValueError):
+    """A sentence naming the optimizer setting that is wrong."""
+
+
+def _optimizer_class(name: str):
+    if name == "AdamW":
+        return torch.optim.AdamW, {}
+    if name == "AdamW8bit":
+        import bitsandbytes as bnb
+
+        # min_8bit_size=0: small tensors (LoRA layers are small) also get 8-bit state.
+        return bnb.optim.AdamW8bit, {"min_8bit_size": 0}
+    if name == "Lion":
+        import bitsandbytes as bnb
+
+        return bnb.optim.Lion, {}
+    if name == "SGDNesterov":
+        return torch.optim.SGD, {"nesterov": True, "momentum": 0.9}
+    if name == "Prodigy":
+        import prodigyopt
+
+        return prodigyopt.Prodigy, {}
+    if name == "DAdaptAdam":
+        import dadaptation
+
+        return dadaptation.DAdaptAdam, {}
+    if name == "Adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor, {"relative_step": False, "scale_parameter": False, "warmup_init": False}
+    raise OptimizerSettingError(f"training.optimizer: {name!r} is not supported")
+
+
+def build_optimizer(settings: TrainingSettings, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """``groups`` are torch param groups with their own ``lr``."""
+    name = settings.training.optimizer
+    cls, kwargs = _optimizer_class(name)
+    user = dict(settings.optimizer_kwargs)
+    if name == "Adafactor" and settings.training.lr_scheduler == "adafactor":
+        # Adafactor's own schedule: relative steps, the LR comes from the optimizer itself.
+        kwargs.update(relative_step=True, scale_parameter=True, warmup_init=True)
+        groups = [{**g, "lr": None} for g in groups]
+    kwargs.update(user)
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = [k for k in user if k not in accepted]
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        raise OptimizerSettingError(
+            f"training.optimizer_args: {name} has no argument {', '.join(map(repr, unknown))}: "
+            f"remove it (accepted: {', '.join(k for k in accepted if k not in ('self', 'params'))})")
+    try:
+        return cls(groups, lr=groups[0]["lr"], **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise OptimizerSettingError(f"training.optimizer_args: {name} refused the arguments "
+                                    f"({exc}): check their names and values") from None
+
+
+def build_scheduler(settings: TrainingSettings, optimizer, total_steps: int, num_processes: int = 1):
+    t = settings.training
+    if t.lr_scheduler == "adafactor":
+        from transformers.optimization import AdafactorSchedule
+
+        return AdafactorSchedule(optimizer, initial_lr=t.learning_rate)
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        t.lr_scheduler, optimizer,
+        num_warmup_steps=settings.warmup_steps(total_steps) * num_processes,
+        num_training_steps=total_steps * num_processes,
+        num_cycles=t.lr_scheduler_num_cycles, power=t.lr_scheduler_power)

@@ -1,0 +1,137 @@
+"""Sample images during training: kohya prompt-line syntax, the usual samplers, PNG text chunks."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+SAMPLER_CLASSES = {
+    # name users know -> (diffusers scheduler class, extra config)
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+}
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    prompt: str
+    negative: str = ""
+    width: int = 512
+    height: int = 512
+    seed: int | None = None
+    cfg_scale: float = 7.0
+    steps: int = 20
+
+
+class PromptLineError(ValueError):
+    pass
+
+
+_OPTION = re.compile(r"\s--([a-z]+)\s*")
+
+
+def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt | None:
+    """``prompt --n negative --w 512 --h 768 --d 42 --l 7 --s 28``; None for blank/# lines."""
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    parts = _OPTION.split(" " + text)
+    prompt = parts[0].strip()
+    values: dict = {}
+    for key, raw in zip(parts[1::2], parts[2::2]):
+        raw = raw.strip()
+        try:
+            if key == "n":
+                values["negative"] = raw
+            elif key in ("w", "h"):
+                size = int(raw)
+                if size < 64 or size % 8:
+                    raise PromptLineError(f"--{key} {raw}: image sides are multiples of 8, at least 64")
+                values["width" if key == "w" else "height"] = size
+            elif key == "d":
+                values["seed"] = int(raw)
+            elif key == "l":
+                values["cfg_scale"] = float(raw)
+            elif key == "s":
+                values["steps"] = max(1, int(raw))
+            else:
+                raise PromptLineError(f"--{key} is not a sample option (use --n --w --h --d --l --s)")
+        except ValueError as exc:
+            if isinstance(exc, PromptLineError):
+                raise
+            raise PromptLineError(f"--{key} {raw!r} is not a number") from None
+    return replace(defaults, prompt=prompt, **values)
+
+
+def parse_prompts(text: str, defaults: SamplePrompt) -> list[SamplePrompt]:
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            parsed = parse_prompt_line(line, defaults)
+        except PromptLineError as exc:
+            raise PromptLineError(f"samples.sample_prompts line {number}: {exc}") from None
+        if parsed:
+            prompts.append(parsed)
+    return prompts
+
+
+def make_sampler(name: str, scheduler_config):
+    import diffusers
+
+    cls_name, extra = SAMPLER_CLASSES[name]
+    return getattr(diffusers, cls_name).from_config(scheduler_config, **extra)
+
+
+def png_parameters(p: SamplePrompt, sampler: str, seed: int) -> str:
+    """The A1111-style "parameters" text chunk, so the PNG shows its prompt in image viewers."""
+    text = p.prompt
+    if p.negative:
+        text += f"\nNegative prompt: {p.negative}"
+    return (f"{text}\nSteps: {p.steps}, Sampler: {sampler}, CFG scale: {p.cfg_scale}, Seed: {seed}, "
+            f"Size: {p.width}x{p.height}")
+
+
+def generate_samples(*, unet, vae, text_encoder, tokenizer, scheduler_config, prompts, sampler: str,
+                     seed: int, out_dir: Path, stem: str, encode, device, dtype) -> list[tuple[Path, str]]:
+    """Render each prompt and save it as ``{stem}_{index:02d}.png``; returns (path, prompt) pairs.
+
+    ``encode(list_of_texts)`` gives the prompt embeddings exactly as training computes them
+    (clip_skip, long prompts), passed to the pipeline as ``prompt_embeds``.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from PIL.PngImagePlugin import PngInfo
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=make_sampler(sampler, scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, p in enumerate(prompts):
+        image_seed = p.seed if p.seed is not None else seed + index
+        with torch.no_grad():
+            cond = encode([p.prompt]).to(device=device, dtype=dtype)
+            uncond = encode([p.negative]).to(device=device, dtype=dtype)
+            generator = torch.Generator("cpu").manual_seed(image_seed)
+            image = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, width=p.width,
+                         height=p.height, num_inference_steps=p.steps, guidance_scale=p.cfg_scale,
+                         generator=generator, output_type="pil").images[0]
+        info = PngInfo()
+        info.add_text("parameters", png_parameters(p, sampler, image_seed))
+        path = out_dir / f"{stem}_{index:02d}.png"
+        tmp = path.with_name(f".{path.name}.tmp")
+        image.save(tmp, format="PNG", pnginfo=info)
+        tmp.replace(path)
+        written.append((path, p.prompt))
+    return written
