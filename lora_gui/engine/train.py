@@ -153,6 +153,7 @@ class Trainer:
         self._last_report = 0.0
         self._writer = None
         self.is_main = True
+        self.t_start = time.time()
 
     # --- events ---------------------------------------------------------------------------------
 
@@ -166,7 +167,6 @@ class Trainer:
     # --- set-up ---------------------------------------------------------------------------------
 
     def run(self) -> TrainingResult:
-        self.t_start = time.time()
         self._setup()
         try:
             return self._train()
@@ -220,6 +220,12 @@ class Trainer:
         if tr.mixed_precision == "fp16" and not cuda:
             raise EngineError("training.mixed_precision: fp16 needs a CUDA GPU; choose bf16 or no.")
         self._require_paths()
+        # accelerate keeps its state in process-wide singletons; a run in the same process as an
+        # earlier one (tests, a notebook) must start from a clean state.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.acc = acc = Accelerator(mixed_precision=tr.mixed_precision,
                                      gradient_accumulation_steps=tr.gradient_accumulation_steps,
                                      cpu=not cuda)
@@ -260,9 +266,11 @@ class Trainer:
         self.scheduler = base.noise_scheduler
         for module in (self.unet, self.text_encoder, self.vae):
             module.requires_grad_(False)
-        self.unet.to(self.device, dtype=self.weight_dtype)
-        self.text_encoder.to(self.device, dtype=self.weight_dtype)
-        self.vae.to(self.device, dtype=torch.float32)
+        for module in (self.unet, self.text_encoder, self.vae):
+            module.to(self.device)
+        if self.weight_dtype != torch.float32:  # frozen weights in 16 bits on the GPU; LoRA stays fp32
+            self.unet.to(dtype=self.weight_dtype)
+            self.text_encoder.to(dtype=self.weight_dtype)
         if adv.attention == "xformers":
             try:
                 self.unet.enable_xformers_memory_efficient_attention()
@@ -703,8 +711,9 @@ class Trainer:
         if self.is_main:
             metadata = None
             if m.save_as == "safetensors":
-                metadata = with_hashes(tensors, build_metadata(self.s, self.facts, epoch=p.epoch,
-                                                               step=p.step, final=final))
+                metadata = build_metadata(self.s, self.facts, epoch=p.epoch, step=p.step, final=final)
+                if not m.no_meta:
+                    metadata = with_hashes(tensors, metadata)
             path = save_lora(path, tensors, metadata, m.save_as)
             self.files.append(path)
         if state:
