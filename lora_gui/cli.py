@@ -87,6 +87,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_from_cli(settings, demo_dir=args.demo_dir)
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    from lora_gui.worker.queue import queue_main
+
+    return queue_main(args.queue_args)
+
+
 def cmd_gui(args: argparse.Namespace) -> int:
     from lora_gui.ui.launch import main as gui_main
 
@@ -128,13 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the demo model is built when the settings point at it and it is missing")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("queue", help="train every settings file of a folder, one after another",
+                       add_help=False)
+    p.add_argument("queue_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_queue)
+
     p = sub.add_parser("gui", help="open the browser GUI", add_help=False)
     p.add_argument("gui_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_gui)
     return parser
 
 
+# Commands whose options are parsed by their own module (the GUI launcher, the queue runner).
+PASS_THROUGH = {"gui": cmd_gui, "queue": cmd_queue}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASS_THROUGH:
+        key = "gui_args" if argv[0] == "gui" else "queue_args"
+        return PASS_THROUGH[argv[0]](argparse.Namespace(**{key: argv[1:]}))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

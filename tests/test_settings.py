@@ -196,5 +196,7 @@ def test_optimizer_args_parse_safely():
 
 def test_settings_are_frozen():
     s = TrainingSettings()
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         s.training.learning_rate = 1.0  # type: ignore[misc]

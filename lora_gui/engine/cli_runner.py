@@ -48,8 +48,23 @@ class TerminalSink:
             self.outcome = event
 
 
+def save_json_only(settings: TrainingSettings) -> Path:
+    """`save_json_only`: write the settings where a run would, and do not train."""
+    from lora_gui.settings import io
+
+    folder = settings.runs.save_json_folder.strip() or settings.model.output_folder
+    return io.save_settings(settings, Path(folder).expanduser() / f"{settings.model.output_name}_settings.json")
+
+
 def train_from_cli(settings: TrainingSettings, demo_dir: str | Path = "demo") -> int:
-    import torch  # noqa: F401  (imported here so `lora-gui config` stays light)
+    if settings.runs.save_json_only:
+        print(f"save_json_only is set: wrote {save_json_only(settings)} and did not train.")
+        return 0
+    if settings.runs.multi_run_folder.strip():
+        from lora_gui.worker.queue import queue_main
+
+        print(f"Running the queue in {settings.runs.multi_run_folder} (runs.multi_run_folder).")
+        return queue_main([settings.runs.multi_run_folder])
 
     from lora_gui.engine.train import run_training
 

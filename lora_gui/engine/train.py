@@ -214,7 +214,7 @@ class Trainer:
     def _setup(self) -> None:
         from accelerate import Accelerator
 
-        s, m, tr, img = self.s, self.s.model, self.s.training, self.s.images
+        m, tr = self.s.model, self.s.training
         torch.manual_seed(tr.seed)
         cuda = torch.cuda.is_available()
         if tr.mixed_precision == "fp16" and not cuda:
