@@ -1,0 +1,462 @@
+"""The web process's handle on training runs: start, attach, poll, stop, list, reconcile.
+
+Imports no torch, diffusers or gradio (a test checks it in a subprocess): the web process must start
+fast and never touch CUDA. Everything goes through the run folder (see protocol.py), so a new
+``WorkerClient`` on the same ``runs_root`` (a restarted GUI) sees exactly what the old one saw, and a
+run is never left "running" after its trainer is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_gui.events import Command, Event, Stop
+from lora_gui.settings import TrainingSettings
+from lora_gui.settings.io import save_settings
+from lora_gui.worker.failures import explain_failure, last_lines
+from lora_gui.worker.protocol import (
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_STALE_S,
+    LineCursor,
+    ProcessRecord,
+    RunPaths,
+    RunState,
+    Status,
+    append_command,
+    check_run_id,
+    final_event,
+    finished_message,
+    new_run_id,
+    read_events,
+    read_process,
+    read_status,
+    tail_text,
+    write_process,
+    write_status,
+)
+
+QUEUE_DIR = "queue"  # runs_root/queue/: the GUI's queue of settings files (see queue.py)
+
+
+class RunActiveError(RuntimeError):
+    """A run is still starting, running or stopping: one trainer at a time."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    run_dir: Path
+    state: RunState
+    pid: int | None
+    created: float
+    ended: float | None
+    message: str | None  # a sentence for the user (why it failed, where the LoRA is), or None
+    output_path: str | None
+    output_name: str
+    step: int
+    total_steps: int
+    detail: str = ""  # the last traceback or log lines, for a "details" panel
+    exit_code: int | None = None
+    source: str = ""  # the queue file the run came from, if any
+
+    @property
+    def active(self) -> bool:
+        return self.state.active
+
+    @property
+    def final(self) -> bool:
+        return self.state.final
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "train.log"
+
+    @classmethod
+    def from_status(cls, paths: RunPaths, s: Status) -> RunInfo:
+        return cls(run_id=s.run_id, run_dir=paths.root, state=s.state, pid=s.pid, created=s.created,
+                   ended=s.ended, message=s.message, output_path=s.output_path,
+                   output_name=s.output_name, step=s.step, total_steps=s.total_steps,
+                   detail=s.detail, exit_code=s.exit_code, source=s.source)
+
+
+def launch_argv(run_dir: Path, python: str = sys.executable,
+                prefix: Sequence[str] = ()) -> list[str]:
+    """The trainer's command line, an argv list (never a shell string). A multi-GPU mode prefixes
+    it unchanged, e.g. ``["accelerate", "launch", "--num_processes", "2", "--no_python"]``."""
+    return [*prefix, python, "-m", "lora_gui.worker", str(run_dir)]
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+def pid_alive(pid: int, created: float | None = None) -> bool:
+    """Whether ``pid`` is a live (not zombie) process, and the same one that started at ``created``."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return created is None or abs(proc.create_time() - created) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def process_created(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # gone already, or no psutil: the pid-reuse check is skipped
+        return None
+
+
+def _signal_run(pid: int, sig: int) -> None:
+    """Signal the trainer's process group (it leads one: start_new_session), else the process."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_dead(pid: int, created: float | None, popen: subprocess.Popen | None,
+               timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if popen is not None:
+            if popen.poll() is not None:
+                return True
+        elif not pid_alive(pid, created):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# --- runs --------------------------------------------------------------------------------------
+
+class Run:
+    """One run folder. Cheap to create; every method reads the folder afresh."""
+
+    def __init__(self, client: WorkerClient, paths: RunPaths):
+        self._client = client
+        self.paths = paths
+        self.run_id = paths.run_id
+        self.run_dir = paths.root
+        # Shared per run id by the client, so a GUI that attaches on every tick reads only new lines.
+        self._cursor = client._cursors.setdefault(paths.run_id, LineCursor())
+
+    def __repr__(self) -> str:
+        return f"Run({self.run_id!r})"
+
+    def poll(self, since: int = 0) -> tuple[list[Event], int]:
+        """The events after the first ``since`` lines of events.jsonl, and the new cursor."""
+        return read_events(self.paths.events, since, self._cursor)
+
+    def send(self, command: Command) -> None:
+        append_command(self.paths, command)
+
+    def stop(self) -> None:
+        """Ask the trainer to save a LoRA (and state) at the current step and end."""
+        self.send(Stop())
+
+    def force_stop(self, grace_s: float = 10) -> RunInfo:
+        """Stop; if the trainer has not ended after ``grace_s``, SIGTERM it, then SIGKILL it."""
+        self.stop()
+        info = self.wait(grace_s)
+        if info.final:
+            return info
+        status = read_status(self.paths)
+        pid = self._client._group_of(self.paths, status)
+        popen = self._client._popens.get(self.run_id)
+        created = status.pid_created if status and status.pid == pid else None
+        if pid is not None:
+            _signal_run(pid, signal.SIGTERM)
+            if not _wait_dead(pid, created, popen, 5.0):
+                _signal_run(pid, signal.SIGKILL)
+                _wait_dead(pid, created, popen, 5.0)
+        info = self.info()
+        if info.final:
+            return info
+        return self._client._end(self.paths, RunState.FAILED, exit_code=None, message=(
+            f"The trainer did not answer Stop within {grace_s:g} s and was ended by force; LoRAs "
+            "saved before that are kept in the output folder."))
+
+    def info(self) -> RunInfo:
+        """The status, reconciled with reality (is the process alive? is its heartbeat fresh?)."""
+        return self._client._reconcile(self.paths)
+
+    def wait(self, timeout: float) -> RunInfo:
+        """Until the run is finished, stopped or failed, or ``timeout`` seconds have passed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.info()
+            if info.final or time.monotonic() >= deadline:
+                return info
+            time.sleep(0.1)
+
+
+class WorkerClient:
+    """Starts trainer processes and watches run folders under ``runs_root``."""
+
+    def __init__(self, runs_root: str | os.PathLike, python: str = sys.executable,
+                 launch_prefix: Sequence[str] = (), stale_after_s: float = HEARTBEAT_STALE_S):
+        self.runs_root = Path(runs_root).resolve()
+        self.runs_root.mkdir(parents=True, exist_ok=True)
+        self.python = python
+        self.launch_prefix = tuple(launch_prefix)
+        self.stale_after_s = stale_after_s  # a live trainer silent this long is hung
+        # Trainers this client spawned: their exit codes say how they ended (-9 = SIGKILL).
+        self._popens: dict[str, subprocess.Popen] = {}
+        self._cursors: dict[str, LineCursor] = {}
+        self._start_lock = threading.Lock()  # check "no active run" and spawn as one step
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def start(self, settings: TrainingSettings, *, run_id: str | None = None,
+              source: str = "") -> Run:
+        """Write the run folder and spawn the trainer; returns at once.
+
+        With ``runs.save_json_only`` only the settings JSON is written (the run ends at once as
+        finished, its message naming the file). Raises RunActiveError while another run is active.
+        """
+        run_id = check_run_id(run_id or new_run_id(settings.model.output_name))
+        if settings.runs.save_json_only:
+            return self._save_json_only(settings, run_id, source)
+        with self._start_lock:
+            return self._spawn(settings, run_id, source)
+
+    def _spawn(self, settings: TrainingSettings, run_id: str, source: str) -> Run:
+        active = self.active_run()
+        if active is not None:
+            info = active.info()
+            raise RunActiveError(f"The run {info.run_id} is still {info.state.value}: stop it or "
+                                 "wait for it to end before starting another.")
+        paths = self._new_run_folder(settings, run_id, source)
+        argv = launch_argv(paths.root, self.python, self.launch_prefix)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        try:
+            with open(paths.log, "ab") as log:
+                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        except OSError as exc:
+            self._end(paths, RunState.FAILED, exit_code=None,
+                      message=f"Could not start the trainer ({argv[0]}): {exc}")
+            return Run(self, paths)
+        self._popens[run_id] = popen
+        write_process(paths, ProcessRecord(pid=popen.pid, argv=argv, spawned=time.time(),
+                                           launcher_pid=os.getpid(),
+                                           created=process_created(popen.pid)))
+        return Run(self, paths)
+
+    def _new_run_folder(self, settings: TrainingSettings, run_id: str, source: str,
+                        state: RunState = RunState.STARTING) -> RunPaths:
+        paths = RunPaths(self.runs_root / run_id)
+        paths.root.mkdir(parents=True, exist_ok=False)
+        save_settings(settings, paths.settings)
+        paths.events.touch()
+        paths.inbox.touch()
+        write_status(paths, Status(run_id=run_id, state=state, created=time.time(),
+                                   output_name=settings.model.output_name, source=source))
+        return paths
+
+    def _save_json_only(self, settings: TrainingSettings, run_id: str, source: str) -> Run:
+        from lora_gui.worker.queue import save_json_only
+
+        paths = self._new_run_folder(settings, run_id, source)
+        target = save_json_only(settings)
+        self._end(paths, RunState.FINISHED, exit_code=None, output_path=str(target),
+                  message=f"Saved the settings to {target} (save_json_only is on: nothing was "
+                          "trained).")
+        return Run(self, paths)
+
+    # -- finding runs -----------------------------------------------------------------------
+
+    def attach(self, run_id: str) -> Run:
+        paths = RunPaths(self.runs_root / check_run_id(run_id))
+        if not paths.settings.exists() and not paths.status.exists():
+            raise FileNotFoundError(f"There is no run {run_id} in {self.runs_root}.")
+        return Run(self, paths)
+
+    def _run_dirs(self) -> list[RunPaths]:
+        if not self.runs_root.is_dir():
+            return []
+        return [RunPaths(d) for d in self.runs_root.iterdir()
+                if d.is_dir() and d.name != QUEUE_DIR and (d / "status.json").exists()]
+
+    def list_runs(self) -> list[RunInfo]:
+        """Every run folder, reconciled with reality, newest first."""
+        infos = [self._reconcile(p) for p in self._run_dirs()]
+        return sorted(infos, key=lambda i: (i.created, i.run_id), reverse=True)
+
+    def active_run(self) -> Run | None:
+        """The run that is starting, running or stopping, if any."""
+        for info in self.list_runs():
+            if info.active:
+                return Run(self, RunPaths(info.run_dir))
+        return None
+
+    def reconcile(self) -> None:
+        """End every run whose trainer is gone (dead pid, stale heartbeat) as failed, with a
+        sentence. Call it on startup; ``list_runs`` and ``Run.info`` do the same per run."""
+        self.list_runs()
+
+    # -- reconciling ------------------------------------------------------------------------
+
+    def _group_of(self, paths: RunPaths, status: Status | None) -> int | None:
+        """The process to signal: the launched one (under ``accelerate launch`` the launcher, which
+        leads the group of all ranks), else the trainer."""
+        record = read_process(paths)
+        if record is not None and pid_alive(record.pid, record.created):
+            return record.pid
+        return self._pid_of(paths, status)
+
+    def _pid_of(self, paths: RunPaths, status: Status | None) -> int | None:
+        if status is not None and status.pid:
+            return status.pid
+        record = read_process(paths)
+        return record.pid if record else None
+
+    def _reconcile(self, paths: RunPaths) -> RunInfo:
+        status = read_status(paths)
+        if status is None:  # a folder being created, or a damaged one: leave the folder alone
+            return RunInfo(paths.run_id, paths.root, RunState.FAILED, None, _mtime(paths.root),
+                           None, "This run folder has no readable status.json.", None, "", 0, 0)
+        if not status.state.active:
+            return RunInfo.from_status(paths, status)
+        popen = self._popens.get(paths.run_id)
+        pid = self._pid_of(paths, status)
+        exit_code = None
+        if popen is not None:
+            exit_code = popen.poll()
+            alive = exit_code is None
+        elif pid is not None:
+            alive = pid_alive(pid, status.pid_created if status.pid == pid else None)
+        else:
+            alive = None  # not spawned yet (or the spawner died before recording the pid)
+        if alive is None or alive:
+            beat = status.heartbeat or _spawned(paths) or status.created
+            if time.time() - beat <= self.stale_after_s:
+                return RunInfo.from_status(paths, status)
+            if alive is None:
+                return self._end(paths, RunState.FAILED, exit_code=None, message=(
+                    "The trainer never started: see train.log in the run folder."))
+            return self._end_hung(paths, status, pid, popen)
+        return self._end_dead(paths, exit_code)
+
+    def _end_dead(self, paths: RunPaths, exit_code: int | None) -> RunInfo:
+        status = read_status(paths)  # the trainer may have ended the run just before exiting
+        if status is not None and status.state.final:
+            return RunInfo.from_status(paths, status)
+        event = final_event(paths.events)
+        if event is not None and event.kind == "finished":
+            state = RunState.STOPPED if event.stopped else RunState.FINISHED
+            return self._end(paths, state, exit_code=exit_code, output_path=event.output_path,
+                             step=event.step, message=finished_message(event))
+        if event is not None:
+            return self._end(paths, RunState.FAILED, exit_code=exit_code, message=event.message,
+                             detail=event.detail)
+        log = tail_text(paths.log)
+        return self._end(paths, RunState.FAILED, exit_code=exit_code,
+                         message=explain_failure(exit_code, log), detail=last_lines(log, 12))
+
+    def _end_hung(self, paths: RunPaths, status: Status, pid: int | None,
+                  popen: subprocess.Popen | None) -> RunInfo:
+        """Alive with a stale heartbeat: give it a last chance (a machine that was asleep beats
+        again within a second or two), then end it: a run must never stay "running" forever."""
+        deadline = time.monotonic() + 2.5 * HEARTBEAT_INTERVAL_S
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            fresh = read_status(paths)
+            if fresh is None or not fresh.state.active:
+                return self._reconcile(paths)
+            if fresh.heartbeat and time.time() - fresh.heartbeat <= self.stale_after_s:
+                return RunInfo.from_status(paths, fresh)
+        silent = time.time() - (status.heartbeat or status.created)
+        pid = self._group_of(paths, status) if pid is not None else None
+        if pid is not None:
+            created = status.pid_created if status.pid == pid else None
+            _signal_run(pid, signal.SIGTERM)
+            if not _wait_dead(pid, created, popen, 3.0):
+                _signal_run(pid, signal.SIGKILL)
+                _wait_dead(pid, created, popen, 3.0)
+        return self._end(paths, RunState.FAILED, exit_code=popen.poll() if popen else None,
+                         message=f"The trainer stopped responding (no heartbeat for {silent:.0f} s) "
+                                 "and was ended: see train.log in the run folder.",
+                         detail=last_lines(tail_text(paths.log), 12))
+
+    def _end(self, paths: RunPaths, state: RunState, *, exit_code: int | None, message: str,
+             **changes) -> RunInfo:
+        """Write a final state for a run whose trainer is gone (only then: no two writers)."""
+        status = read_status(paths) or Status(run_id=paths.run_id, state=state,
+                                              created=_mtime(paths.root))
+        if status.state.final:
+            return RunInfo.from_status(paths, status)
+        status = status.with_(state=state, ended=time.time(), message=message,
+                              exit_code=exit_code, **changes)
+        write_status(paths, status)
+        return RunInfo.from_status(paths, status)
+
+    # -- the GUI's queue (runs_root/queue/, see queue.py) -------------------------------------
+
+    @property
+    def queue_folder(self) -> Path:
+        return self.runs_root / QUEUE_DIR
+
+    def enqueue(self, settings: TrainingSettings) -> Path:
+        from lora_gui.worker.queue import enqueue
+
+        return enqueue(self.queue_folder, settings)
+
+    def queue_items(self) -> list:
+        from lora_gui.worker.queue import queue_items
+
+        return queue_items(self.queue_folder)
+
+    def queue_remove(self, name: str) -> None:
+        from lora_gui.worker.queue import queue_remove
+
+        queue_remove(self.queue_folder, name)
+
+    def queue_move(self, name: str, delta: int) -> None:
+        from lora_gui.worker.queue import queue_move
+
+        queue_move(self.queue_folder, name, delta)
+
+    def close(self) -> None:
+        """Forget the trainers this client spawned (they keep running; the run folder is the
+        contract). Reaps those that have exited."""
+        for popen in self._popens.values():
+            popen.poll()
+        self._popens.clear()
+
+
+def _spawned(paths: RunPaths) -> float | None:
+    record = read_process(paths)
+    return record.spawned if record else None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

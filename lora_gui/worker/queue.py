@@ -1,0 +1,389 @@
+"""Queues of settings files, run one after another through the worker client.
+
+One mechanism serves both queues:
+
+- a folder the user fills (``runs.multi_run_folder``; ``lora-gui queue FOLDER``, ``queue_main``);
+- the GUI's queue in ``runs_root/queue/`` (``WorkerClient.enqueue`` and friends; ``QueueRunner``).
+
+The ``*.json`` files directly in the folder are the pending items, run in sorted order. A finished
+file moves to ``complete/``; a failed or invalid one to ``failed/`` with ``<name>.reason.txt``; the
+queue goes on. The file being trained stays in the folder and ``.queue-current.json`` names it and
+its run, so a restarted queue re-attaches to a trainer that is still running (or takes the result
+of one that ended meanwhile) and runs a file again whose trainer vanished with the queue.
+No torch here: the GUI imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_gui.events import Failed, Log, Progress
+from lora_gui.settings import SettingsError, TrainingSettings
+from lora_gui.settings import io as settings_io
+from lora_gui.worker.client import Run, RunActiveError, RunInfo, WorkerClient
+from lora_gui.worker.protocol import RunState, atomic_write_json, final_event, new_run_id
+
+COMPLETE_DIR = "complete"
+FAILED_DIR = "failed"
+CURRENT_FILE = ".queue-current.json"
+
+
+# --- the items of a queue folder -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QueueItem:
+    name: str  # the file name in the queue folder (its position: items are run in sorted order)
+    path: Path
+    output_name: str  # from the file, or "" when it cannot be read (it will fail when its turn comes)
+    running: bool = False
+
+
+def pending_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("*.json") if p.is_file() and not p.name.startswith("."))
+
+
+def _current(folder: Path) -> dict | None:
+    try:
+        data = json.loads((folder / CURRENT_FILE).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) and "file" in data and "run_id" in data else None
+    except (OSError, ValueError):
+        return None
+
+
+def queue_items(folder: str | os.PathLike) -> list[QueueItem]:
+    folder = Path(folder)
+    current = _current(folder)
+    items = []
+    for path in pending_files(folder):
+        try:
+            model = json.loads(path.read_text(encoding="utf-8")).get("model", {})
+            name = str(model.get("output_name", "")) if isinstance(model, dict) else ""
+        except (OSError, ValueError, AttributeError):
+            name = ""
+        items.append(QueueItem(path.name, path, name, running=bool(current)
+                               and current["file"] == path.name))
+    return items
+
+
+def enqueue(folder: str | os.PathLike, settings: TrainingSettings) -> Path:
+    """Add the settings at the end of the queue, as ``NNNN-<output name>.json``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in pending_files(folder)
+               if (m := re.match(r"(\d+)-", p.name))]
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", settings.model.output_name).strip("-")[:60] or "run"
+    path = folder / f"{max(numbers, default=0) + 1:04d}-{slug}.json"
+    return settings_io.save_settings(settings, path)
+
+
+def _movable(folder: Path, name: str) -> list[Path]:
+    current = _current(folder)
+    if current and current["file"] == name:
+        raise ValueError(f"{name} is being trained now: stop its run instead.")
+    files = [p for p in pending_files(folder) if not (current and p.name == current["file"])]
+    if name not in [p.name for p in files]:
+        raise FileNotFoundError(f"{name} is not in the queue {folder}.")
+    return files
+
+
+def queue_remove(folder: str | os.PathLike, name: str) -> None:
+    folder = Path(folder)
+    _movable(folder, name)
+    (folder / name).unlink()
+
+
+def queue_move(folder: str | os.PathLike, name: str, delta: int) -> list[QueueItem]:
+    """Move an item ``delta`` places (negative = earlier). The order is the sorted file names: with
+    ``NNNN-name.json`` files the moved items swap their numbers and keep their names; other files
+    swap names."""
+    folder = Path(folder)
+    files = _movable(folder, name)
+    i = [p.name for p in files].index(name)
+    j = max(0, min(len(files) - 1, i + delta))
+    if i == j:
+        return queue_items(folder)
+    slots = files[min(i, j):max(i, j) + 1]
+    moved = slots[1:] + slots[:1] if j > i else slots[-1:] + slots[:-1]  # the new order
+    numbered = [re.match(r"(\d+)-(.+)", p.name) for p in slots]
+    if all(numbered):
+        prefix = {slot: m.group(1) for slot, m in zip(slots, numbered)}
+        rest = {slot: m.group(2) for slot, m in zip(slots, numbered)}
+        targets = [folder / f"{prefix[slot]}-{rest[item]}" for slot, item in zip(slots, moved)]
+    else:
+        targets = slots
+    temps = {p: p.with_name(f".{p.name}.move") for p in slots}
+    for p in slots:
+        os.replace(p, temps[p])
+    for target, item in zip(targets, moved):
+        os.replace(temps[item], target)
+    return queue_items(folder)
+
+
+# --- running a queue ---------------------------------------------------------------------------
+
+def load_queue_file(path: Path) -> TrainingSettings:
+    """A settings file of ours (sparse is fine) or a kohya_ss config; SettingsError if invalid."""
+    from lora_gui.settings.foreign import convert, looks_foreign
+
+    doc = settings_io.read_json(path)
+    return convert(doc)[0] if looks_foreign(doc) else settings_io.load_document(doc)
+
+
+def save_json_only(settings: TrainingSettings) -> Path:
+    """``runs.save_json_only``: write the settings (to save_json_folder, else the output folder)
+    without training. The copy has save_json_only off, so it trains when it is run later."""
+    folder = Path(settings.runs.save_json_folder or settings.model.output_folder)
+    path = folder / f"{settings.model.output_name}.json"
+    if path.exists():
+        path = folder / f"{settings.model.output_name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    runs = settings.runs.model_copy(update={"save_json_only": False})
+    return settings_io.save_settings(settings.model_copy(update={"runs": runs}), path)
+
+
+def _move(file: Path, dest: Path, reason: str | None = None) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    target, n = dest / file.name, 1
+    while target.exists():
+        target, n = dest / f"{file.stem}-{n}{file.suffix}", n + 1
+    os.replace(file, target)
+    if reason is not None:
+        (dest / f"{target.stem}.reason.txt").write_text(reason.rstrip() + "\n", encoding="utf-8")
+    return target
+
+
+class FolderQueue:
+    """Runs the settings files of one folder one at a time; ``tick()`` does the next thing."""
+
+    def __init__(self, folder: str | os.PathLike, client: WorkerClient):
+        self.folder = Path(folder).resolve()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.client = client
+        self.paused = False
+        self.finished: list[str] = []
+        self.failed: list[str] = []
+        self._first_tick = True
+
+    @property
+    def current_run(self) -> Run | None:
+        current = _current(self.folder)
+        if current is None:
+            return None
+        try:
+            return self.client.attach(current["run_id"])
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def idle(self) -> bool:
+        """Nothing running from this queue and nothing left to run."""
+        return _current(self.folder) is None and not pending_files(self.folder)
+
+    def clear_current(self) -> None:
+        (self.folder / CURRENT_FILE).unlink(missing_ok=True)
+
+    def tick(self) -> str | None:
+        """Take the result of the current run if it ended, else start the next file when no run is
+        active. Returns a line saying what happened, or None."""
+        first, self._first_tick = self._first_tick, False
+        current = _current(self.folder)
+        if current is not None:
+            return self._check_current(current, resumed=first)
+        files = [] if self.paused else pending_files(self.folder)
+        if not files or self.client.active_run() is not None:
+            return None
+        return self._start(files[0])
+
+    def _check_current(self, current: dict, resumed: bool) -> str | None:
+        file = self.folder / current["file"]
+        run = self.current_run
+        if run is None:  # the queue died before the trainer was spawned: run it (again)
+            self.clear_current()
+            return None
+        info = run.info()
+        if info.active:
+            return None
+        self.clear_current()
+        vanished = info.state == RunState.FAILED and final_event(run.paths.events) is None
+        if resumed and vanished:
+            return f"{file.name}: its trainer ended with the queue ({info.message}); running it again."
+        if not file.exists():
+            return f"{file.name}: {info.state.value} (the file was removed from the queue meanwhile)."
+        return self._file_done(file, info)
+
+    def _file_done(self, file: Path, info: RunInfo) -> str:
+        if info.state == RunState.FINISHED:
+            self.finished.append(file.name)
+            _move(file, self.folder / COMPLETE_DIR)
+            return f"{file.name}: finished, {info.output_path}"
+        if info.state == RunState.STOPPED:
+            reason = (f"Stopped at step {info.step} of {info.total_steps} before the end; the LoRA "
+                      f"of that step is {info.output_path}. Put this file back into the queue "
+                      "folder to train it again.")
+        else:
+            reason = info.message or "The run failed."
+        reason += f"\n\nRun folder: {info.run_dir}"
+        if info.detail:
+            reason += f"\n\n{info.detail}"
+        self.failed.append(file.name)
+        _move(file, self.folder / FAILED_DIR, reason)
+        return f"{file.name}: {info.state.value}: {info.message}"
+
+    def _start(self, file: Path) -> str:
+        try:
+            settings = load_queue_file(file)
+        except SettingsError as exc:
+            self.failed.append(file.name)
+            _move(file, self.folder / FAILED_DIR, f"Invalid settings: {exc}")
+            return f"{file.name}: invalid settings: {exc}"
+        if settings.runs.save_json_only:
+            target = save_json_only(settings)
+            self.finished.append(file.name)
+            _move(file, self.folder / COMPLETE_DIR)
+            return f"{file.name}: saved the settings to {target} (save_json_only: not trained)"
+        run_id = new_run_id(settings.model.output_name)
+        # Named before the spawn: a queue that dies right after it finds the run again.
+        atomic_write_json(self.folder / CURRENT_FILE, {"file": file.name, "run_id": run_id,
+                                                       "runs_root": str(self.client.runs_root)})
+        try:
+            self.client.start(settings, run_id=run_id, source=str(file))
+        except RunActiveError:
+            self.clear_current()
+            return f"{file.name}: waiting, another run is active"
+        return f"{file.name}: started run {run_id}"
+
+
+def run_queue_folder(folder: str | os.PathLike, runs_root: str | os.PathLike, *,
+                     python: str = sys.executable, poll_s: float = 0.5,
+                     log: Callable[[str], None] = print) -> FolderQueue:
+    """Run every settings file of ``folder`` (see the module docstring) until none is left.
+    Returns the queue (``.finished`` and ``.failed`` list the file names of this call)."""
+    queue = FolderQueue(folder, WorkerClient(runs_root, python=python))
+    streamed: tuple[str, int] | None = None
+    while True:
+        message = queue.tick()
+        if message:
+            log(f"queue: {message}")
+        run = queue.current_run
+        if run is not None:
+            since = streamed[1] if streamed and streamed[0] == run.run_id else 0
+            events, cursor = run.poll(since)
+            streamed = (run.run_id, cursor)
+            for event in events:
+                _log_event(event, log)
+        elif queue.idle():
+            return queue
+        time.sleep(poll_s)
+
+
+def _log_event(event, log: Callable[[str], None]) -> None:
+    if isinstance(event, Log):
+        log(f"  {event.message}")
+    elif isinstance(event, Progress) and (event.step == event.total_steps
+                                          or event.step % max(1, event.total_steps // 10) == 0):
+        log(f"  step {event.step}/{event.total_steps}")
+    elif isinstance(event, Failed):
+        log(f"  failed: {event.message}")
+
+
+def _stop_current(queue: FolderQueue, grace_s: float) -> None:
+    run = queue.current_run
+    if run is not None and run.info().active:
+        print(f"queue: stopping {run.run_id} (it saves a LoRA at the current step)...", flush=True)
+        run.force_stop(grace_s)
+    queue.clear_current()  # the file stays in the folder: the next start runs it again
+
+
+def queue_main(argv: list[str] | None = None) -> int:
+    """``lora-gui queue FOLDER [--runs-root DIR]``. Ctrl-C/SIGTERM stops the current run (its file
+    stays queued); exit status 0 when every file finished, 1 when some failed."""
+    parser = argparse.ArgumentParser(
+        prog="lora-gui queue", description="Train every settings JSON file of a folder, one after "
+        "another in sorted order (finished files move to complete/, failed ones to failed/).")
+    parser.add_argument("folder")
+    parser.add_argument("--runs-root", default=os.environ.get("LORA_GUI_RUNS", "runs"),
+                        help="where the run folders go (default: $LORA_GUI_RUNS or ./runs)")
+    parser.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not Path(args.folder).is_dir():
+        print(f"error: {args.folder} is not a folder", file=sys.stderr)
+        return 2
+
+    def interrupted(signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    queue = FolderQueue(args.folder, WorkerClient(args.runs_root))
+    try:
+        queue = run_queue_folder(args.folder, args.runs_root, poll_s=args.poll,
+                                 log=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        _stop_current(queue, grace_s=30)
+        return 130
+    print(f"queue: {len(queue.finished)} finished, {len(queue.failed)} failed", flush=True)
+    return 1 if queue.failed else 0
+
+
+# --- the GUI's queue ---------------------------------------------------------------------------
+
+class QueueRunner:
+    """The GUI's queue (``runs_root/queue/`` by default): call ``tick()`` from a timer, or
+    ``start()`` a background thread that ticks every ``interval_s``."""
+
+    def __init__(self, client: WorkerClient, folder: str | os.PathLike | None = None):
+        self.queue = FolderQueue(folder or client.queue_folder, client)
+        self.last_message: str | None = None
+        self._thread: threading.Thread | None = None
+        self._halt = threading.Event()
+
+    @property
+    def paused(self) -> bool:
+        return self.queue.paused
+
+    def pause(self) -> None:
+        """Start nothing new (the current run goes on)."""
+        self.queue.paused = True
+
+    def resume(self) -> None:
+        self.queue.paused = False
+
+    def tick(self) -> str | None:
+        message = self.queue.tick()
+        if message:
+            self.last_message = message
+        return message
+
+    def start(self, interval_s: float = 1.0) -> None:
+        if self._thread is not None:
+            return
+        self._halt.clear()
+        self._thread = threading.Thread(target=self._loop, args=(interval_s,), name="queue",
+                                        daemon=True)
+        self._thread.start()
+
+    def _loop(self, interval_s: float) -> None:
+        while not self._halt.wait(interval_s):
+            try:
+                self.tick()
+            except Exception as exc:  # noqa: BLE001 - the GUI's queue must not die silently
+                self.last_message = f"The queue hit an error and goes on: {exc}"
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+if __name__ == "__main__":
+    sys.exit(queue_main())
