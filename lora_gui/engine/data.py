@@ -412,6 +412,7 @@ class LatentCache:
     def __post_init__(self) -> None:
         self.fingerprint = _vae_fingerprint(self.vae)
         self.mode = "mean" if self.sample_seed is None else f"sample:{self.sample_seed}"
+        self._resolved: dict[Any, str] = {}  # path -> resolved path string, for get()
 
     @staticmethod
     def disk_path(path: str | Path, bucket: Bucket) -> Path:
@@ -426,8 +427,13 @@ class LatentCache:
         return self._key(*request) in self.memory
 
     def get(self, path: str | Path, bucket: Bucket, flip: bool = False) -> torch.Tensor:
+        # Training asks for the same paths every epoch; resolving one is a file-system call (~35 us),
+        # so each path is resolved once.
+        resolved = self._resolved.get(path)
+        if resolved is None:
+            resolved = self._resolved[path] = self._key(path, bucket, flip)[0]
         try:
-            return self.memory[self._key(path, bucket, flip)]
+            return self.memory[(resolved, tuple(bucket), bool(flip))]
         except KeyError:
             raise KeyError(
                 f"no cached latent for {path} at {bucket[0]}x{bucket[1]} (flip={flip}): build the cache "

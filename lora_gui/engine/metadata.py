@@ -56,16 +56,23 @@ def network_args(s: TrainingSettings) -> dict[str, str]:
     return args
 
 
+def model_version(base_version: str, v_parameterization: bool) -> str:
+    """kohya's ss_base_model_version: sd_v1 / sd_v2, with "_v" for v-prediction (sd_v1_v, sd_v2_v)."""
+    family = "sd_v1" if base_version == "sd_v1" else "sd_v2"
+    return family + ("_v" if v_parameterization else "")
+
+
 def build_metadata(s: TrainingSettings, facts: RunFacts, *, epoch: int, step: int,
                    final: bool) -> dict[str, str]:
     m, tr, img, lab, adv = s.model, s.training, s.images, s.labels, s.advanced
+    version = model_version(facts.base_version, m.v_parameterization)
     minimal = {
         "ss_network_module": NETWORK_MODULE,
         "ss_network_dim": _s(tr.network_dim),
         "ss_network_alpha": _s(facts.network_alpha),
         "ss_network_args": json.dumps(network_args(s)) if network_args(s) else "None",
         "ss_v2": _s(facts.base_version != "sd_v1"),
-        "ss_base_model_version": facts.base_version,
+        "ss_base_model_version": version,
     }
     if m.no_meta:
         return minimal
@@ -130,7 +137,8 @@ def build_metadata(s: TrainingSettings, facts: RunFacts, *, epoch: int, step: in
         "modelspec.title": m.output_name,
         "modelspec.resolution": f"{w}x{h}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)),
-        "modelspec.prediction_type": "v" if facts.base_version == "sd_v2_v" else "epsilon",
+        # The objective trained, not the base's family: an SD 1.x base trained with v-prediction is "v".
+        "modelspec.prediction_type": "v" if m.v_parameterization else "epsilon",
     }
     if s.triggers.trigger_words.strip():
         full["modelspec.trigger_phrase"] = s.triggers.trigger_words.strip()

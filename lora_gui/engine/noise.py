@@ -6,13 +6,23 @@ import torch
 import torch.nn.functional as F
 
 
+def host_to(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor.to(device)`` without a host sync. On CUDA a plain ``.to()`` from pageable host memory
+    waits for all the GPU work queued so far (several stalls per training step); from pinned memory
+    with ``non_blocking`` it does not (same values; PyTorch keeps the pinned buffer until the copy
+    is done). Elsewhere it is ``.to()``."""
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def offset_noise(noise: torch.Tensor, offset: float, generator: torch.Generator) -> torch.Tensor:
     """Noise offset (Guttenberg 2023, "Diffusion with offset noise"): add offset * N(0, 1) per sample
     and channel, so the model can learn to change an image's mean brightness."""
     if offset <= 0:
         return noise
     shift = torch.randn(noise.shape[:2] + (1, 1), generator=generator, dtype=noise.dtype)
-    return noise + offset * shift.to(noise.device)
+    return noise + offset * host_to(shift, noise.device)
 
 
 def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float,
@@ -27,7 +37,7 @@ def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float,
     for i in range(1, iterations + 1):
         factor = float(2 + 2 * torch.rand((), generator=generator)) ** i
         hn, wn = max(1, int(h / factor)), max(1, int(w / factor))
-        coarse = torch.randn((b, c, hn, wn), generator=generator, dtype=noise.dtype).to(noise.device)
+        coarse = host_to(torch.randn((b, c, hn, wn), generator=generator, dtype=noise.dtype), noise.device)
         out = out + F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) * discount**i
         if hn == 1 or wn == 1:
             break
