@@ -1,0 +1,70 @@
+"""What the parts of the page share: the config, the worker bridge, the registry of settings
+components, the other components by name, and the per-page state. Built once per app by
+``build_app``; nothing here is module-level state."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_gui.settings import TrainingSettings, io
+from lora_gui.settings.errors import SettingsError
+from lora_gui.settings.schema import FIELD_GROUPS
+from lora_gui.ui.config import UIConfig
+from lora_gui.ui.fields import values_to_document
+from lora_gui.ui.form import Registry
+from lora_gui.ui.runview import RunView
+from lora_gui.ui.session import Bridge
+
+
+class PageState:
+    """Per-page state kept on the server in a ``gr.State``. Handlers mutate it in place and never
+    return it, so a slow poll cannot write an old view back over a newer one."""
+
+    def __init__(self) -> None:
+        self.view = RunView()
+        self.lock = threading.Lock()
+
+    def __deepcopy__(self, memo):  # gr.State copies its default value for each page
+        return PageState()
+
+
+@dataclass
+class Ctx:
+    config: UIConfig
+    bridge: Bridge
+    registry: Registry = field(default_factory=Registry)
+    c: dict[str, Any] = field(default_factory=dict)  # other components, by name
+    blocks: Any = None
+    allowed: list[Path] = field(default_factory=list)
+
+    def __getitem__(self, name: str):
+        return self.c[name]
+
+    def allow(self, folder: str | Path) -> None:
+        """Let the page show files of ``folder`` (a run's output folder). Gradio reads
+        ``allowed_paths`` when it serves a file, so a folder added here works at once."""
+        folder = Path(folder).resolve()
+        if any(folder == a or a in folder.parents for a in self.allowed):
+            return
+        self.allowed.append(folder)
+        blocks = self.blocks
+        if blocks is not None and isinstance(getattr(blocks, "allowed_paths", None), list):
+            blocks.allowed_paths.append(str(folder))
+
+
+def keep_current(values: dict[str, Any]) -> TrainingSettings | None:
+    """Settings that carry only the current skip-list and the values it names, for loading a file or
+    a preset over the form even while some other field is invalid."""
+    skip = values.get("runs.json_load_skip_list") or []
+    keys = [k for k in skip if k in FIELD_GROUPS]
+    doc = values_to_document({f"{FIELD_GROUPS[k]}.{k}": values.get(f"{FIELD_GROUPS[k]}.{k}")
+                              for k in keys if f"{FIELD_GROUPS[k]}.{k}" in values})
+    doc.setdefault("runs", {})["json_load_skip_list"] = keys
+    try:
+        return io.validate_document(copy.deepcopy(doc))
+    except SettingsError:
+        return None

@@ -1,0 +1,252 @@
+"""What the run panel shows, folded from the worker's events. No gradio here: ``RunView`` keeps the
+history (kept server-side in a ``gr.State``) and says what changed since the page was last drawn, so
+the poll sends only that."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_gui.events import (
+    CheckpointSaved,
+    Event,
+    Failed,
+    Finished,
+    Log,
+    LossReported,
+    Progress,
+    SampleReady,
+    Started,
+    ValidationLoss,
+)
+
+SMOOTHING = 0.9  # TensorBoard-style exponential moving average, debiased
+MAX_PLOT_POINTS = 600  # per series: more costs the browser a lot to redraw
+LOG_LINES = 300
+PLOT_MIN_INTERVAL_S = 1.0  # redraw the chart at most this often while points arrive
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "–"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def format_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def thin(points: list[tuple[int, float]], limit: int = MAX_PLOT_POINTS) -> list[tuple[int, float]]:
+    """At most ``limit`` points, evenly spaced, always keeping the last."""
+    if len(points) <= limit:
+        return points
+    stride = math.ceil(len(points) / limit)
+    kept = points[::stride]
+    return kept if kept[-1] == points[-1] else [*kept, points[-1]]
+
+
+@dataclass
+class RunView:
+    """One run as the page shows it. ``versions`` count changes per part; ``drawn`` remembers what
+    this page has already been sent."""
+
+    run_id: str | None = None
+    cursor: Any = 0
+    state: str = "idle"  # idle, starting, running, stopping, finished, stopped, failed
+    note: str = ""  # a sentence from the panel (e.g. "Stopping: saving the LoRA…")
+    started: Started | None = None
+    progress: Progress | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    smoothed: list[tuple[int, float]] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)
+    samples: list[tuple[str, str]] = field(default_factory=list)  # (path, caption), oldest first
+    checkpoints: list[str] = field(default_factory=list)
+    log: deque = field(default_factory=lambda: deque(maxlen=LOG_LINES))
+    finished: Finished | None = None
+    failed: Failed | None = None
+    output_name: str = ""
+    _ema: float = 0.0
+    _ema_n: int = 0
+    versions: dict[str, int] = field(default_factory=dict)
+    drawn: dict[str, int] = field(default_factory=dict)
+    plot_drawn_at: float = 0.0
+
+    def _bump(self, *parts: str) -> None:
+        for part in parts:
+            self.versions[part] = self.versions.get(part, 0) + 1
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("starting", "running", "stopping")
+
+    # --- folding events ------------------------------------------------------------------------
+
+    def apply(self, events: list[Event]) -> None:
+        for event in events:
+            self._apply(event)
+
+    def _apply(self, event: Event) -> None:  # noqa: C901 - one branch per event type
+        if isinstance(event, Started):
+            self.started = event
+            if self.state in ("idle", "starting"):
+                self.state = "running"
+                self.note = ""
+            self._log(f"Started on {event.device}: {event.total_steps} steps, {event.epochs} epochs, "
+                      f"{event.num_train_images} images.")
+            self._bump("status", "progress")
+        elif isinstance(event, Progress):
+            self.progress = event
+            if self.state in ("idle", "starting"):
+                self.state = "running"
+                self.note = ""
+                self._bump("status")
+            self._bump("progress")
+        elif isinstance(event, LossReported):
+            if not math.isfinite(event.loss):
+                self._log(f"step {event.step}: loss is {event.loss} (not plotted)")
+                return
+            self.losses.append((event.step, event.loss))
+            self._ema = SMOOTHING * self._ema + (1 - SMOOTHING) * event.loss
+            self._ema_n += 1
+            self.smoothed.append((event.step, self._ema / (1 - SMOOTHING ** self._ema_n)))
+            self._bump("plot")
+        elif isinstance(event, ValidationLoss):
+            if math.isfinite(event.loss):
+                self.validation.append((event.step, event.loss))
+                self._bump("plot")
+        elif isinstance(event, SampleReady):
+            self.samples.append((event.path, f"step {event.step}: {event.prompt}"))
+            self._clear_note("making samples")
+            self._bump("gallery")
+        elif isinstance(event, CheckpointSaved):
+            self.checkpoints.append(event.path)
+            self._clear_note("saving the LoRA now")
+            self._log(f"Saved {event.path}" + (f" (state {event.state_dir})" if event.state_dir else ""))
+        elif isinstance(event, Log):
+            self._log(event.message if event.level == "info" else f"[{event.level}] {event.message}")
+        elif isinstance(event, Finished):
+            self.finished = event
+            self.state = "stopped" if event.stopped else "finished"
+            self.note = ""
+            self._log(f"Finished at step {event.step}: {event.output_path}")
+            self._bump("status", "result", "progress", "plot")
+        elif isinstance(event, Failed):
+            self.failed = event
+            self.state = "failed"
+            self.note = ""
+            self._log(f"Failed: {event.message}")
+            self._bump("status", "result", "progress")
+
+    def _clear_note(self, prefix: str) -> None:
+        """A Save now / Sample now note ends when its file arrives."""
+        if self.note.startswith(prefix):
+            self.note = ""
+            self._bump("status")
+
+    def _log(self, line: str) -> None:
+        self.log.append(line)
+        self._bump("log")
+
+    def fail(self, message: str) -> None:
+        """The worker ended without a Finished/Failed event (crash, killed)."""
+        if self.state in ("finished", "stopped", "failed"):
+            return
+        self._apply(Failed(message=message))
+
+    def set_note(self, note: str, state: str | None = None) -> None:
+        self.note = note
+        if state:
+            self.state = state
+        self._bump("status")
+
+    # --- rendering -----------------------------------------------------------------------------
+
+    def changed(self, part: str) -> bool:
+        return self.versions.get(part, 0) != self.drawn.get(part, -1)
+
+    def mark_drawn(self, part: str) -> None:
+        self.drawn[part] = self.versions.get(part, 0)
+
+    def status_markdown(self) -> str:
+        if self.state == "idle":
+            return "**Idle.** Press Start to train with the settings on the left."
+        name = f"`{self.run_id}`" if self.run_id else ""
+        words = {
+            "starting": "Starting", "running": "Training", "stopping": "Stopping",
+            "finished": "Finished", "stopped": "Stopped (saved)", "failed": "Failed",
+        }[self.state]
+        text = f"**{words}** {name}"
+        return f"{text} — {self.note}" if self.note else text
+
+    def progress_markdown(self) -> str:
+        p = self.progress
+        if p is None:
+            if self.started:
+                return f"0 / {self.started.total_steps} steps"
+            return "Waiting for the first step…" if self.active else ""
+        if p.phase != "training":  # caching latents, loading...: a count of that work, not steps
+            return f"{p.phase[:1].upper()}{p.phase[1:]}: {p.step} / {p.total_steps}"
+        pct = 100 * p.step / p.total_steps if p.total_steps else 0
+        eta = "" if not self.active else f" · ETA {format_duration(p.eta_s)}"
+        return (f"Step **{p.step} / {p.total_steps}** ({pct:.0f} %) · epoch {p.epoch} / {p.epochs} · "
+                f"{p.steps_per_s:.2f} it/s · elapsed {format_duration(p.elapsed_s)}{eta}")
+
+    def progress_fraction(self) -> float:
+        p = self.progress
+        return (p.step / p.total_steps) if p and p.total_steps else 0.0
+
+    def plot_rows(self) -> list[dict[str, Any]]:
+        rows = [{"step": s, "loss": v, "series": "loss"} for s, v in thin(self.losses)]
+        rows += [{"step": s, "loss": v, "series": "smoothed"} for s, v in thin(self.smoothed)]
+        rows += [{"step": s, "loss": v, "series": "validation"} for s, v in thin(self.validation)]
+        return rows
+
+    def plot_due(self, now: float | None = None) -> bool:
+        """New points and the last redraw is old enough (or the run has ended)."""
+        if not self.changed("plot") or not (self.losses or self.validation):
+            return False
+        now = time.monotonic() if now is None else now
+        return not self.active or now - self.plot_drawn_at >= PLOT_MIN_INTERVAL_S
+
+    def gallery(self) -> list[tuple[str, str]]:
+        return [(p, c) for p, c in reversed(self.samples) if os.path.exists(p)]
+
+    def log_text(self) -> str:
+        return "\n".join(self.log)
+
+    def result_markdown(self) -> str:
+        if self.failed:
+            detail = ""
+            if self.failed.detail:
+                detail = (f"\n\n<details><summary>Details</summary>\n\n```\n{self.failed.detail}\n```"
+                          "\n</details>")
+            return f"### The run failed\n\n{self.failed.message}{detail}"
+        if self.finished:
+            path = Path(self.finished.output_path)
+            size = format_size(path.stat().st_size) if path.is_file() else "missing on disk"
+            how = "stopped early and saved" if self.finished.stopped else "finished"
+            extra = ""
+            others = [f for f in self.finished.files if f != self.finished.output_path
+                      and Path(f).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp")]
+            if others:
+                extra = "\n\nOther files:\n" + "\n".join(f"- `{f}`" for f in others[:20])
+            return (f"### LoRA ready ({how} at step {self.finished.step})\n\n"
+                    f"`{path}` — {size}{extra}")
+        return ""
+
+    def result_file(self) -> str | None:
+        if self.finished and Path(self.finished.output_path).is_file():
+            return self.finished.output_path
+        return None
