@@ -666,7 +666,7 @@ class Trainer:
         if not batches:
             return
         for model in self.trained_models:
-            model.eval()
+            model.train(False)
         total, count = 0.0, 0
         t_max = self.scheduler.config.num_train_timesteps
         with torch.no_grad():
@@ -696,7 +696,7 @@ class Trainer:
         self._flush(force=True)
         self.log(f"Making {len(self.sample_prompts)} sample images at step {step}")
         for model in self.trained_models:
-            model.eval()
+            model.train(False)
         self.vae.to(self.device)
         written = generate_samples(
             unet=self.acc.unwrap_model(self.unet), vae=self.vae, text_encoder=self.text_encoder,
