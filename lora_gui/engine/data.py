@@ -103,6 +103,12 @@ class DataOptions:
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
 
+    def bucket_args(self) -> dict:
+        """The bucket options under the names of ``plan_buckets`` / ``dataset_summary``."""
+        return {"resolution": self.resolution, "enable_buckets": self.enable_buckets,
+                "min_reso": self.min_bucket_reso, "max_reso": self.max_bucket_reso,
+                "step": self.bucket_reso_steps, "no_upscale": self.bucket_no_upscale}
+
     def __post_init__(self) -> None:
         problems = []
         if self.batch_size < 1:
@@ -158,15 +164,7 @@ class TrainDataset:
     def __init__(self, info: DatasetInfo, options: DataOptions | None = None) -> None:
         self.info = info
         self.options = options = options or DataOptions()
-        self.bucket_of = plan_buckets(
-            info,
-            resolution=options.resolution,
-            enable_buckets=options.enable_buckets,
-            min_reso=options.min_bucket_reso,
-            max_reso=options.max_bucket_reso,
-            step=options.bucket_reso_steps,
-            no_upscale=options.bucket_no_upscale,
-        )
+        self.bucket_of = plan_buckets(info, **options.bucket_args())
         train_images = [(s, i) for s in info.train_subsets for i in s.images]
         self.held_out = split_validation(
             [i.path for _, i in train_images], options.validation_split, options.seed
@@ -554,15 +552,5 @@ class LatentCache:
 
 def summarize(info: DatasetInfo, options: DataOptions) -> DatasetSummary:
     """:func:`dataset_summary` with the same options as a :class:`TrainDataset`."""
-    return dataset_summary(
-        info,
-        batch_size=options.batch_size,
-        resolution=options.resolution,
-        enable_buckets=options.enable_buckets,
-        min_reso=options.min_bucket_reso,
-        max_reso=options.max_bucket_reso,
-        step=options.bucket_reso_steps,
-        no_upscale=options.bucket_no_upscale,
-        validation_split=options.validation_split,
-        seed=options.seed,
-    )
+    return dataset_summary(info, batch_size=options.batch_size, validation_split=options.validation_split,
+                           seed=options.seed, **options.bucket_args())
