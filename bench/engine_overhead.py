@@ -50,8 +50,8 @@ class Loop:
         import numpy as np
         import torch
 
-        from lora_gui.engine.buckets import load_image_array
-        from lora_gui.engine.captions import scan_dataset
+        from lora_gui.dataset.buckets import load_image_array
+        from lora_gui.dataset.scan import scan_dataset
         from lora_gui.engine.data import DataOptions, TrainDataset
         from lora_gui.engine.model import load_base_model
         from lora_gui.engine.network import LoraNetwork, NetworkSpec

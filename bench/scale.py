@@ -9,7 +9,7 @@ caching is timed from the first to the last "caching latents" Progress event, th
 Started event to the last training Progress.
 
 Scan: 10,000 PNG and JPEG files (a tenth of the JPEGs carry an EXIF rotation) scanned with
-``lora_gui.engine.captions.scan_dataset`` and assigned to buckets with ``plan_buckets`` while
+``lora_gui.dataset.scan.scan_dataset`` and assigned to buckets with ``plan_buckets`` while
 ``PIL.ImageFile.ImageFile.load`` (every pixel decode goes through it) is patched to count calls.
 
 Run alone: ``python -m bench.scale``.
@@ -93,7 +93,7 @@ def write_scan_dataset(folder: Path, n: int) -> Path:
 def scan(folder: Path) -> dict:
     from PIL import ImageFile
 
-    from lora_gui.engine.captions import plan_buckets, scan_dataset
+    from lora_gui.dataset.scan import plan_buckets, scan_dataset
 
     calls = {"load": 0}
     original = ImageFile.ImageFile.load

@@ -33,7 +33,7 @@ WINDOW_S = float(os.environ.get("BENCH_CELL_S", "2.5"))
 
 def cell(work: Path, resolution: int, batch: int, train_te: bool, checkpointing: bool,
          seconds: float) -> dict:
-    from lora_gui.engine.captions import scan_dataset
+    from lora_gui.dataset.scan import scan_dataset
     from lora_gui.engine.train import run_training
 
     paths = common.demo(work)

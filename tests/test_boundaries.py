@@ -18,7 +18,7 @@ HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft")
     (["lora_gui.settings", "lora_gui.settings.io", "lora_gui.settings.foreign", "lora_gui.events",
       "lora_gui.cli"], HEAVY + ("gradio",)),
     (["lora_gui.worker.client", "lora_gui.worker.protocol", "lora_gui.worker.queue"], HEAVY + ("gradio",)),
-    (["lora_gui.engine.captions", "lora_gui.engine.buckets"], HEAVY + ("gradio",)),
+    (["lora_gui.dataset.scan", "lora_gui.dataset.buckets"], HEAVY + ("gradio",)),
     (["lora_gui.ui", "lora_gui.ui.app", "lora_gui.ui.launch"], HEAVY),
     (["lora_gui.engine.train", "lora_gui.engine.cli_runner", "lora_gui.worker.child"], ("gradio",)),
 ])

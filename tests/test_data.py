@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from lora_gui.engine import buckets as bk
-from lora_gui.engine.captions import (
+from lora_gui.dataset import buckets as bk
+from lora_gui.dataset.scan import (
     DatasetError,
     dataset_summary,
     drop_all_captions,
@@ -467,7 +467,7 @@ def test_summary_for_gui_and_torch_free_imports(tmp_path):
     assert summary.steps_per_epoch == 16 and summary.samples_per_epoch == 42
     assert "10_mychar" in summary.to_markdown()
     code = (
-        "import sys, lora_gui.engine.captions, lora_gui.engine.buckets, lora_gui.engine.data;"
+        "import sys, lora_gui.dataset.scan, lora_gui.dataset.buckets, lora_gui.engine.data;"
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

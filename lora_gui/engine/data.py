@@ -1,7 +1,7 @@
 """The training dataset: repeats, regularisation, validation split, batches, latent cache.
 
 Everything the web process needs (scan, buckets, captions, summary) lives in the torch-free modules
-:mod:`lora_gui.engine.captions` and :mod:`lora_gui.engine.buckets` and is re-exported here. This
+:mod:`lora_gui.dataset.scan` and :mod:`lora_gui.dataset.buckets` and is re-exported here. This
 module imports torch lazily, inside the functions that build tensors, so importing it stays cheap.
 
 Determinism: the batches of an epoch are a pure function of (seed, epoch), and every random choice
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lora_gui.engine.buckets import (
+from lora_gui.dataset.buckets import (
     Bucket,
     assign_bucket,
     choose_bucket,
@@ -32,7 +32,7 @@ from lora_gui.engine.buckets import (
     no_upscale_bucket,
     random_hue_shift,
 )
-from lora_gui.engine.captions import (
+from lora_gui.dataset.scan import (
     DatasetError,
     DatasetInfo,
     DatasetSummary,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_gui import events as ev
-from lora_gui.engine.captions import derive_seed, scan_dataset, tag_frequency, write_tag_report
+from lora_gui.dataset.scan import derive_seed, scan_dataset, tag_frequency, write_tag_report
 from lora_gui.engine.data import DataOptions, TrainDataset
 from lora_gui.engine.metadata import RunFacts, base_model_name, build_metadata, with_hashes
 from lora_gui.engine.noise import host_to, min_snr_weights, offset_noise, pyramid_noise, training_target

@@ -11,7 +11,7 @@ from typing import Any
 from PIL import Image
 from pydantic import ValidationError
 
-from lora_gui.engine.captions import (
+from lora_gui.dataset.scan import (
     DatasetError,
     dataset_summary,
     iter_images,

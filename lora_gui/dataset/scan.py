@@ -1,7 +1,7 @@
 """Dataset folders, captions, tag counts and the GUI's dataset summary. Never imports torch.
 
 The web process imports this module (folder preview), so it uses only the standard library,
-Pillow (header reads, never pixel decoding) and :mod:`lora_gui.engine.buckets`.
+Pillow (header reads, never pixel decoding) and :mod:`lora_gui.dataset.buckets`.
 
 Folder layouts (REFERENCE.md, "img_folder"): a parent of ``N_name`` folders (N = repeats, the rest
 of the name = class tokens), or one plain folder of images that uses the ``repeats`` setting.
@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from PIL import UnidentifiedImageError
 
-from lora_gui.engine.buckets import Bucket, choose_bucket, make_buckets, read_image_size
+from lora_gui.dataset.buckets import Bucket, choose_bucket, make_buckets, read_image_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
