@@ -10,7 +10,46 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, ClassVar, Protocol
+
+
+class RunState(str, Enum):
+    """Where a run stands: THE names of run states (the run folder's status.json, the page, the CLI).
+
+    A ``str`` enum, so ``RunState.RUNNING == "running"`` and it serialises as the plain word.
+    """
+
+    QUEUED = "queued"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FINISHED = "finished"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    @property
+    def active(self) -> bool:
+        """A trainer process is (or is about to be) working on the run."""
+        return self in ACTIVE_STATES
+
+    @property
+    def final(self) -> bool:
+        """The run has ended and its state will not change again."""
+        return self in FINAL_STATES
+
+    @classmethod
+    def of(cls, value: str | RunState) -> RunState:
+        """The state named by ``value``; a ValueError names the valid states otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(s.value for s in cls)
+            raise ValueError(f"unknown run state {value!r}: expected one of {names}") from None
+
+
+ACTIVE_STATES = frozenset({RunState.STARTING, RunState.RUNNING, RunState.STOPPING})
+FINAL_STATES = frozenset({RunState.FINISHED, RunState.STOPPED, RunState.FAILED})
 
 
 @dataclass(frozen=True)

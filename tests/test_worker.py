@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from lora_gui import events as ev
+from lora_gui.events import RunState
 from lora_gui.settings import io
 from lora_gui.worker import failures
 from lora_gui.worker.client import WorkerClient
-from lora_gui.worker.protocol import RunState
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from lora_gui import events as ev
+from lora_gui.events import RunState
 from lora_gui.settings import io
 from lora_gui.worker import failures
 from lora_gui.worker.client import RunActiveError, WorkerClient, pid_alive
@@ -22,7 +23,6 @@ from lora_gui.worker.protocol import (
     InboxReader,
     LineCursor,
     RunPaths,
-    RunState,
     Status,
     append_command,
     check_run_id,
@@ -413,3 +413,15 @@ def test_a_run_folder_gets_one_trainer_and_no_second_life(client, tmp_path):
                            capture_output=True, text=True, timeout=30)
     assert again.returncode == 2 and "already ended (stopped)" in again.stderr
     assert run.info().state == RunState.STOPPED
+
+
+def test_run_state_is_the_events_enum_with_final_and_active():
+    from lora_gui.worker import protocol
+    assert protocol.RunState is ev.RunState
+    assert {s for s in RunState if s.final} == {RunState.FINISHED, RunState.STOPPED, RunState.FAILED}
+    assert {s for s in RunState if s.active} == {RunState.STARTING, RunState.RUNNING,
+                                                 RunState.STOPPING}
+    assert not RunState.QUEUED.final and not RunState.QUEUED.active
+    assert RunState.of("stopped") is RunState.STOPPED and RunState("running") == "running"
+    with pytest.raises(ValueError, match="unknown run state 'forced'.*queued, starting"):
+        RunState.of("forced")

@@ -28,6 +28,7 @@ from lora_gui.events import (
     ForceStop,
     Log,
     Progress,
+    RunState,
     Started,
     Stop,
 )
@@ -37,7 +38,6 @@ from lora_gui.worker.protocol import (
     EventWriter,
     InboxReader,
     RunPaths,
-    RunState,
     Status,
     finished_message,
     read_status,

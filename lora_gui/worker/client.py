@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_gui.events import Command, Event, Stop
+from lora_gui.events import Command, Event, RunState, Stop
 from lora_gui.settings import TrainingSettings
 from lora_gui.settings.io import save_settings
 from lora_gui.worker.failures import explain_failure, last_lines
@@ -28,7 +28,6 @@ from lora_gui.worker.protocol import (
     LineCursor,
     ProcessRecord,
     RunPaths,
-    RunState,
     Status,
     append_command,
     check_run_id,

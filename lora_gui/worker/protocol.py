@@ -26,7 +26,6 @@ import secrets
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from lora_gui.events import (
     Event,
     Failed,
     Finished,
+    RunState,
     command_from_json,
     event_from_json,
     to_json,
@@ -42,24 +42,6 @@ from lora_gui.events import (
 
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_STALE_S = 15.0
-
-
-class RunState(str, Enum):
-    QUEUED = "queued"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    FINISHED = "finished"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-    @property
-    def active(self) -> bool:
-        return self in (RunState.STARTING, RunState.RUNNING, RunState.STOPPING)
-
-    @property
-    def final(self) -> bool:
-        return self in (RunState.FINISHED, RunState.STOPPED, RunState.FAILED)
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_gui.events import Failed, Log, Progress
+from lora_gui.events import Failed, Log, Progress, RunState
 from lora_gui.settings import SettingsError, TrainingSettings
 from lora_gui.settings import io as settings_io
 from lora_gui.worker.client import Run, RunActiveError, RunInfo, WorkerClient
-from lora_gui.worker.protocol import RunState, atomic_write_json, final_event, new_run_id
+from lora_gui.worker.protocol import atomic_write_json, final_event, new_run_id
 
 COMPLETE_DIR = "complete"
 FAILED_DIR = "failed"
