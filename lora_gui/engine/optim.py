@@ -14,33 +14,54 @@ class OptimizerSettingError(ValueError):
     """A sentence naming the optimizer setting that is wrong."""
 
 
+def _adamw8bit():
+    import bitsandbytes as bnb
+
+    # min_8bit_size=0: small tensors (LoRA layers are small) also get 8-bit state.
+    return bnb.optim.AdamW8bit, {"min_8bit_size": 0}
+
+
+def _lion():
+    import bitsandbytes as bnb
+
+    return bnb.optim.Lion, {}
+
+
+def _prodigy():
+    import prodigyopt
+
+    return prodigyopt.Prodigy, {}
+
+
+def _dadapt_adam():
+    import dadaptation
+
+    return dadaptation.DAdaptAdam, {}
+
+
+def _adafactor():
+    from transformers.optimization import Adafactor
+
+    return Adafactor, {"relative_step": False, "scale_parameter": False, "warmup_init": False}
+
+
+# The schema's training.optimizer choices -> (optimizer class, fixed keyword arguments), imported
+# only when chosen. tests/test_engine_tables.py checks the keys against the schema.
+OPTIMIZERS = {
+    "AdamW": lambda: (torch.optim.AdamW, {}),
+    "AdamW8bit": _adamw8bit,
+    "Lion": _lion,
+    "SGDNesterov": lambda: (torch.optim.SGD, {"nesterov": True, "momentum": 0.9}),
+    "Prodigy": _prodigy,
+    "DAdaptAdam": _dadapt_adam,
+    "Adafactor": _adafactor,
+}
+
+
 def _optimizer_class(name: str):
-    if name == "AdamW":
-        return torch.optim.AdamW, {}
-    if name == "AdamW8bit":
-        import bitsandbytes as bnb
-
-        # min_8bit_size=0: small tensors (LoRA layers are small) also get 8-bit state.
-        return bnb.optim.AdamW8bit, {"min_8bit_size": 0}
-    if name == "Lion":
-        import bitsandbytes as bnb
-
-        return bnb.optim.Lion, {}
-    if name == "SGDNesterov":
-        return torch.optim.SGD, {"nesterov": True, "momentum": 0.9}
-    if name == "Prodigy":
-        import prodigyopt
-
-        return prodigyopt.Prodigy, {}
-    if name == "DAdaptAdam":
-        import dadaptation
-
-        return dadaptation.DAdaptAdam, {}
-    if name == "Adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor, {"relative_step": False, "scale_parameter": False, "warmup_init": False}
-    raise OptimizerSettingError(f"training.optimizer: {name!r} is not supported")
+    if name not in OPTIMIZERS:
+        raise OptimizerSettingError(f"training.optimizer: {name!r} is not supported")
+    return OPTIMIZERS[name]()
 
 
 def build_optimizer(settings: TrainingSettings, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:

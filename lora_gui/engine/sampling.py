@@ -7,7 +7,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 SAMPLER_CLASSES = {
-    # name users know -> (diffusers scheduler class, extra config)
+    # The schema's samples.sample_sampler choices -> (diffusers scheduler class, extra config);
+    # tests/test_engine_tables.py checks the keys against the schema.
     "ddim": ("DDIMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
