@@ -50,7 +50,7 @@ class Loop:
         import numpy as np
         import torch
 
-        from lora_gui.dataset.buckets import load_image_array
+        from lora_gui.dataset.images import load_image_array
         from lora_gui.dataset.scan import scan_dataset
         from lora_gui.engine.data import DataOptions, TrainDataset
         from lora_gui.engine.model import load_base_model
@@ -75,8 +75,7 @@ class Loop:
         img = s.images
         info = scan_dataset(s.model.img_folder, repeats=img.repeats,
                             trigger_words=s.triggers.trigger_words)
-        dataset = TrainDataset(info, DataOptions(resolution=img.resolution_wh, enable_buckets=False,
-                                                 batch_size=tr.batch_size, seed=tr.seed))
+        dataset = TrainDataset(info, DataOptions.from_settings(s))  # buckets off (common.py)
         batches = dataset.epoch_batches(0)  # the engine's batches (an epoch may end short)
         self.items = [[(i.path, i.bucket, dataset.fixed_caption(i)) for i in b] for b in batches]
         self.load_image = load_image_array

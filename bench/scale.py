@@ -93,7 +93,8 @@ def write_scan_dataset(folder: Path, n: int) -> Path:
 def scan(folder: Path) -> dict:
     from PIL import ImageFile
 
-    from lora_gui.dataset.scan import plan_buckets, scan_dataset
+    from lora_gui.dataset.buckets import BucketOptions, plan_buckets
+    from lora_gui.dataset.scan import scan_dataset
 
     calls = {"load": 0}
     original = ImageFile.ImageFile.load
@@ -107,8 +108,8 @@ def scan(folder: Path) -> dict:
         t0 = time.perf_counter()
         info = scan_dataset(folder, repeats=1)
         t1 = time.perf_counter()
-        buckets = plan_buckets(info, resolution=(512, 512), enable_buckets=True, min_reso=256,
-                               max_reso=1024, step=64, no_upscale=False)
+        buckets = plan_buckets(info, BucketOptions((512, 512), enabled=True, min_reso=256, max_reso=1024,
+                                                   step=64, no_upscale=False))
         t2 = time.perf_counter()
     finally:
         ImageFile.ImageFile.load = original

@@ -18,9 +18,10 @@ HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft")
     (["lora_gui.settings", "lora_gui.settings.io", "lora_gui.settings.foreign", "lora_gui.events",
       "lora_gui.cli"], HEAVY + ("gradio",)),
     (["lora_gui.worker.client", "lora_gui.worker.protocol", "lora_gui.worker.queue"], HEAVY + ("gradio",)),
-    (["lora_gui.dataset.scan", "lora_gui.dataset.buckets"], HEAVY + ("gradio",)),
+    (["lora_gui.dataset.scan", "lora_gui.dataset.buckets", "lora_gui.dataset.images",
+      "lora_gui.dataset.captions", "lora_gui.dataset.summary"], HEAVY + ("gradio",)),
     (["lora_gui.ui", "lora_gui.ui.app", "lora_gui.ui.launch"], HEAVY),
-    (["lora_gui.engine.train", "lora_gui.engine.cli_runner", "lora_gui.worker.child"], ("gradio",)),
+    (["lora_gui.engine.train", "lora_gui.cli_terminal", "lora_gui.worker.child"], ("gradio",)),
 ])
 def test_import_boundaries(modules, forbidden):
     code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"

@@ -1,4 +1,5 @@
-"""Dataset scan, buckets, captions, batches, latent cache and tag report (lora_gui.engine.data)."""
+"""Dataset scan, buckets, captions, batches, latent cache and tag report (lora_gui.dataset and
+lora_gui.engine.data)."""
 
 from __future__ import annotations
 
@@ -15,23 +16,35 @@ import torch
 from PIL import Image, ImageFile
 
 from lora_gui.dataset import buckets as bk
-from lora_gui.dataset.scan import (
-    DatasetError,
-    dataset_summary,
+from lora_gui.dataset import images as im
+from lora_gui.dataset.buckets import BucketOptions
+from lora_gui.dataset.captions import (
     drop_all_captions,
     process_caption,
-    scan_dataset,
     split_tags,
     tag_frequency,
     write_tag_report,
 )
+from lora_gui.dataset.scan import DatasetError, scan_dataset
+from lora_gui.dataset.summary import dataset_summary
 from lora_gui.engine.data import DataOptions, LatentCache, TrainDataset, summarize
+from lora_gui.settings.schema import FIELD_GROUPS, GROUPS, TrainingSettings
 
 torch.set_num_threads(1)
 
 # Small training area so buckets, images and the VAE stay tiny:
 # buckets (64,192) (64,256) (128,128) (192,64) (256,64).
-SMALL = dict(resolution=(128, 128), min_bucket_reso=64, max_bucket_reso=256, bucket_reso_steps=64)
+SMALL = dict(resolution="128", min_bucket_resolution=64, max_bucket_resolution=256, bucket_reso_steps=64)
+
+
+def data_options(**values) -> DataOptions:
+    """DataOptions from settings given by bare name, each group validated by the schema. The
+    cross-field rules are skipped (as in the page's preview) so the engine's own guards are tested."""
+    docs: dict[str, dict] = {name: {} for name in ("images", "training", "labels")}
+    for name, value in values.items():
+        docs[FIELD_GROUPS[name]][name] = value
+    groups = {group: GROUPS[group].model_validate(doc) for group, doc in docs.items()}
+    return DataOptions.from_settings(TrainingSettings.model_construct(**groups))
 
 
 def make_image(path: Path, size: tuple[int, int], seed: int = 0, **save_kwargs) -> Path:
@@ -150,7 +163,7 @@ def test_scan_reads_200_headers_without_decoding_pixels(tmp_path, monkeypatch):
     monkeypatch.undo()
     sizes = {i.path.name: (i.width, i.height) for i in info.subsets[0].images}
     assert len(sizes) == 201 and sizes["006.webp"] == (22, 24) and sizes["rotated.jpg"] == (20, 40)
-    assert bk.open_rgb(folder / "rotated.jpg").size == (20, 40)  # loader agrees with the scan
+    assert im.open_rgb(folder / "rotated.jpg").size == (20, 40)  # loader agrees with the scan
 
 
 # --- buckets --------------------------------------------------------------------------------------
@@ -186,18 +199,18 @@ def test_no_upscale_bucket_and_buckets_off():
 
 def test_transform_covers_crops_flips_and_shifts_hue(tmp_path):
     path = make_image(tmp_path / "w.png", (200, 64))
-    plain = bk.load_image_array(path, (128, 128))
+    plain = im.load_image_array(path, (128, 128))
     assert plain.shape == (3, 128, 128) and plain.dtype == np.float32
     assert -1.0 <= plain.min() and plain.max() <= 1.0
-    flipped = bk.load_image_array(path, (128, 128), flip=True)
+    flipped = im.load_image_array(path, (128, 128), flip=True)
     assert not np.allclose(plain, flipped) and np.allclose(plain[:, :, ::-1], flipped)
-    left = bk.load_image_array(path, (128, 128), crop_position=(0.0, 0.0))
-    right = bk.load_image_array(path, (128, 128), crop_position=(1.0, 0.0))
+    left = im.load_image_array(path, (128, 128), crop_position=(0.0, 0.0))
+    right = im.load_image_array(path, (128, 128), crop_position=(1.0, 0.0))
     assert left.mean() < plain.mean() < right.mean()  # gradient grows to the right
     rgb = np.array([[[1.0, 0.0, 0.0], [0.2, 0.5, 0.9], [0.3, 0.3, 0.3]]], dtype=np.float32)
-    assert np.allclose(bk.shift_hue(rgb, 0.0), rgb, atol=1e-6)
-    assert np.allclose(bk.shift_hue(rgb, 1 / 3)[0, 0], [0, 1, 0], atol=1e-6)  # red -> green
-    assert np.allclose(bk.shift_hue(rgb, 0.25)[0, 2], [0.3, 0.3, 0.3])  # grey has no hue
+    assert np.allclose(im.shift_hue(rgb, 0.0), rgb, atol=1e-6)
+    assert np.allclose(im.shift_hue(rgb, 1 / 3)[0, 0], [0, 1, 0], atol=1e-6)  # red -> green
+    assert np.allclose(im.shift_hue(rgb, 0.25)[0, 2], [0.3, 0.3, 0.3])  # grey has no hue
 
 
 # --- captions -------------------------------------------------------------------------------------
@@ -272,7 +285,7 @@ def dataset(tmp_path, reg=False, **options) -> TrainDataset:
     if reg and not reg_folder.exists():
         make_reg(tmp_path)
     info = scan_dataset(img, reg_folder, repeats=1, trigger_words="sks")
-    return TrainDataset(info, DataOptions(**{**SMALL, "batch_size": 3, "seed": 7, **options}))
+    return TrainDataset(info, data_options(**{**SMALL, "batch_size": 3, "seed": 7, **options}))
 
 
 def paths(batches):
@@ -329,10 +342,9 @@ def test_validation_split_is_disjoint_and_stable(tmp_path):
 
 
 def test_load_batch_shapes_range_and_determinism(tmp_path):
-    ds = dataset(
-        tmp_path, reg=True, flip_aug=True, color_aug=True, random_crop=True, shuffle_caption=True,
-        keep_tokens=1, caption_tag_dropout_rate=0.2,
-    )  # fmt: skip
+    options = dict(flip_aug=True, color_aug=True, random_crop=True, shuffle_caption=True, keep_tokens=1,
+                   caption_tag_dropout_rate=0.2)
+    ds = dataset(tmp_path, reg=True, **options)
     batches = ds.epoch_batches(2)
     index = next(i for i, b in enumerate(batches) if b[0].bucket == (192, 64) and len(b) == 3)
     batch = ds.load_batch(batches[index], 2, index)
@@ -342,8 +354,7 @@ def test_load_batch_shapes_range_and_determinism(tmp_path):
     assert batch.is_reg.dtype == torch.bool and batch.is_reg.tolist() == [i.is_reg for i in batches[index]]
     assert all(c.startswith("sks") for c, r in zip(batch.captions, batch.is_reg) if not r)
     ds.load_batch(batches[0], 2, 0)  # loading something else in between changes nothing
-    again = dataset(tmp_path, reg=True, **{k: getattr(ds.options, k) for k in (
-        "flip_aug", "color_aug", "random_crop", "shuffle_caption", "keep_tokens", "caption_tag_dropout_rate")})  # fmt: skip
+    again = dataset(tmp_path, reg=True, **options)
     same = again.load_batch(again.epoch_batches(2)[index], 2, index)
     assert torch.equal(batch.pixels, same.pixels) and batch.captions == same.captions
     # the epoch view resumes at a batch and loads exactly that batch
@@ -404,7 +415,7 @@ def test_latent_cache_encodes_once_and_loader_returns_latents(tmp_path, vae):
     items = next(b for b in ds.epoch_batches(0) if b[0].bucket == (256, 64))
     batch = ds.load_batch(items, 0, 0)
     assert batch.pixels is None and batch.latents.shape == (len(items), 4, 8, 32)
-    pixels = torch.from_numpy(bk.load_image_array(items[0].path, (256, 64), flip=batch.flipped[0]))
+    pixels = torch.from_numpy(im.load_image_array(items[0].path, (256, 64), flip=batch.flipped[0]))
     with torch.no_grad():
         expected = vae.encode(pixels[None]).latent_dist.mean[0] * vae.config.scaling_factor
     assert torch.allclose(batch.latents[0], expected, atol=1e-5)
@@ -433,7 +444,7 @@ def test_latent_disk_cache_reused_and_invalidated(tmp_path, vae):
     assert LatentCache(vae, to_disk=True).build(flips.cache_requests()) == 10
     assert LatentCache(vae, to_disk=True).build(flips.cache_requests()) == 0
     # another resolution -> another bucket -> another file
-    big = dataset(tmp_path, resolution=(256, 256), min_bucket_reso=64, max_bucket_reso=512)
+    big = dataset(tmp_path, resolution="256", min_bucket_resolution=64, max_bucket_resolution=512)
     assert LatentCache(vae, to_disk=True).build(big.cache_requests()) == 5
     assert LatentCache.disk_path(image, (256, 256)).is_file()
 
@@ -459,7 +470,8 @@ def test_tag_frequency_and_report_order(tmp_path):
 
 def test_summary_for_gui_and_torch_free_imports(tmp_path):
     info = scan_dataset(make_parent_layout(tmp_path), repeats=1)
-    summary = dataset_summary(info, batch_size=3, resolution=(128, 128), min_reso=64, max_reso=256, seed=7)
+    small = BucketOptions((128, 128), enabled=True, min_reso=64, max_reso=256, step=64, no_upscale=False)
+    summary = dataset_summary(info, small, batch_size=3, validation_split=0.0, seed=7)
     mychar = summary.folders[0]
     assert (mychar.repeats, mychar.images, mychar.captions, len(mychar.without_captions)) == (10, 4, 2, 2)
     assert mychar.buckets == {(128, 128): 2, (192, 64): 1, (64, 192): 1}
@@ -467,7 +479,8 @@ def test_summary_for_gui_and_torch_free_imports(tmp_path):
     assert summary.steps_per_epoch == 16 and summary.samples_per_epoch == 42
     assert "10_mychar" in summary.to_markdown()
     code = (
-        "import sys, lora_gui.dataset.scan, lora_gui.dataset.buckets, lora_gui.engine.data;"
+        "import sys, lora_gui.dataset.scan, lora_gui.dataset.buckets, lora_gui.dataset.images,"
+        " lora_gui.dataset.captions, lora_gui.dataset.summary, lora_gui.engine.data;"
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

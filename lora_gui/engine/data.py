@@ -1,8 +1,8 @@
 """The training dataset: repeats, regularisation, validation split, batches, latent cache.
 
-Everything the web process needs (scan, buckets, captions, summary) lives in the torch-free modules
-:mod:`lora_gui.dataset.scan` and :mod:`lora_gui.dataset.buckets` and is re-exported here. This
-module imports torch lazily, inside the functions that build tensors, so importing it stays cheap.
+Everything the web process needs (scan, buckets, captions, summary) lives in the torch-free package
+:mod:`lora_gui.dataset`. This module imports torch lazily, inside the functions that build tensors,
+so importing it stays cheap.
 
 Determinism: the batches of an epoch are a pure function of (seed, epoch), and every random choice
 for a sample (flip, crop, hue, caption shuffle/dropout) comes from an RNG seeded with
@@ -23,105 +23,58 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lora_gui.dataset.buckets import (
-    Bucket,
-    assign_bucket,
-    choose_bucket,
-    load_image_array,
-    make_buckets,
-    no_upscale_bucket,
-    random_hue_shift,
-)
-from lora_gui.dataset.scan import (
-    DatasetError,
-    DatasetInfo,
+from lora_gui.dataset.buckets import Bucket, BucketOptions, plan_buckets
+from lora_gui.dataset.captions import CaptionOptions, process_caption
+from lora_gui.dataset.images import load_image_array, random_hue_shift
+from lora_gui.dataset.scan import DatasetInfo, ImageEntry, Subset
+from lora_gui.dataset.summary import (
     DatasetSummary,
-    ImageEntry,
-    Subset,
     count_batches,
     cycle_to_length,
     dataset_summary,
     derive_seed,
-    drop_all_captions,
-    plan_buckets,
-    process_caption,
-    scan_dataset,
     split_validation,
-    tag_frequency,
-    write_tag_report,
 )
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = [
-    "Batch",
-    "DataOptions",
-    "DatasetError",
-    "DatasetInfo",
-    "DatasetSummary",
-    "EpochView",
-    "ImageEntry",
-    "Item",
-    "LatentCache",
-    "Subset",
-    "TrainDataset",
-    "assign_bucket",
-    "choose_bucket",
-    "dataset_summary",
-    "make_buckets",
-    "no_upscale_bucket",
-    "process_caption",
-    "scan_dataset",
-    "summarize",
-    "tag_frequency",
-    "write_tag_report",
-]
+    from lora_gui.settings import TrainingSettings
+
+__all__ = ["Batch", "DataOptions", "EpochView", "Item", "LatentCache", "TrainDataset", "summarize"]
 
 ProgressCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
 class DataOptions:
-    """The data settings the engine passes in (mapped from the settings model)."""
+    """The data settings of a run, built from the settings by :meth:`from_settings` only.
 
-    resolution: tuple[int, int] = (512, 512)
-    enable_buckets: bool = True
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = False
-    flip_aug: bool = False
-    color_aug: bool = False
-    random_crop: bool = False
-    batch_size: int = 1
-    seed: int = 0
-    validation_split: float = 0.0
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
+    No defaults and no checks of its own: the schema declares and checks every value.
+    """
 
-    def bucket_args(self) -> dict:
-        """The bucket options under the names of ``plan_buckets`` / ``dataset_summary``."""
-        return {"resolution": self.resolution, "enable_buckets": self.enable_buckets,
-                "min_reso": self.min_bucket_reso, "max_reso": self.max_bucket_reso,
-                "step": self.bucket_reso_steps, "no_upscale": self.bucket_no_upscale}
+    buckets: BucketOptions
+    captions: CaptionOptions
+    flip_aug: bool
+    color_aug: bool
+    random_crop: bool
+    batch_size: int
+    seed: int
+    validation_split: float
 
-    def __post_init__(self) -> None:
-        problems = []
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be at least 1 (got {self.batch_size})")
-        if not 0 <= self.validation_split < 1:
-            problems.append(f"validation_split must be in [0, 1) (got {self.validation_split})")
-        for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-            if not 0 <= getattr(self, name) <= 1:
-                problems.append(f"{name} must be in [0, 1] (got {getattr(self, name)})")
-        if self.bucket_reso_steps < 1:
-            problems.append(f"bucket_reso_steps must be positive (got {self.bucket_reso_steps})")
-        if problems:
-            raise ValueError("; ".join(problems) + ".")
+    @classmethod
+    def from_settings(cls, settings: TrainingSettings) -> DataOptions:
+        img, tr = settings.images, settings.training
+        return cls(
+            buckets=BucketOptions.from_settings(settings),
+            captions=CaptionOptions.from_settings(settings),
+            flip_aug=img.flip_aug,
+            color_aug=img.color_aug,
+            random_crop=img.random_crop,
+            batch_size=tr.batch_size,
+            seed=tr.seed,
+            validation_split=tr.validation_split,
+        )
 
 
 @dataclass(frozen=True)
@@ -161,10 +114,10 @@ class _Draw:
 class TrainDataset:
     """Items, per-epoch batches and batch loading for a scanned dataset."""
 
-    def __init__(self, info: DatasetInfo, options: DataOptions | None = None) -> None:
+    def __init__(self, info: DatasetInfo, options: DataOptions) -> None:
         self.info = info
-        self.options = options = options or DataOptions()
-        self.bucket_of = plan_buckets(info, **options.bucket_args())
+        self.options = options
+        self.bucket_of = plan_buckets(info, options.buckets)
         train_images = [(s, i) for s in info.train_subsets for i in s.images]
         self.held_out = split_validation(
             [i.path for _, i in train_images], options.validation_split, options.seed
@@ -260,16 +213,7 @@ class TrainDataset:
         flip = o.flip_aug and rng.random() < 0.5
         crop = (rng.random(), rng.random()) if o.random_crop else None
         hue = random_hue_shift(rng) if o.color_aug else 0.0
-        caption = process_caption(
-            item.caption,
-            trigger_words=item.trigger_words,
-            keep_tokens=o.keep_tokens,
-            shuffle=o.shuffle_caption,
-            tag_dropout_rate=o.caption_tag_dropout_rate,
-            dropout_rate=o.caption_dropout_rate,
-            drop_all=drop_all_captions(epoch, o.caption_dropout_every_n_epochs),
-            rng=rng,
-        )
+        caption = o.captions.apply(item.caption, item.trigger_words, epoch, rng)
         return _Draw(flip, crop, hue, caption)
 
     def fixed_caption(self, item: Item) -> str:
@@ -552,5 +496,5 @@ class LatentCache:
 
 def summarize(info: DatasetInfo, options: DataOptions) -> DatasetSummary:
     """:func:`dataset_summary` with the same options as a :class:`TrainDataset`."""
-    return dataset_summary(info, batch_size=options.batch_size, validation_split=options.validation_split,
-                           seed=options.seed, **options.bucket_args())
+    return dataset_summary(info, options.buckets, batch_size=options.batch_size,
+                           validation_split=options.validation_split, seed=options.seed)

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from lora_gui import events as ev
-from lora_gui.dataset.scan import derive_seed, scan_dataset, tag_frequency, write_tag_report
+from lora_gui.dataset.captions import tag_frequency, write_tag_report
+from lora_gui.dataset.scan import scan_dataset
+from lora_gui.dataset.summary import derive_seed
 from lora_gui.engine.data import DataOptions, TrainDataset
 from lora_gui.engine.metadata import RunFacts, base_model_name, build_metadata, with_hashes
 from lora_gui.engine.noise import host_to, min_snr_weights, offset_noise, pyramid_noise, training_target
@@ -111,7 +113,7 @@ class _EpochSampler(torch.utils.data.Sampler):
 
 def explain(exc: BaseException) -> str:
     """One sentence the user can act on."""
-    from lora_gui.engine.data import DatasetError
+    from lora_gui.dataset.scan import DatasetError
     from lora_gui.engine.model import ModelLoadError
     from lora_gui.engine.optim import OptimizerSettingError
     from lora_gui.engine.sampling import PromptLineError
@@ -282,23 +284,13 @@ class Trainer:
                                   "sdpa.") from None
 
     def _load_data(self) -> None:
-        s, m, img, lab, tr = self.s, self.s.model, self.s.images, self.s.labels, self.s.training
+        s, m, img, lab = self.s, self.s.model, self.s.images, self.s.labels
         self.info = scan_dataset(m.img_folder, m.reg_img_folder.strip() or None, repeats=img.repeats,
                                  caption_extension=lab.caption_extension,
                                  trigger_words=s.triggers.trigger_words)
         for warning in self.info.warnings:
             self.log(warning, "warning")
-        options = DataOptions(
-            resolution=img.resolution_wh, enable_buckets=img.buckets,
-            min_bucket_reso=img.min_bucket_resolution, max_bucket_reso=img.max_bucket_resolution,
-            bucket_reso_steps=img.bucket_reso_steps, bucket_no_upscale=img.bucket_no_upscale,
-            flip_aug=img.flip_aug, color_aug=img.color_aug, random_crop=img.random_crop,
-            batch_size=tr.batch_size, seed=tr.seed, validation_split=tr.validation_split,
-            shuffle_caption=lab.shuffle_caption, keep_tokens=lab.keep_tokens,
-            caption_dropout_rate=lab.caption_dropout_rate,
-            caption_dropout_every_n_epochs=lab.caption_dropout_every_n_epochs,
-            caption_tag_dropout_rate=lab.caption_tag_dropout_rate)
-        self.dataset = TrainDataset(self.info, options)
+        self.dataset = TrainDataset(self.info, DataOptions.from_settings(s))
         self.run_batches = _RunBatches(self.dataset, self.acc.process_index, self.acc.num_processes)
         per_epoch = self.run_batches.per_epoch()
         if per_epoch == 0:

@@ -1,5 +1,5 @@
 """The dataset preview: folders, repeats, counts, captions, buckets, steps and tags, computed from the
-form's values with the engine's torch-free dataset code (the same plan the trainer uses)."""
+form's values with the torch-free dataset package (the same plan the trainer uses)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,10 @@ from typing import Any
 from PIL import Image
 from pydantic import ValidationError
 
-from lora_gui.dataset.scan import (
-    DatasetError,
-    dataset_summary,
-    iter_images,
-    plan_buckets,
-    scan_dataset,
-    sorted_tags,
-    tag_frequency,
-)
+from lora_gui.dataset.buckets import BucketOptions, plan_buckets
+from lora_gui.dataset.captions import sorted_tags, tag_frequency
+from lora_gui.dataset.scan import DatasetError, iter_images, scan_dataset
+from lora_gui.dataset.summary import dataset_summary
 from lora_gui.settings.schema import GROUPS, TrainingSettings
 from lora_gui.ui.fields import SPEC_BY_KEY, values_to_document
 
@@ -74,18 +69,15 @@ def build_preview(values: dict[str, Any]) -> Preview:
                             trigger_words=groups["triggers"].trigger_words)
     except (DatasetError, OSError) as exc:
         return Preview(f"**The dataset cannot be used:** {exc}", ok=False)
-    reso = images.resolution_wh
-    bucket_args = dict(resolution=reso, enable_buckets=images.buckets,
-                       min_reso=images.min_bucket_resolution, max_reso=images.max_bucket_resolution,
-                       step=images.bucket_reso_steps, no_upscale=images.bucket_no_upscale)
+    settings = TrainingSettings.model_construct(images=images, training=training)
+    buckets = BucketOptions.from_settings(settings)
     try:
-        summary = dataset_summary(info, batch_size=training.batch_size, **bucket_args,
+        summary = dataset_summary(info, buckets, batch_size=training.batch_size,
                                   validation_split=training.validation_split, seed=training.seed)
-        bucket_of = plan_buckets(info, **bucket_args)
+        bucket_of = plan_buckets(info, buckets)
     except ValueError as exc:  # bucket limits that do not fit together
         return Preview(f"**Buckets cannot be planned:** {exc}", ok=False)
-    plan = TrainingSettings.model_construct(images=images, training=training).plan_steps(
-        summary.steps_per_epoch)
+    plan = settings.plan_steps(summary.steps_per_epoch)
     lines = [summary.to_markdown(), ""]
     lines.append(
         f"**{plan.steps_per_epoch} optimizer steps per epoch × {plan.epochs} epochs = "
