@@ -15,9 +15,9 @@ import time
 
 def main() -> int:
     path = os.environ["BENCH_EVENTS"]
-    from lora_gui.engine import cli_runner
+    from lora_gui import cli_terminal
 
-    original = cli_runner.TerminalSink.__call__
+    original = cli_terminal.TerminalSink.__call__
 
     def call(self, event) -> None:
         line = {"t": time.time(), "kind": event.kind, "phase": getattr(event, "phase", None),
@@ -26,7 +26,7 @@ def main() -> int:
             handle.write(json.dumps(line) + "\n")
         original(self, event)
 
-    cli_runner.TerminalSink.__call__ = call
+    cli_terminal.TerminalSink.__call__ = call
     from lora_gui.cli import main as cli_main
 
     return cli_main(sys.argv[1:])

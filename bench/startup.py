@@ -42,8 +42,7 @@ def _cli_run(work: Path, index: int) -> dict[str, float]:
     sets = [f"model.base_model={paths.model_dir}", f"model.img_folder={paths.dataset_dir}",
             f"model.output_folder={work / 'startup' / f'out-{index}'}", "images.max_steps=2",
             "samples.sample_every_n_epochs=0", "images.save_every_n_epochs=0"]
-    args = [sys.executable, "-m", "bench._cli_probe", "train", "--preset", "demo-tiny-cpu",
-            "--demo-dir", str(paths.root)]
+    args = [sys.executable, "-m", "bench._cli_probe", "train", "--preset", "demo-tiny-cpu"]
     for item in sets:
         args += ["--set", item]
     env = common.child_env(BENCH_EVENTS=str(events))

@@ -11,7 +11,7 @@ import json
 import sys
 
 from lora_gui.settings import SettingsError, io
-from lora_gui.settings.foreign import convert, looks_foreign
+from lora_gui.settings.foreign import convert, load_any, looks_foreign
 
 
 def _print_error(message: str) -> None:
@@ -71,8 +71,7 @@ def load_run_settings(path: str | None, preset: str | None, assignments: list[st
     if path and preset:
         raise SettingsError([io.Issue("(command line)", "give a settings file or --preset, not both")])
     if path:
-        doc = io.read_json(path)
-        settings = convert(doc)[0] if looks_foreign(doc) else io.load_document(doc)
+        settings = load_any(io.read_json(path))[0]
     elif preset:
         settings = io.load_preset(preset)
     else:
@@ -82,9 +81,9 @@ def load_run_settings(path: str | None, preset: str | None, assignments: list[st
 
 def cmd_train(args: argparse.Namespace) -> int:
     settings = load_run_settings(args.settings, args.preset, args.set or [])
-    from lora_gui.engine.cli_runner import train_from_cli
+    from lora_gui.cli_terminal import train_from_cli
 
-    return train_from_cli(settings, demo_dir=args.demo_dir)
+    return train_from_cli(settings)
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
@@ -130,8 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="start from a preset instead of a file")
     p.add_argument("--set", action="append", metavar="GROUP.FIELD=VALUE",
                    help="override a setting, e.g. --set training.learning_rate=0.0002")
-    p.add_argument("--demo-dir", default="demo",
-                   help="where the demo model is built when the settings point at it and it is missing")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("queue", help="train every settings file of a folder, one after another",

@@ -218,6 +218,38 @@ def command_from_json(line: str) -> Command:
     return _build(COMMAND_TYPES, json.loads(line))
 
 
+PROGRESS_LINES = 20  # a printed log shows training progress this many times per run
+
+
+def progress_due(event: Progress) -> bool:
+    """THE thinning rule for printed progress: training steps every 1/PROGRESS_LINES of the run
+    and the last one; other phases (latent caching...) only when they end."""
+    if event.step == event.total_steps:
+        return True
+    return event.phase == "training" and event.step % max(1, event.total_steps // PROGRESS_LINES) == 0
+
+
+def describe(event: Event) -> str | None:
+    """The line that a printed log (the trainer's train.log, the queue, the terminal) shows for an
+    event, or None when the event is not printed (thinned progress, losses, samples)."""
+    if isinstance(event, Log):
+        return f"[{event.level}] {event.message}"
+    if isinstance(event, Progress):
+        if not progress_due(event):
+            return None
+        if event.phase != "training":
+            return f"{event.phase}: {event.step}/{event.total_steps} done"
+        return f"step {event.step}/{event.total_steps} ({event.steps_per_s:.2f} steps/s)"
+    if isinstance(event, ValidationLoss):
+        return f"validation loss at step {event.step}: {event.loss:.4f}"
+    if isinstance(event, Finished):
+        word = "stopped" if event.stopped else "finished"
+        return f"{word} at step {event.step}: {event.output_path}"
+    if isinstance(event, Failed):
+        return f"failed at step {event.step}: {event.message}"
+    return None
+
+
 class EventSink(Protocol):
     """Where the engine sends its events (a list, a JSONL writer, the CLI's printer...)."""
 

@@ -18,7 +18,8 @@ from lora_gui import events as ev
 from lora_gui.events import RunState
 from lora_gui.settings import io
 from lora_gui.worker import failures
-from lora_gui.worker.client import RunActiveError, WorkerClient, pid_alive
+from lora_gui.worker.client import RunActiveError, WorkerClient
+from lora_gui.worker.processes import pid_alive
 from lora_gui.worker.protocol import (
     InboxReader,
     LineCursor,
@@ -29,7 +30,8 @@ from lora_gui.worker.protocol import (
     read_events,
     write_status,
 )
-from lora_gui.worker.queue import QueueRunner, queue_items
+from lora_gui.worker.queue import QueueRunner
+from lora_gui.worker.queue_files import queue_items
 
 SIMULATED = "simulated_engine:run_training"
 SUPPORT = str(Path(__file__).parent / "support")

@@ -257,3 +257,16 @@ def convert(doc: dict[str, Any], current: TrainingSettings | None = None):
             if not removed:
                 raise
     raise AssertionError("unreachable")
+
+
+def load_any(doc: dict[str, Any], current: TrainingSettings | None = None
+             ) -> tuple[TrainingSettings, ForeignImport | None]:
+    """THE rule for "ours or a foreign config?": settings from a document of ours (loaded over the
+    defaults, honouring ``current``'s skip-list) or from a kohya_ss/older-script one (converted).
+    Returns the settings and the import report (None for a document of ours); SettingsError if
+    the document is ours and invalid. Used by the CLI, the queue and the page."""
+    if looks_foreign(doc):
+        return convert(doc, current)
+    from lora_gui.settings import io
+
+    return io.load_document(doc, current), None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,35 @@ def dumps(settings: TrainingSettings, *, sparse: bool = False) -> str:
 def save_settings(settings: TrainingSettings, path: str | os.PathLike, *, sparse=False) -> Path:
     """Save the full settings (or only what differs from defaults) atomically."""
     return atomic_write_text(path, dumps(settings, sparse=sparse))
+
+
+def settings_copy_folder(settings: TrainingSettings) -> Path:
+    """Where copies of the settings go: ``runs.save_json_folder``, else the output folder."""
+    folder = settings.runs.save_json_folder.strip() or settings.model.output_folder
+    return Path(folder).expanduser()
+
+
+def save_settings_copy(settings: TrainingSettings, name: str | None = None) -> Path:
+    """THE copy of the settings that ``runs.save_json_only`` writes instead of training and that a
+    run leaves in ``runs.save_json_folder``: ``<folder>/<output name>.json`` (see
+    ``settings_copy_folder``), with ``save_json_only`` off so that the copy trains when it is run
+    later. A different file of that name is never overwritten: the copy then gets a time stamp
+    (``<output name>-YYYYmmdd-HHMMSS.json``); an identical one is reused. ``name`` replaces the
+    output name (a run that saves under another name because the first was taken)."""
+    runs = settings.runs.model_copy(update={"save_json_only": False})
+    text = dumps(settings.model_copy(update={"runs": runs}))
+    folder, name = settings_copy_folder(settings), name or settings.model.output_name
+    path = folder / f"{name}.json"
+    if path.exists():
+        try:
+            if path.read_text(encoding="utf-8") == text:
+                return path
+        except (OSError, UnicodeDecodeError):
+            pass
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+        while path.exists():
+            path, n = folder / f"{name}-{stamp}{f'-{n}' if n > 1 else ''}.json", n + 1
+    return atomic_write_text(path, text)
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:

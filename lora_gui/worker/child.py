@@ -26,11 +26,11 @@ from lora_gui.events import (
     Failed,
     Finished,
     ForceStop,
-    Log,
     Progress,
     RunState,
     Started,
     Stop,
+    describe,
 )
 from lora_gui.worker.failures import explain_failure, traceback_tail
 from lora_gui.worker.protocol import (
@@ -152,18 +152,9 @@ class Reporter:
 
 
 def _print(event: Event) -> None:
-    if isinstance(event, Log):
-        print(f"[{event.level}] {event.message}", flush=True)
-    elif isinstance(event, Progress):
-        every = max(1, event.total_steps // 20)
-        if event.phase != "training":
-            if event.step == event.total_steps:
-                print(f"{event.phase}: {event.step}/{event.total_steps} done", flush=True)
-        elif event.step % every == 0 or event.step == event.total_steps:
-            print(f"step {event.step}/{event.total_steps} ({event.steps_per_s:.2f} steps/s)",
-                  flush=True)
-    elif isinstance(event, (Finished, Failed)):
-        print(event, flush=True)
+    line = describe(event)
+    if line is not None:
+        print(line, flush=True)
 
 
 class InboxCommands:

@@ -9,7 +9,6 @@ run is never left "running" after its trainer is gone.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,8 +19,10 @@ from pathlib import Path
 
 from lora_gui.events import Command, Event, RunState, Stop
 from lora_gui.settings import TrainingSettings
-from lora_gui.settings.io import save_settings
+from lora_gui.settings.io import save_settings, save_settings_copy
+from lora_gui.worker import queue_files
 from lora_gui.worker.failures import explain_failure, last_lines
+from lora_gui.worker.processes import pid_alive, process_created, terminate_group
 from lora_gui.worker.protocol import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_STALE_S,
@@ -42,7 +43,7 @@ from lora_gui.worker.protocol import (
     write_status,
 )
 
-QUEUE_DIR = "queue"  # runs_root/queue/: the GUI's queue of settings files (see queue.py)
+QUEUE_DIR = "queue"  # runs_root/queue/: the GUI's queue of settings files (queue_files.py)
 
 
 class RunActiveError(RuntimeError):
@@ -93,64 +94,6 @@ def launch_argv(run_dir: Path, python: str = sys.executable,
     return [*prefix, python, "-m", "lora_gui.worker", str(run_dir)]
 
 
-# --- processes ---------------------------------------------------------------------------------
-
-def pid_alive(pid: int, created: float | None = None) -> bool:
-    """Whether ``pid`` is a live (not zombie) process, and the same one that started at ``created``."""
-    try:
-        import psutil
-    except ImportError:  # pragma: no cover - psutil is a dependency
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return created is None or abs(proc.create_time() - created) < 1.0
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
-
-
-def process_created(pid: int) -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process(pid).create_time()
-    except Exception:  # gone already, or no psutil: the pid-reuse check is skipped
-        return None
-
-
-def _signal_run(pid: int, sig: int) -> None:
-    """Signal the trainer's process group (it leads one: start_new_session), else the process."""
-    try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _wait_dead(pid: int, created: float | None, popen: subprocess.Popen | None,
-               timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if popen is not None:
-            if popen.poll() is not None:
-                return True
-        elif not pid_alive(pid, created):
-            return True
-        time.sleep(0.05)
-    return False
-
-
 # --- runs --------------------------------------------------------------------------------------
 
 class Run:
@@ -189,10 +132,7 @@ class Run:
         popen = self._client._popens.get(self.run_id)
         created = status.pid_created if status and status.pid == pid else None
         if pid is not None:
-            _signal_run(pid, signal.SIGTERM)
-            if not _wait_dead(pid, created, popen, 5.0):
-                _signal_run(pid, signal.SIGKILL)
-                _wait_dead(pid, created, popen, 5.0)
+            terminate_group(pid, created, popen, wait_s=5.0)
         info = self.info()
         if info.final:
             return info
@@ -279,10 +219,8 @@ class WorkerClient:
         return paths
 
     def _save_json_only(self, settings: TrainingSettings, run_id: str, source: str) -> Run:
-        from lora_gui.worker.queue import save_json_only
-
         paths = self._new_run_folder(settings, run_id, source)
-        target = save_json_only(settings)
+        target = save_settings_copy(settings)
         self._end(paths, RunState.FINISHED, exit_code=None, output_path=str(target),
                   message=f"Saved the settings to {target} (save_json_only is on: nothing was "
                           "trained).")
@@ -394,10 +332,7 @@ class WorkerClient:
         pid = self._group_of(paths, status) if pid is not None else None
         if pid is not None:
             created = status.pid_created if status.pid == pid else None
-            _signal_run(pid, signal.SIGTERM)
-            if not _wait_dead(pid, created, popen, 3.0):
-                _signal_run(pid, signal.SIGKILL)
-                _wait_dead(pid, created, popen, 3.0)
+            terminate_group(pid, created, popen, wait_s=3.0)
         return self._end(paths, RunState.FAILED, exit_code=popen.poll() if popen else None,
                          message=f"The trainer stopped responding (no heartbeat for {silent:.0f} s) "
                                  "and was ended: see train.log in the run folder.",
@@ -415,31 +350,23 @@ class WorkerClient:
         write_status(paths, status)
         return RunInfo.from_status(paths, status)
 
-    # -- the GUI's queue (runs_root/queue/, see queue.py) -------------------------------------
+    # -- the GUI's queue (runs_root/queue/, see queue_files.py) -------------------------------------
 
     @property
     def queue_folder(self) -> Path:
         return self.runs_root / QUEUE_DIR
 
     def enqueue(self, settings: TrainingSettings) -> Path:
-        from lora_gui.worker.queue import enqueue
+        return queue_files.enqueue(self.queue_folder, settings)
 
-        return enqueue(self.queue_folder, settings)
-
-    def queue_items(self) -> list:
-        from lora_gui.worker.queue import queue_items
-
-        return queue_items(self.queue_folder)
+    def queue_items(self) -> list[queue_files.QueueItem]:
+        return queue_files.queue_items(self.queue_folder)
 
     def queue_remove(self, name: str) -> None:
-        from lora_gui.worker.queue import queue_remove
-
-        queue_remove(self.queue_folder, name)
+        queue_files.queue_remove(self.queue_folder, name)
 
     def queue_move(self, name: str, delta: int) -> None:
-        from lora_gui.worker.queue import queue_move
-
-        queue_move(self.queue_folder, name, delta)
+        queue_files.queue_move(self.queue_folder, name, delta)
 
     def close(self) -> None:
         """Forget the trainers this client spawned (they keep running; the run folder is the

@@ -1,4 +1,4 @@
-"""Queues of settings files, run one after another through the worker client.
+"""Queues of settings files, run one after another through the worker client (the runner).
 
 One mechanism serves both queues:
 
@@ -10,157 +10,35 @@ file moves to ``complete/``; a failed or invalid one to ``failed/`` with ``<name
 queue goes on. The file being trained stays in the folder and ``.queue-current.json`` names it and
 its run, so a restarted queue re-attaches to a trainer that is still running (or takes the result
 of one that ended meanwhile) and runs a file again whose trainer vanished with the queue.
-No torch here: the GUI imports it.
+The folder's files (add, list, reorder, remove, load) live in queue_files.py, which the client
+uses too. No torch here: the GUI imports it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from lora_gui.events import Failed, Log, Progress, RunState
-from lora_gui.settings import SettingsError, TrainingSettings
-from lora_gui.settings import io as settings_io
+from lora_gui.events import RunState, describe
+from lora_gui.settings import SettingsError
+from lora_gui.settings.io import save_settings_copy
 from lora_gui.worker.client import Run, RunActiveError, RunInfo, WorkerClient
 from lora_gui.worker.protocol import atomic_write_json, final_event, new_run_id
-
-COMPLETE_DIR = "complete"
-FAILED_DIR = "failed"
-CURRENT_FILE = ".queue-current.json"
-
-
-# --- the items of a queue folder -----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class QueueItem:
-    name: str  # the file name in the queue folder (its position: items are run in sorted order)
-    path: Path
-    output_name: str  # from the file, or "" when it cannot be read (it will fail when its turn comes)
-    running: bool = False
-
-
-def pending_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("*.json") if p.is_file() and not p.name.startswith("."))
-
-
-def _current(folder: Path) -> dict | None:
-    try:
-        data = json.loads((folder / CURRENT_FILE).read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) and "file" in data and "run_id" in data else None
-    except (OSError, ValueError):
-        return None
-
-
-def queue_items(folder: str | os.PathLike) -> list[QueueItem]:
-    folder = Path(folder)
-    current = _current(folder)
-    items = []
-    for path in pending_files(folder):
-        try:
-            model = json.loads(path.read_text(encoding="utf-8")).get("model", {})
-            name = str(model.get("output_name", "")) if isinstance(model, dict) else ""
-        except (OSError, ValueError, AttributeError):
-            name = ""
-        items.append(QueueItem(path.name, path, name, running=bool(current)
-                               and current["file"] == path.name))
-    return items
-
-
-def enqueue(folder: str | os.PathLike, settings: TrainingSettings) -> Path:
-    """Add the settings at the end of the queue, as ``NNNN-<output name>.json``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    numbers = [int(m.group(1)) for p in pending_files(folder)
-               if (m := re.match(r"(\d+)-", p.name))]
-    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", settings.model.output_name).strip("-")[:60] or "run"
-    path = folder / f"{max(numbers, default=0) + 1:04d}-{slug}.json"
-    return settings_io.save_settings(settings, path)
-
-
-def _movable(folder: Path, name: str) -> list[Path]:
-    current = _current(folder)
-    if current and current["file"] == name:
-        raise ValueError(f"{name} is being trained now: stop its run instead.")
-    files = [p for p in pending_files(folder) if not (current and p.name == current["file"])]
-    if name not in [p.name for p in files]:
-        raise FileNotFoundError(f"{name} is not in the queue {folder}.")
-    return files
-
-
-def queue_remove(folder: str | os.PathLike, name: str) -> None:
-    folder = Path(folder)
-    _movable(folder, name)
-    (folder / name).unlink()
-
-
-def queue_move(folder: str | os.PathLike, name: str, delta: int) -> list[QueueItem]:
-    """Move an item ``delta`` places (negative = earlier). The order is the sorted file names: with
-    ``NNNN-name.json`` files the moved items swap their numbers and keep their names; other files
-    swap names."""
-    folder = Path(folder)
-    files = _movable(folder, name)
-    i = [p.name for p in files].index(name)
-    j = max(0, min(len(files) - 1, i + delta))
-    if i == j:
-        return queue_items(folder)
-    slots = files[min(i, j):max(i, j) + 1]
-    moved = slots[1:] + slots[:1] if j > i else slots[-1:] + slots[:-1]  # the new order
-    numbered = [re.match(r"(\d+)-(.+)", p.name) for p in slots]
-    if all(numbered):
-        prefix = {slot: m.group(1) for slot, m in zip(slots, numbered)}
-        rest = {slot: m.group(2) for slot, m in zip(slots, numbered)}
-        targets = [folder / f"{prefix[slot]}-{rest[item]}" for slot, item in zip(slots, moved)]
-    else:
-        targets = slots
-    temps = {p: p.with_name(f".{p.name}.move") for p in slots}
-    for p in slots:
-        os.replace(p, temps[p])
-    for target, item in zip(targets, moved):
-        os.replace(temps[item], target)
-    return queue_items(folder)
-
-
-# --- running a queue ---------------------------------------------------------------------------
-
-def load_queue_file(path: Path) -> TrainingSettings:
-    """A settings file of ours (sparse is fine) or a kohya_ss config; SettingsError if invalid."""
-    from lora_gui.settings.foreign import convert, looks_foreign
-
-    doc = settings_io.read_json(path)
-    return convert(doc)[0] if looks_foreign(doc) else settings_io.load_document(doc)
-
-
-def save_json_only(settings: TrainingSettings) -> Path:
-    """``runs.save_json_only``: write the settings (to save_json_folder, else the output folder)
-    without training. The copy has save_json_only off, so it trains when it is run later."""
-    folder = Path(settings.runs.save_json_folder or settings.model.output_folder)
-    path = folder / f"{settings.model.output_name}.json"
-    if path.exists():
-        path = folder / f"{settings.model.output_name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    runs = settings.runs.model_copy(update={"save_json_only": False})
-    return settings_io.save_settings(settings.model_copy(update={"runs": runs}), path)
-
-
-def _move(file: Path, dest: Path, reason: str | None = None) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    target, n = dest / file.name, 1
-    while target.exists():
-        target, n = dest / f"{file.stem}-{n}{file.suffix}", n + 1
-    os.replace(file, target)
-    if reason is not None:
-        (dest / f"{target.stem}.reason.txt").write_text(reason.rstrip() + "\n", encoding="utf-8")
-    return target
+from lora_gui.worker.queue_files import (
+    COMPLETE_DIR,
+    CURRENT_FILE,
+    FAILED_DIR,
+    current_entry,
+    file_away,
+    load_queue_file,
+    pending_files,
+)
 
 
 class FolderQueue:
@@ -177,7 +55,7 @@ class FolderQueue:
 
     @property
     def current_run(self) -> Run | None:
-        current = _current(self.folder)
+        current = current_entry(self.folder)
         if current is None:
             return None
         try:
@@ -187,7 +65,7 @@ class FolderQueue:
 
     def idle(self) -> bool:
         """Nothing running from this queue and nothing left to run."""
-        return _current(self.folder) is None and not pending_files(self.folder)
+        return current_entry(self.folder) is None and not pending_files(self.folder)
 
     def clear_current(self) -> None:
         (self.folder / CURRENT_FILE).unlink(missing_ok=True)
@@ -196,7 +74,7 @@ class FolderQueue:
         """Take the result of the current run if it ended, else start the next file when no run is
         active. Returns a line saying what happened, or None."""
         first, self._first_tick = self._first_tick, False
-        current = _current(self.folder)
+        current = current_entry(self.folder)
         if current is not None:
             return self._check_current(current, resumed=first)
         files = [] if self.paused else pending_files(self.folder)
@@ -224,7 +102,7 @@ class FolderQueue:
     def _file_done(self, file: Path, info: RunInfo) -> str:
         if info.state == RunState.FINISHED:
             self.finished.append(file.name)
-            _move(file, self.folder / COMPLETE_DIR)
+            file_away(file, self.folder / COMPLETE_DIR)
             return f"{file.name}: finished, {info.output_path}"
         if info.state == RunState.STOPPED:
             reason = (f"Stopped at step {info.step} of {info.total_steps} before the end; the LoRA "
@@ -236,7 +114,7 @@ class FolderQueue:
         if info.detail:
             reason += f"\n\n{info.detail}"
         self.failed.append(file.name)
-        _move(file, self.folder / FAILED_DIR, reason)
+        file_away(file, self.folder / FAILED_DIR, reason)
         return f"{file.name}: {info.state.value}: {info.message}"
 
     def _start(self, file: Path) -> str:
@@ -244,12 +122,12 @@ class FolderQueue:
             settings = load_queue_file(file)
         except SettingsError as exc:
             self.failed.append(file.name)
-            _move(file, self.folder / FAILED_DIR, f"Invalid settings: {exc}")
+            file_away(file, self.folder / FAILED_DIR, f"Invalid settings: {exc}")
             return f"{file.name}: invalid settings: {exc}"
         if settings.runs.save_json_only:
-            target = save_json_only(settings)
+            target = save_settings_copy(settings)
             self.finished.append(file.name)
-            _move(file, self.folder / COMPLETE_DIR)
+            file_away(file, self.folder / COMPLETE_DIR)
             return f"{file.name}: saved the settings to {target} (save_json_only: not trained)"
         run_id = new_run_id(settings.model.output_name)
         # Named before the spawn: a queue that dies right after it finds the run again.
@@ -287,13 +165,9 @@ def run_queue_folder(folder: str | os.PathLike, runs_root: str | os.PathLike, *,
 
 
 def _log_event(event, log: Callable[[str], None]) -> None:
-    if isinstance(event, Log):
-        log(f"  {event.message}")
-    elif isinstance(event, Progress) and (event.step == event.total_steps
-                                          or event.step % max(1, event.total_steps // 10) == 0):
-        log(f"  step {event.step}/{event.total_steps}")
-    elif isinstance(event, Failed):
-        log(f"  failed: {event.message}")
+    line = describe(event)
+    if line is not None:
+        log(f"  {line}")
 
 
 def _stop_current(queue: FolderQueue, grace_s: float) -> None:

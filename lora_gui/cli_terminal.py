@@ -1,23 +1,25 @@
-"""`lora-gui train`: run the engine in this process with a tqdm bar in the terminal."""
+"""`lora-gui train` in the terminal: the engine in this process, a tqdm bar, Ctrl+C to stop.
+
+Front-end code beside cli.py (it may import the engine and the worker; the engine imports neither).
+"""
 
 from __future__ import annotations
 
 import signal
 import sys
-from pathlib import Path
 
 from tqdm import tqdm
 
 from lora_gui import events as ev
 from lora_gui.settings import TrainingSettings
+from lora_gui.settings.io import save_settings_copy
+from lora_gui.worker.demo import demo_dir_for
 
 
-def ensure_demo(settings: TrainingSettings, demo_dir: str | Path) -> None:
+def ensure_demo(settings: TrainingSettings) -> None:
     """Build the tiny demo model and dataset when the settings point at a demo that is missing."""
-    demo_dir = Path(demo_dir)
-    wanted = {Path(settings.model.base_model), Path(settings.model.img_folder)}
-    demo_paths = {demo_dir / "model", demo_dir / "dataset", demo_dir / "model.safetensors"}
-    if wanted & demo_paths and not all(p.exists() for p in wanted):
+    demo_dir = demo_dir_for(settings)
+    if demo_dir is not None:
         from lora_gui.engine.demo import build_demo
 
         print(f"Building the demo model and dataset in {demo_dir} ...", file=sys.stderr)
@@ -25,7 +27,8 @@ def ensure_demo(settings: TrainingSettings, demo_dir: str | Path) -> None:
 
 
 class TerminalSink:
-    """Shows progress with tqdm; prints log lines, the result, or the failure sentence."""
+    """Shows training progress as a tqdm bar (with loss and learning rate), and every other event
+    as the line ``events.describe`` gives it; keeps the outcome (Finished or Failed)."""
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
@@ -35,54 +38,51 @@ class TerminalSink:
         if isinstance(event, ev.Started):
             self.bar = tqdm(total=event.total_steps, unit="step", dynamic_ncols=True)
         elif isinstance(event, ev.Progress) and self.bar is not None and event.phase == "training":
-            self.bar.update(event.step - self.bar.n)
+            self.bar.update(event.step - self.bar.n)  # the bar is the training progress
         elif isinstance(event, ev.LossReported) and self.bar is not None:
             self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
-        elif isinstance(event, ev.Log):
-            (self.bar.write if self.bar else print)(f"[{event.level}] {event.message}")
-        elif isinstance(event, ev.ValidationLoss) and self.bar is not None:
-            self.bar.write(f"validation loss at step {event.step}: {event.loss:.4f}")
         elif isinstance(event, (ev.Finished, ev.Failed)):
             if self.bar is not None:
                 self.bar.close()
-            self.outcome = event
+            self.outcome = event  # train_from_cli prints the result
+        elif (line := ev.describe(event)) is not None:
+            (self.bar.write if self.bar else print)(line)
 
 
-def save_json_only(settings: TrainingSettings) -> Path:
-    """`save_json_only`: write the settings where a run would, and do not train."""
-    from lora_gui.settings import io
+def _run_queue_folder(settings: TrainingSettings) -> int:
+    from lora_gui.worker.queue import queue_main
 
-    folder = settings.runs.save_json_folder.strip() or settings.model.output_folder
-    return io.save_settings(settings, Path(folder).expanduser() / f"{settings.model.output_name}_settings.json")
+    print(f"Running the queue in {settings.runs.multi_run_folder} (runs.multi_run_folder).")
+    return queue_main([settings.runs.multi_run_folder])
 
 
-def train_from_cli(settings: TrainingSettings, demo_dir: str | Path = "demo") -> int:
+def train_from_cli(settings: TrainingSettings) -> int:
     if settings.runs.save_json_only:
-        print(f"save_json_only is set: wrote {save_json_only(settings)} and did not train.")
+        print(f"save_json_only is set: wrote {save_settings_copy(settings)} and did not train.")
         return 0
     if settings.runs.multi_run_folder.strip():
-        from lora_gui.worker.queue import queue_main
-
-        print(f"Running the queue in {settings.runs.multi_run_folder} (runs.multi_run_folder).")
-        return queue_main([settings.runs.multi_run_folder])
+        return _run_queue_folder(settings)
 
     from lora_gui.engine.train import run_training
 
-    ensure_demo(settings, demo_dir)
+    ensure_demo(settings)
     commands = ev.CommandQueue()
-    # Ctrl+C once: stop and save (LoRA + state); twice: abort.
-    def on_interrupt(signum, frame):
+
+    def on_interrupt(signum, frame):  # Ctrl+C once: stop and save (LoRA + state); twice: abort
         if any(isinstance(c, ev.Stop) for c in commands.pending):
             raise KeyboardInterrupt
         print("\nStopping after this step and saving (press Ctrl+C again to abort) ...", file=sys.stderr)
         commands.put(ev.Stop())
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
-    sink = TerminalSink()
     try:
-        result = run_training(settings, sink, commands)
+        result = run_training(settings, TerminalSink(), commands)
     finally:
         signal.signal(signal.SIGINT, previous)
+    return _report(result)
+
+
+def _report(result) -> int:
     if result.status == "failed":
         print(f"error: {result.message}", file=sys.stderr)
         return 1
