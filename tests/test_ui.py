@@ -20,11 +20,16 @@ from PIL import Image
 from lora_gui.events import (
     Failed,
     Finished,
+    ForceStop,
     Log,
     LossReported,
     Progress,
+    RunState,
+    SampleNow,
     SampleReady,
+    SaveNow,
     Started,
+    Stop,
     ValidationLoss,
 )
 from lora_gui.settings import FIELD_GROUPS, GROUPS, io
@@ -214,11 +219,11 @@ def test_loading_keeps_skip_listed_values_even_with_an_invalid_form():
 
 
 def test_foreign_import_report_lists_mapped_and_ignored(app):
-    from lora_gui.ui.tools import load_any
+    from lora_gui.ui.files_panel import load_any
 
     doc = json.loads((FIXTURES / "kohya_ss_config.json").read_text())
     values = fields.settings_to_values(TrainingSettings())
-    settings, report = load_any(app.lora_gui, doc, values, "kohya.json")
+    settings, report = load_any(doc, values, "kohya.json")
     assert "Imported kohya.json" in report and "Mapped:" in report and "Ignored:" in report
     assert "`max_resolution` → `images.resolution`" in report
     assert settings.advanced.conv_dim == 8
@@ -231,7 +236,7 @@ def test_run_view_folds_events(tmp_path):
     Image.new("RGB", (8, 8)).save(sample)
     lora = tmp_path / "out.safetensors"
     lora.write_bytes(b"x" * 2048)
-    view = RunView(run_id="r1", state="starting")
+    view = RunView(run_id="r1", state=RunState.STARTING)
     view.apply([Started(10, 5, 2, 4, 0, "cpu", str(tmp_path)),
                 Progress(0, 8, 0, 0, 0.1, 0, 0, phase="caching latents")])
     assert "Caching latents: 0 / 8" in view.progress_markdown()
@@ -262,13 +267,13 @@ def test_run_view_folds_events(tmp_path):
 
 
 def test_run_view_failure_and_thinning():
-    view = RunView(run_id="r", state="running")
+    view = RunView(run_id="r", state=RunState.RUNNING)
     view.fail("The GPU ran out of memory: lower the batch size.")
     assert view.state == "failed"
     assert "The GPU ran out of memory" in view.result_markdown()
     view.fail("second")  # a final state is never overwritten
     assert "second" not in view.result_markdown()
-    view2 = RunView(run_id="r", state="running")
+    view2 = RunView(run_id="r", state=RunState.RUNNING)
     view2.apply([Failed("bad", detail="Traceback...")])
     assert "<details>" in view2.result_markdown()
     points = [(i, float(i)) for i in range(5000)]
@@ -455,32 +460,33 @@ def test_only_the_ui_imports_gradio():
 # --- run list, queue, last settings ----------------------------------------------------------------
 
 def test_run_list_and_queue(app, tmp_path):
-    from lora_gui.ui.tools import refresh_lists
+    from lora_gui.ui.runs_panel import refresh_lists
 
     ctx = app.lora_gui
-    client = ctx.bridge.client
+    client = ctx.runs.client
     first = client.enqueue(io.load_preset("demo-tiny-cpu"))
     client.enqueue(TrainingSettings())
     out = refresh_lists(ctx)
     assert [r[2] for r in out[ctx["queue_table"]]] == ["demo-lora", "my-lora"]
     assert out[ctx["queue_item"]]["value"] == first.name
-    assert ctx.bridge.queue_pending()
+    assert ctx.runs.queue_pending()
     client.queue_move(first.name, 1)
     assert [i.output_name for i in client.queue_items()] == ["my-lora", "demo-lora"]
     for item in client.queue_items():
         client.queue_remove(item.name)
-    assert not ctx.bridge.queue_pending()
+    assert not ctx.runs.queue_pending()
     # a run that only saves its settings ends at once and is listed with its output
     only = io.validate_document({"model": {"output_folder": str(tmp_path), "output_name": "x"},
                                  "runs": {"save_json_only": True}})
-    run_id = ctx.bridge.start(only)
+    run_id = ctx.runs.start(only)
     rows = refresh_lists(ctx)[ctx["runs_table"]]
     assert rows[0][0] == run_id and rows[0][1] == "finished" and rows[0][4].endswith("x.json")
-    view = ctx.bridge.attach_view(run_id)
-    assert view.state == "idle" or not view.active  # no events: nothing to show as running
-    assert ctx.bridge.latest_id() == run_id
-    for what in ("save_now", "sample_now", "stop"):
-        ctx.bridge.command(run_id, what)
+    view = ctx.runs.attach_view(run_id)  # no events: the run folder's own state and sentence
+    assert view.state is RunState.FINISHED and view.failed is None
+    assert "save_json_only is on" in view.status_markdown()
+    assert ctx.runs.latest_id() == run_id
+    for command in (SaveNow(), SampleNow(), Stop()):
+        ctx.runs.command(run_id, command)
     inbox = (client.runs_root / run_id / "inbox.jsonl").read_text()
     assert [json.loads(line)["kind"] for line in inbox.splitlines()] == ["save_now", "sample_now",
                                                                         "stop"]
@@ -500,21 +506,27 @@ def test_last_settings_are_restored(tmp_path):
     assert settings == io.load_preset("sd15-style") and note.startswith("Could not restore")
 
 
-def test_demo_folder_is_recognised(tmp_path):
-    from lora_gui.ui.session import demo_dir_for
+def test_demo_folder_is_recognised(tmp_path, monkeypatch):
+    from lora_gui.ui.demo_build import demo_dir_for
 
+    monkeypatch.chdir(tmp_path)  # the shipped preset's paths are relative: demo/model, demo/dataset
     demo = io.load_preset("demo-tiny-cpu")
-    assert demo_dir_for(demo) == Path("demo") or Path("demo/model").exists()
+    assert demo_dir_for(demo) == Path("demo")  # missing here: to be built
+    (tmp_path / "demo" / "model").mkdir(parents=True)
+    assert demo_dir_for(demo) is None  # exists: nothing to build
+    elsewhere = io.validate_document({"model": {"base_model": str(tmp_path / "x" / "model"),
+                                                "img_folder": str(tmp_path / "y" / "dataset")}})
+    assert demo_dir_for(elsewhere) is None  # not the demo layout: a missing model is an error
     other = io.validate_document({"model": {"base_model": str(tmp_path / "m"),
                                             "img_folder": str(tmp_path / "d")}})
     assert demo_dir_for(other) is None
 
 
-# --- streaming a run through the bridge (simulated engine: no torch) -------------------------------
+# --- streaming a run through the run controller (simulated engine: no torch) -------------------------------
 
 @pytest.fixture
 def simulated(monkeypatch, tmp_path):
-    from lora_gui.ui.session import Bridge
+    from lora_gui.ui.run_control import RunController
     from lora_gui.worker.client import WorkerClient
 
     monkeypatch.setenv("LORA_GUI_WORKER_ENGINE", "simulated_engine:run_training")
@@ -523,7 +535,7 @@ def simulated(monkeypatch, tmp_path):
     monkeypatch.setenv("LORA_GUI_SIMULATE_STEP_S", "0.02")
     (tmp_path / "images").mkdir()
     client = WorkerClient(tmp_path / "runs")
-    yield Bridge(client), tmp_path
+    yield RunController(client), tmp_path
     active = client.active_run()
     if active is not None:
         active.force_stop(grace_s=2)
@@ -536,46 +548,69 @@ def _settings(tmp_path, **images):
                                  "images": images})
 
 
-def _follow(bridge, view, timeout=60):
+def _follow(runs, view, timeout=60):
     deadline = time.monotonic() + timeout
     while view.active and time.monotonic() < deadline:
-        bridge.poll(view)
+        runs.poll(view)
         time.sleep(0.05)
     return view
 
 
-def test_bridge_streams_a_run_and_a_reattached_view_has_its_history(simulated):
-    bridge, tmp = simulated
-    run_id = bridge.start(_settings(tmp, max_steps=8))
-    assert bridge.active_id() == run_id
-    view = _follow(bridge, RunView(run_id=run_id, state="starting"))
+def test_controller_streams_a_run_and_a_reattached_view_has_its_history(simulated):
+    runs, tmp = simulated
+    run_id = runs.start(_settings(tmp, max_steps=8))
+    assert runs.active_id() == run_id
+    view = _follow(runs, RunView(run_id=run_id, state=RunState.STARTING))
     assert view.state == "finished", view.log_text()
     assert [s for s, _ in view.losses] == list(range(1, 9))
     assert view.result_file() and Path(view.result_file()).read_text() == "simulated\n"
-    again = bridge.attach_view(run_id)  # a reloaded page (or a restarted GUI) redraws everything
+    again = runs.attach_view(run_id)  # a reloaded page (or a restarted GUI) redraws everything
     assert again.losses == view.losses and again.state == "finished"
-    assert bridge.latest_id() == run_id and bridge.active_id() is None
+    assert runs.latest_id() == run_id and runs.active_id() is None
 
 
 def test_a_failing_run_shows_the_workers_sentence(simulated, monkeypatch):
-    bridge, tmp = simulated
+    runs, tmp = simulated
     monkeypatch.setenv("LORA_GUI_SIMULATE", "raise")
-    view = _follow(bridge, RunView(run_id=bridge.start(_settings(tmp)), state="starting"))
+    view = _follow(runs, RunView(run_id=runs.start(_settings(tmp)), state=RunState.STARTING))
     assert view.state == "failed"
     assert "simulated failure inside the engine" in view.result_markdown()
 
 
 def test_stop_ends_the_run_with_a_saved_lora(simulated, monkeypatch):
-    bridge, tmp = simulated
+    runs, tmp = simulated
     monkeypatch.setenv("LORA_GUI_SIMULATE_STEP_S", "0.2")
-    run_id = bridge.start(_settings(tmp, max_steps=200))
-    view = RunView(run_id=run_id, state="starting")
-    while not view.losses:
-        bridge.poll(view)
+    run_id = runs.start(_settings(tmp, max_steps=200))
+    view = RunView(run_id=run_id, state=RunState.STARTING)
+    deadline = time.monotonic() + 60
+    while not view.losses and time.monotonic() < deadline:
+        runs.poll(view)
         time.sleep(0.05)
-    bridge.command(run_id, "stop")
-    view = _follow(bridge, view)
-    assert view.state == "stopped" and "stopped early and saved" in view.result_markdown()
+    assert view.losses, f"no loss within 60 s: {view.log_text()}"
+    runs.command(run_id, Stop())
+    view = _follow(runs, view)
+    assert view.state is RunState.STOPPED and "stopped early and saved" in view.result_markdown()
+    assert view.finished.step < 200
+
+
+def test_force_stop_ends_a_trainer_that_ignores_stop(simulated, monkeypatch):
+    runs, tmp = simulated
+    monkeypatch.setenv("LORA_GUI_SIMULATE", "ignore-stop")
+    monkeypatch.setenv("LORA_GUI_SIMULATE_STEP_S", "0.2")
+    run_id = runs.start(_settings(tmp, max_steps=500))
+    view = RunView(run_id=run_id, state=RunState.STARTING)
+    deadline = time.monotonic() + 60
+    while view.state is not RunState.RUNNING and time.monotonic() < deadline:
+        runs.poll(view)
+        time.sleep(0.05)
+    assert view.state is RunState.RUNNING, view.log_text()
+    sent = time.monotonic()
+    runs.command(run_id, ForceStop(grace_s=1))
+    assert time.monotonic() - sent < 0.5  # the grace period is waited out in a thread, not here
+    view = _follow(runs, view, timeout=30)
+    assert view.state is RunState.FAILED
+    assert "The trainer was ended by SIGTERM" in view.result_markdown()  # after the 1 s grace
+    assert runs.client.active_run() is None
 
 
 def test_the_page_picks_up_a_run_the_queue_started(simulated, tmp_path):
@@ -583,18 +618,18 @@ def test_the_page_picks_up_a_run_the_queue_started(simulated, tmp_path):
     from lora_gui.ui.context import PageState
     from lora_gui.worker.queue import QueueRunner
 
-    bridge, tmp = simulated
-    app = build_app(UIConfig(data_dir=tmp / "data", runs_dir=bridge.client.runs_root),
-                    bridge.client)
+    runs, tmp = simulated
+    app = build_app(UIConfig(data_dir=tmp / "data", runs_dir=runs.client.runs_root),
+                    runs.client)
     ctx = app.lora_gui
     tick = next(fn for fn in app.fns.values() if fn.name == "tick").fn
     page = PageState()
-    bridge.client.enqueue(_settings(tmp, max_steps=5))
-    assert ctx.bridge.queue_pending()
-    QueueRunner(bridge.client).tick()  # the GUI's queue runner starts it (a thread in launch)
-    ctx.bridge._last_active_check = 0  # no cache between the two
+    runs.client.enqueue(_settings(tmp, max_steps=5))
+    assert ctx.runs.queue_pending()
+    QueueRunner(runs.client).tick()  # the GUI's queue runner starts it (a thread in launch)
+    ctx.runs._last_active_check = 0  # no cache between the two
     out = tick(page)
-    assert page.view.run_id and page.view.run_id == ctx.bridge.active_id()
+    assert page.view.run_id and page.view.run_id == ctx.runs.active_id()
     assert out[ctx["timer"]].active is True  # polls fast while the run goes
     deadline = time.monotonic() + 30
     while page.view.active and time.monotonic() < deadline:

@@ -1,5 +1,6 @@
-"""``build_app(config)``: the whole page. The settings tabs come from the schema (``form``); the run
-panel, tools and API are wired around them. Building does not launch anything."""
+"""``build_app(config)``: the whole page. The settings tabs come from the schema (``form``); the
+run panel, the tool panels (presets, settings files, path browser, dataset preview, runs and queue)
+and the API are wired around them. Building does not launch anything."""
 
 from __future__ import annotations
 
@@ -8,22 +9,19 @@ from typing import Any
 
 import gradio as gr
 
+from lora_gui.events import RunState, Stop
 from lora_gui.settings import SettingsError, io
+from lora_gui.ui.browser_panel import build_browser_panel, wire_browser_panel
 from lora_gui.ui.config import UIConfig
 from lora_gui.ui.context import Ctx, PageState
+from lora_gui.ui.dataset_panel import build_dataset_panel, wire_dataset_panel
 from lora_gui.ui.fields import settings_to_values
+from lora_gui.ui.files_panel import build_files_panel, wire_files_panel
 from lora_gui.ui.form import build_tabs
-from lora_gui.ui.panel import build_panel, draw, on_load, panel_outputs, wire_panel
-from lora_gui.ui.session import Bridge, state_name
-from lora_gui.ui.tools import (
-    build_browser,
-    build_dataset_section,
-    build_files_section,
-    build_presets_bar,
-    build_runs_section,
-    refresh_lists,
-    wire_tools,
-)
+from lora_gui.ui.presets_panel import build_preset_picker, wire_presets_panel
+from lora_gui.ui.run_control import RunController
+from lora_gui.ui.run_panel import build_panel, draw, on_load, panel_outputs, wire_panel
+from lora_gui.ui.runs_panel import build_runs_panel, list_outputs, refresh_lists, wire_runs_panel
 
 CSS = """
 #run-panel { position: sticky; top: 0.5rem; }
@@ -44,30 +42,31 @@ def build_app(config: UIConfig | None = None, client: Any = None) -> gr.Blocks:
     """The page, not launched. ``client`` defaults to a ``WorkerClient`` on ``config.runs_dir``
     (tests pass a fake). The parts are reachable as ``blocks.lora_gui`` (a ``Ctx``)."""
     config = config or UIConfig()
-    ctx = Ctx(config=config, bridge=Bridge(client if client is not None else make_client(config)))
+    ctx = Ctx(config=config, runs=RunController(client if client is not None else make_client(config)))
     ctx.allow(config.runs_dir)
     settings, note = config.initial_settings()
     values = settings_to_values(settings)
-    c = ctx.c
+    comp = ctx.components
     with gr.Blocks(title=TITLE, analytics_enabled=False) as blocks:
         ctx.blocks = blocks
         gr.Markdown(f"# {TITLE}\nTrain a Stable Diffusion LoRA: choose a preset, check the tabs, "
                     "press Start. Each field says what it does under its label.", elem_id="header")
-        c["note"] = gr.Markdown(f"<small>{note}</small>", elem_id="startup-note")
+        comp["note"] = gr.Markdown(f"<small>{note}</small>", elem_id="startup-note")
         with gr.Row():
             with gr.Column(scale=3):
-                build_presets_bar(ctx)
-                c["summary"] = gr.Markdown("", visible=False, elem_id="validation-summary")
+                build_preset_picker(ctx)
+                comp["summary"] = gr.Markdown("", visible=False, elem_id="validation-summary")
                 with gr.Tabs(elem_id="settings-tabs"):
                     ctx.registry = build_tabs(values, extras={
-                        "model": lambda: build_dataset_section(ctx),
-                        "runs": lambda: (build_files_section(ctx), build_runs_section(ctx)),
+                        "model": lambda: build_dataset_panel(ctx),
+                        "runs": lambda: (build_files_panel(ctx), build_runs_panel(ctx)),
                     })
-                build_browser(ctx)
+                build_browser_panel(ctx)
             with gr.Column(scale=2, elem_id="run-panel"):
                 build_panel(ctx)
-        wire_panel(ctx)
-        wire_tools(ctx)
+        for wire in (wire_panel, wire_presets_panel, wire_files_panel, wire_browser_panel,
+                     wire_dataset_panel, wire_runs_panel):
+            wire(ctx)
         wire_load(ctx)
         wire_api(ctx)
     blocks.lora_gui = ctx
@@ -75,7 +74,7 @@ def build_app(config: UIConfig | None = None, client: Any = None) -> gr.Blocks:
 
 
 def wire_load(ctx: Ctx) -> None:
-    c, reg, config = ctx.c, ctx.registry, ctx.config
+    comp, reg, config = ctx.components, ctx.registry, ctx.config
 
     def load(page: PageState):
         out = {}
@@ -83,16 +82,16 @@ def wire_load(ctx: Ctx) -> None:
             try:
                 settings, note = config.initial_settings()
                 out.update(reg.updates(settings_to_values(settings)))
-                out[c["note"]] = f"<small>{note}</small>"
+                out[comp["note"]] = f"<small>{note}</small>"
             except SettingsError:
                 pass
         out.update(on_load(ctx, page))
         out.update(refresh_lists(ctx))
         return out
 
-    c["load_outputs"] = [*reg.outputs, *panel_outputs(ctx), c["runs_table"], c["queue_table"],
-                         c["queue_item"], c["note"]]
-    ctx.blocks.load(load, inputs=[c["page"]], outputs=c["load_outputs"], api_visibility="private")
+    comp["load_outputs"] = [*reg.outputs, *panel_outputs(ctx), *list_outputs(ctx), comp["note"]]
+    ctx.blocks.load(load, inputs=[comp["page"]], outputs=comp["load_outputs"],
+                    api_visibility="private")
 
 
 def wire_api(ctx: Ctx) -> None:
@@ -105,18 +104,19 @@ def wire_api(ctx: Ctx) -> None:
             settings = io.load_document(io.parse_json(settings_json, "the settings"))
         except SettingsError as exc:
             raise gr.Error(str(exc)) from None
-        if ctx.bridge.active_id():
+        if ctx.runs.active_id():
             raise gr.Error("A run is already training: stop it first.")
-        ctx.bridge.ensure_demo(settings)
-        return ctx.bridge.start(settings)
+        ctx.runs.ensure_demo(settings)
+        return ctx.runs.start(settings)
 
     def run_status(run_id: str) -> str:
         """The run's state, step, losses so far and output as JSON text."""
-        view = ctx.bridge.attach_view(run_id)
-        info = ctx.bridge.run(run_id).info()
+        view = ctx.runs.attach_view(run_id)
+        info = ctx.runs.run(run_id).info()
+        state = view.state if view.state is not RunState.STARTING else RunState.of(info.state)
         return json.dumps({
-            "run_id": run_id, "state": view.state if view.state != "starting" else
-            state_name(info.state), "step": view.progress.step if view.progress else info.step,
+            "run_id": run_id, "state": state.value,
+            "step": view.progress.step if view.progress else info.step,
             "total_steps": view.progress.total_steps if view.progress else info.total_steps,
             "losses": view.losses, "validation": view.validation,
             "samples": [p for p, _ in view.samples],
@@ -126,7 +126,7 @@ def wire_api(ctx: Ctx) -> None:
 
     def stop_run(run_id: str) -> str:
         """Ask the run to save and stop; returns a sentence."""
-        ctx.bridge.command(run_id, "stop")
+        ctx.runs.command(run_id, Stop())
         return f"Run {run_id} is saving and stopping."
 
     gr.api(start_run, api_name="start_run")

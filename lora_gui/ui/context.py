@@ -1,5 +1,5 @@
-"""What the parts of the page share: the config, the worker bridge, the registry of settings
-components, the other components by name, and the per-page state. Built once per app by
+"""What the parts of the page share: the config, the run controller (the page's side of the worker),
+the registry of settings components, the other components by name, and the per-page state. Built once per app by
 ``build_app``; nothing here is module-level state."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from lora_gui.settings.schema import FIELD_GROUPS
 from lora_gui.ui.config import UIConfig
 from lora_gui.ui.fields import values_to_document
 from lora_gui.ui.form import Registry
+from lora_gui.ui.run_control import RunController
 from lora_gui.ui.runview import RunView
-from lora_gui.ui.session import Bridge
 
 
 class PageState:
@@ -35,14 +35,14 @@ class PageState:
 @dataclass
 class Ctx:
     config: UIConfig
-    bridge: Bridge
+    runs: RunController
     registry: Registry = field(default_factory=Registry)
-    c: dict[str, Any] = field(default_factory=dict)  # other components, by name
+    components: dict[str, Any] = field(default_factory=dict)  # the other components, by name
     blocks: Any = None
     allowed: list[Path] = field(default_factory=list)
 
     def __getitem__(self, name: str):
-        return self.c[name]
+        return self.components[name]
 
     def allow(self, folder: str | Path) -> None:
         """Let the page show files of ``folder`` (a run's output folder). Gradio reads

@@ -127,7 +127,7 @@ def serve(args: argparse.Namespace, logins: list[tuple[str, str]]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     ctx = blocks.lora_gui
-    if ctx.bridge.prebuild_demo(config.initial_settings()[0]):
+    if ctx.runs.prebuild_demo(config.initial_settings()[0]):
         print("Building the tiny demo model and dataset in the background (first use).", flush=True)
     runner = None
     if not args.no_queue:
@@ -168,7 +168,7 @@ def serve(args: argparse.Namespace, logins: list[tuple[str, str]]) -> int:
         if runner is not None:
             runner.stop()
         blocks.close()
-        ctx.bridge.close()
+        ctx.runs.close()
         client.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

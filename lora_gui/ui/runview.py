@@ -20,6 +20,7 @@ from lora_gui.events import (
     Log,
     LossReported,
     Progress,
+    RunState,
     SampleReady,
     Started,
     ValidationLoss,
@@ -29,6 +30,9 @@ SMOOTHING = 0.9  # TensorBoard-style exponential moving average, debiased
 MAX_PLOT_POINTS = 600  # per series: more costs the browser a lot to redraw
 LOG_LINES = 300
 PLOT_MIN_INTERVAL_S = 1.0  # redraw the chart at most this often while points arrive
+STATE_WORDS = {RunState.QUEUED: "Queued", RunState.STARTING: "Starting", RunState.RUNNING: "Training",
+               RunState.STOPPING: "Stopping", RunState.FINISHED: "Finished",
+               RunState.STOPPED: "Stopped (saved)", RunState.FAILED: "Failed"}
 
 
 def format_duration(seconds: float | None) -> str:
@@ -64,7 +68,7 @@ class RunView:
 
     run_id: str | None = None
     cursor: Any = 0
-    state: str = "idle"  # idle, starting, running, stopping, finished, stopped, failed
+    state: RunState | None = None  # None: no run to show (idle)
     note: str = ""  # a sentence from the panel (e.g. "Stopping: saving the LoRA…")
     started: Started | None = None
     progress: Progress | None = None
@@ -89,7 +93,7 @@ class RunView:
 
     @property
     def active(self) -> bool:
-        return self.state in ("starting", "running", "stopping")
+        return self.state is not None and self.state.active
 
     # --- folding events ------------------------------------------------------------------------
 
@@ -100,16 +104,16 @@ class RunView:
     def _apply(self, event: Event) -> None:  # noqa: C901 - one branch per event type
         if isinstance(event, Started):
             self.started = event
-            if self.state in ("idle", "starting"):
-                self.state = "running"
+            if self.state in (None, RunState.STARTING):
+                self.state = RunState.RUNNING
                 self.note = ""
             self._log(f"Started on {event.device}: {event.total_steps} steps, {event.epochs} epochs, "
                       f"{event.num_train_images} images.")
             self._bump("status", "progress")
         elif isinstance(event, Progress):
             self.progress = event
-            if self.state in ("idle", "starting"):
-                self.state = "running"
+            if self.state in (None, RunState.STARTING):
+                self.state = RunState.RUNNING
                 self.note = ""
                 self._bump("status")
             self._bump("progress")
@@ -138,13 +142,13 @@ class RunView:
             self._log(event.message if event.level == "info" else f"[{event.level}] {event.message}")
         elif isinstance(event, Finished):
             self.finished = event
-            self.state = "stopped" if event.stopped else "finished"
+            self.state = RunState.STOPPED if event.stopped else RunState.FINISHED
             self.note = ""
             self._log(f"Finished at step {event.step}: {event.output_path}")
             self._bump("status", "result", "progress", "plot")
         elif isinstance(event, Failed):
             self.failed = event
-            self.state = "failed"
+            self.state = RunState.FAILED
             self.note = ""
             self._log(f"Failed: {event.message}")
             self._bump("status", "result", "progress")
@@ -161,11 +165,18 @@ class RunView:
 
     def fail(self, message: str) -> None:
         """The worker ended without a Finished/Failed event (crash, killed)."""
-        if self.state in ("finished", "stopped", "failed"):
+        if self.state is not None and self.state.final:
             return
         self._apply(Failed(message=message))
 
-    def set_note(self, note: str, state: str | None = None) -> None:
+    def end(self, state: RunState, message: str) -> None:
+        """The run folder says the run ended (``state``) with no Finished/Failed event: the worker
+        ended it without training (save_json_only)."""
+        self.state, self.note = state, message
+        self._log(message)
+        self._bump("status", "result", "progress")
+
+    def set_note(self, note: str, state: RunState | None = None) -> None:
         self.note = note
         if state:
             self.state = state
@@ -180,13 +191,10 @@ class RunView:
         self.drawn[part] = self.versions.get(part, 0)
 
     def status_markdown(self) -> str:
-        if self.state == "idle":
+        if self.state is None:
             return "**Idle.** Press Start to train with the settings on the left."
         name = f"`{self.run_id}`" if self.run_id else ""
-        words = {
-            "starting": "Starting", "running": "Training", "stopping": "Stopping",
-            "finished": "Finished", "stopped": "Stopped (saved)", "failed": "Failed",
-        }[self.state]
+        words = STATE_WORDS[self.state]
         text = f"**{words}** {name}"
         return f"{text} — {self.note}" if self.note else text
 

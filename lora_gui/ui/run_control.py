@@ -1,84 +1,27 @@
-"""The page's link to the worker: start, attach, poll, command. No gradio here.
+"""``RunController``: the page's side of the worker. It starts runs, attaches to them, folds their
+events into ``RunView``s, sends them commands and builds the demo model on first use. No gradio here.
 
-The web process never imports torch: the demo model is built by a child process
-(``python -m lora_gui.cli demo``) and training runs in the worker's own process.
+The web process never imports torch: the demo model is built by a child process and training runs in
+the worker's own process.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from lora_gui.events import ForceStop, SampleNow, SaveNow, Stop
+from lora_gui.events import Command, ForceStop, RunState
 from lora_gui.settings import TrainingSettings
+from lora_gui.ui.demo_build import DemoBuildError, build_demo, demo_dir_for
 from lora_gui.ui.runview import RunView
 
-FINAL_STATES = ("finished", "stopped", "failed")
-DEMO_BUILD_TIMEOUT_S = 600
+END_WAIT_S = 10  # how long a shutdown waits for a demo build to end before killing it
 
 
-def state_name(state: Any) -> str:
-    return str(getattr(state, "value", state) or "")
-
-
-class DemoBuildError(RuntimeError):
-    pass
-
-
-def demo_dir_for(settings: TrainingSettings) -> Path | None:
-    """The demo folder to build when the settings point at a demo layout that is missing
-    (``X/model`` as base model and ``X/dataset`` as image folder), else None."""
-    base = Path(settings.model.base_model)
-    if not settings.model.base_model or base.exists() or base.name != "model":
-        return None
-    if Path(settings.model.img_folder).resolve() != (base.parent / "dataset").resolve():
-        return None
-    return base.parent
-
-
-def build_demo(out_dir: Path, started: Any = None) -> str:
-    """Build the demo model and dataset in a child process (it imports torch; this process must
-    not); returns its output. It is built in a hidden sibling folder and renamed into place when
-    complete, so an interrupted build never leaves a half-written model behind. ``started(popen)``
-    is told the process so that a shutdown can end it. Raises ``DemoBuildError`` with a sentence."""
-    out_dir = Path(out_dir)
-    staging = out_dir.with_name(f".{out_dir.name}.building")
-    shutil.rmtree(staging, ignore_errors=True)  # ours, left by an interrupted build
-    argv = [sys.executable, "-m", "lora_gui.cli", "demo", "--out", str(staging)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
-    if started is not None:
-        started(proc)
-    try:
-        out, _ = proc.communicate(timeout=DEMO_BUILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise DemoBuildError(f"Building the demo model in {out_dir} took more than "
-                             f"{DEMO_BUILD_TIMEOUT_S} s and was stopped.") from None
-    if proc.returncode != 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        tail = "\n".join(out.strip().splitlines()[-5:])
-        raise DemoBuildError(f"Building the demo model in {out_dir} failed: {tail}")
-    try:
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        os.rename(staging, out_dir)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise DemoBuildError(f"The demo was built but could not be moved to {out_dir} ({exc}): "
-                             "remove or rename that folder and press Start again.") from None
-    return out
-
-
-class Bridge:
+class RunController:
     """One per app (not per page): the worker client and the runs attached so far."""
 
     def __init__(self, client: Any):
@@ -144,6 +87,18 @@ class Bridge:
         except Exception:  # noqa: BLE001 - an unreadable queue folder is an empty queue here
             return False
 
+    def command(self, run_id: str, command: Command) -> None:
+        """Send ``command`` to the run. A ``ForceStop`` waits for its grace period before it signals
+        the trainer, so it runs in a thread, not in the page's request."""
+        run = self.run(run_id)
+        if isinstance(command, ForceStop):
+            threading.Thread(target=run.force_stop, args=(command.grace_s,),
+                             name=f"force-stop-{run_id}", daemon=True).start()
+        else:
+            run.send(command)
+
+    # --- the demo model ------------------------------------------------------------------------
+
     def ensure_demo(self, settings: TrainingSettings) -> str | None:
         """Build the demo model if the settings need it; returns a sentence when it was built."""
         target = demo_dir_for(settings)
@@ -180,18 +135,18 @@ class Bridge:
         if proc is not None and proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=END_WAIT_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
         if self._demo_thread is not None:
-            self._demo_thread.join(timeout=10)
+            self._demo_thread.join(timeout=END_WAIT_S)
 
-    # --- polling -------------------------------------------------------------------------------
+    # --- following a run -----------------------------------------------------------------------
 
     def attach_view(self, run_id: str) -> RunView:
         """A fresh view of a run with its whole history (page load, reload, restart)."""
-        view = RunView(run_id=run_id, state="starting")
+        view = RunView(run_id=run_id, state=RunState.STARTING)
         self.poll(view)
         return view
 
@@ -202,31 +157,29 @@ class Bridge:
         if not view.run_id:
             return False
         run = self.run(view.run_id)
+        events = self._read(run, view)
+        if not events and view.active:
+            self._check_worker(run, view)
+        return bool(events)
+
+    def _read(self, run: Any, view: RunView) -> list:
         with self._poll_lock(view.run_id):  # a Run keeps one byte-offset cursor for all pages
             events, view.cursor = run.poll(view.cursor)
         view.apply(events)
-        if not events and view.active:
-            info = run.info()
-            state = state_name(info.state)
-            if state in FINAL_STATES:
-                with self._poll_lock(view.run_id):  # the last lines may have landed meanwhile
-                    events, view.cursor = run.poll(view.cursor)
-                view.apply(events)
-                if view.active:
-                    view.fail(info.message or f"The trainer ended ({state}) without a result.")
-            elif state == "stopping" and view.state != "stopping":
-                view.set_note("saving the LoRA at the current step…", "stopping")
-            if not view.output_name:
-                view.output_name = info.output_name or ""
-        return bool(events)
+        return events
 
-    def command(self, run_id: str, what: str) -> None:
-        run = self.run(run_id)
-        if what == "stop":
-            run.stop()
-        elif what == "force_stop":
-            # Waits for the grace period, then signals the trainer: not in the page's request.
-            threading.Thread(target=run.force_stop, name=f"force-stop-{run_id}", daemon=True).start()
-        else:
-            run.send({"save_now": SaveNow(), "sample_now": SampleNow(), "stop": Stop(),
-                      "force": ForceStop()}[what])
+    def _check_worker(self, run: Any, view: RunView) -> None:
+        """No new events for an active view: ask the run folder whether the trainer has ended or is
+        stopping (a Stop from another page or the command line)."""
+        info = run.info()
+        state = RunState.of(info.state)
+        if state.final:
+            self._read(run, view)  # the last lines may have landed meanwhile
+            if view.active and state is RunState.FAILED:
+                view.fail(info.message or "The trainer ended without a result.")
+            elif view.active:  # ended by the worker itself, e.g. save_json_only: no events
+                view.end(state, info.message or f"The run ended ({state.value}).")
+        elif state is RunState.STOPPING and view.state is not RunState.STOPPING:
+            view.set_note("saving the LoRA at the current step…", RunState.STOPPING)
+        if not view.output_name:
+            view.output_name = info.output_name or ""

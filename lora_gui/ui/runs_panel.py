@@ -1,0 +1,131 @@
+"""The run list (every run folder, newest first; a row opens that run in the run panel) and the GUI's
+queue (settings waiting for their turn: add, move, remove), in the Presets and runs tab."""
+
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from lora_gui.events import RunState
+from lora_gui.ui.context import Ctx, PageState
+from lora_gui.ui.fields import check_values
+from lora_gui.ui.run_panel import draw, panel_outputs
+
+RUN_COLUMNS = ["run", "state", "created", "steps", "output"]
+QUEUE_COLUMNS = ["position", "name", "output", "state"]
+
+
+def build_runs_panel(ctx: Ctx) -> None:
+    comp = ctx.components
+    with gr.Accordion("Runs", open=True, elem_id="runs-list"):
+        comp["runs_refresh"] = gr.Button("Refresh", size="sm", elem_id="runs-refresh")
+        comp["runs_table"] = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, wrap=True,
+                                          elem_id="runs-table", max_height=300)
+        gr.Markdown("Select a row to show that run in the panel on the right.")
+    with gr.Accordion("Queue", open=True, elem_id="queue"):
+        comp["queue_add"] = gr.Button("Add the current settings to the queue", elem_id="queue-add",
+                                      size="sm")
+        comp["queue_table"] = gr.Dataframe(headers=QUEUE_COLUMNS, interactive=False,
+                                           elem_id="queue-table")
+        with gr.Row(equal_height=False):
+            comp["queue_item"] = gr.Dropdown(label="Queued item", choices=[], scale=3,
+                                             elem_id="queue-item")
+            comp["queue_up"] = gr.Button("Up", size="sm", scale=1, elem_id="queue-up")
+            comp["queue_down"] = gr.Button("Down", size="sm", scale=1, elem_id="queue-down")
+            comp["queue_remove"] = gr.Button("Remove", size="sm", variant="stop", scale=1,
+                                             elem_id="queue-remove")
+
+
+def run_rows(ctx: Ctx) -> list[list]:
+    rows = []
+    for info in sorted(ctx.runs.client.list_runs(), key=lambda r: r.created or 0, reverse=True):
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created)) if info.created else ""
+        steps = f"{info.step}/{info.total_steps}" if info.total_steps else str(info.step or "")
+        state = RunState.of(info.state)
+        output = info.output_path or (info.message or "" if state is RunState.FAILED else "")
+        rows.append([info.run_id, state.value, created, steps, output])
+    return rows
+
+
+def queue_rows(ctx: Ctx) -> tuple[list[list], list[str]]:
+    """The queue's rows and its items' names (the dropdown's choices)."""
+    items = ctx.runs.client.queue_items()
+    rows = [[i, item.name, item.output_name or "", "training" if item.running else "waiting"]
+            for i, item in enumerate(items, 1)]
+    return rows, [item.name for item in items]
+
+
+def refresh_lists(ctx: Ctx) -> dict:
+    comp = ctx.components
+    out = {comp["runs_table"]: run_rows(ctx) or None}
+    try:
+        rows, names = queue_rows(ctx)
+    except Exception as exc:  # noqa: BLE001 - a queue folder problem must not break the page
+        rows, names = [], []
+        gr.Warning(f"The queue cannot be read: {exc}")
+    out[comp["queue_table"]] = rows or None
+    out[comp["queue_item"]] = gr.update(choices=names, value=names[0] if names else None)
+    return out
+
+
+def list_outputs(ctx: Ctx) -> list:
+    return [ctx.components[k] for k in ("runs_table", "queue_table", "queue_item")]
+
+
+def wire_runs_panel(ctx: Ctx) -> None:
+    comp = ctx.components
+    comp["runs_refresh"].click(lambda: refresh_lists(ctx), outputs=list_outputs(ctx),
+                               api_visibility="private")
+
+    def show_run(page: PageState, evt: gr.SelectData):
+        row = evt.row_value if evt is not None else None
+        if not row or not row[0]:
+            return gr.skip()
+        with page.lock:
+            page.view = ctx.runs.attach_view(str(row[0]))
+            return draw(ctx, page.view, force=True)
+
+    comp["runs_table"].select(show_run, inputs=[comp["page"]], outputs=panel_outputs(ctx),
+                              api_visibility="private")
+    _wire_queue(ctx)
+
+
+def _wire_queue(ctx: Ctx) -> None:
+    comp, reg, client = ctx.components, ctx.registry, ctx.runs.client
+
+    def queue_add(values: dict):
+        settings, issues = check_values(values)
+        if settings is None:
+            raise gr.Error("Not queued: " + "; ".join(map(str, issues)))
+        client.enqueue(settings)
+        gr.Info(f"Queued '{settings.model.output_name}': it starts when no other run is training.")
+        return {**refresh_lists(ctx), comp["timer"]: gr.Timer(active=True)}  # watch for its start
+
+    comp["queue_add"].click(reg.handler(queue_add), inputs=reg.inputs,
+                            outputs=[*list_outputs(ctx), comp["timer"]], api_visibility="private")
+
+    def queue_edit(name: str, edit, keep_selected: bool) -> dict:
+        if not name:
+            raise gr.Error("Choose a queued item first.")
+        try:
+            edit(name)
+        except (ValueError, OSError) as exc:  # e.g. the item is being trained now
+            raise gr.Error(str(exc)) from None
+        out = refresh_lists(ctx)
+        if keep_selected:
+            out[comp["queue_item"]]["value"] = name
+        return out
+
+    def queue_up(name: str):
+        return queue_edit(name, lambda n: client.queue_move(n, -1), keep_selected=True)
+
+    def queue_down(name: str):
+        return queue_edit(name, lambda n: client.queue_move(n, 1), keep_selected=True)
+
+    def queue_remove(name: str):
+        return queue_edit(name, client.queue_remove, keep_selected=False)
+
+    for handler in (queue_up, queue_down, queue_remove):
+        comp[handler.__name__].click(handler, inputs=[comp["queue_item"]],
+                                     outputs=list_outputs(ctx), api_visibility="private")
