@@ -219,11 +219,11 @@ def test_loading_keeps_skip_listed_values_even_with_an_invalid_form():
 
 
 def test_foreign_import_report_lists_mapped_and_ignored(app):
-    from lora_gui.ui.files_panel import load_any
+    from lora_gui.ui.files_panel import load_with_report
 
     doc = json.loads((FIXTURES / "kohya_ss_config.json").read_text())
     values = fields.settings_to_values(TrainingSettings())
-    settings, report = load_any(doc, values, "kohya.json")
+    settings, report = load_with_report(doc, values, "kohya.json")
     assert "Imported kohya.json" in report and "Mapped:" in report and "Ignored:" in report
     assert "`max_resolution` → `images.resolution`" in report
     assert settings.advanced.conv_dim == 8
@@ -507,7 +507,7 @@ def test_last_settings_are_restored(tmp_path):
 
 
 def test_demo_folder_is_recognised(tmp_path, monkeypatch):
-    from lora_gui.ui.demo_build import demo_dir_for
+    from lora_gui.worker.demo import demo_dir_for  # the rule the page and the command line share
 
     monkeypatch.chdir(tmp_path)  # the shipped preset's paths are relative: demo/model, demo/dataset
     demo = io.load_preset("demo-tiny-cpu")

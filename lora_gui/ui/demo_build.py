@@ -1,4 +1,5 @@
-"""Building the tiny demo model and dataset for the page. No gradio here, and no torch: the model is
+"""Building the tiny demo model and dataset for the page (``lora_gui.worker.demo.demo_dir_for`` says
+when the settings need one). No gradio here, and no torch: the model is
 built by a child process (``python -m lora_gui.cli demo``), since the web process never imports torch."""
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-
-from lora_gui.worker.demo import demo_dir_for  # noqa: F401 - the page's callers import it from here
 
 DEMO_BUILD_TIMEOUT_S = 600
 

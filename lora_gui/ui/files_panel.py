@@ -51,8 +51,9 @@ def _import_report(report: Any, where: str) -> str:
     return "\n".join(lines)
 
 
-def load_any(doc: dict, values: dict, where: str) -> tuple[Any, str]:
-    """(settings, report markdown) for a document of ours or a foreign one, honouring the form's
+def load_with_report(doc: dict, values: dict, where: str) -> tuple[Any, str]:
+    """(settings, report markdown) for a document of ours or a foreign one (``foreign.load_any``
+    decides which), honouring the form's
     skip-list."""
     settings, report = foreign.load_any(doc, keep_current(values))
     if report is not None:
@@ -102,7 +103,7 @@ def _wire_load(ctx: Ctx) -> None:
 
     def load_from(values: dict, path: Path, where: str):
         try:
-            settings, report = load_any(io.read_json(path), values, where)
+            settings, report = load_with_report(io.read_json(path), values, where)
         except SettingsError as exc:
             issues = "\n".join(f"- `{i.path}`: {i.message}" for i in exc.issues)
             return {comp["files_report"]: f"**Not loaded** ({where}):\n\n{issues}"}

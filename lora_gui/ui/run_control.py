@@ -15,8 +15,9 @@ from typing import Any
 
 from lora_gui.events import Command, ForceStop, RunState
 from lora_gui.settings import TrainingSettings
-from lora_gui.ui.demo_build import DemoBuildError, build_demo, demo_dir_for
+from lora_gui.ui.demo_build import DemoBuildError, build_demo
 from lora_gui.ui.runview import RunView
+from lora_gui.worker.demo import demo_dir_for
 
 END_WAIT_S = 10  # how long a shutdown waits for a demo build to end before killing it
 

@@ -15,9 +15,10 @@ import pandas as pd
 
 from lora_gui.events import Command, ForceStop, RunState, SampleNow, SaveNow, Stop
 from lora_gui.ui.context import Ctx, PageState
-from lora_gui.ui.demo_build import DemoBuildError, demo_dir_for
+from lora_gui.ui.demo_build import DemoBuildError
 from lora_gui.ui.fields import check_values, issues_markdown, tab_error_counts
 from lora_gui.ui.runview import RunView
+from lora_gui.worker.demo import demo_dir_for
 
 # The panel's command buttons (each component is named by its command's kind), what each
 # sends, and the note (and state) the panel shows until the run answers.
