@@ -53,7 +53,7 @@ class Loop:
         from lora_gui.dataset.images import load_image_array
         from lora_gui.dataset.scan import scan_dataset
         from lora_gui.engine.data import DataOptions, TrainDataset
-        from lora_gui.engine.model import load_base_model
+        from lora_gui.engine.model_load import load_base_model
         from lora_gui.engine.network import LoraNetwork, NetworkSpec
         from lora_gui.engine.optim import build_optimizer
         from lora_gui.engine.text import encode_prompts

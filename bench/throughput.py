@@ -105,7 +105,7 @@ def all_cells(work: Path) -> list[dict]:
     its memory)."""
     if USE_FORK:
         import lora_gui.engine.train  # noqa: F401 - what every trainer imports, once
-        from lora_gui.engine import model, network  # noqa: F401
+        from lora_gui.engine import model_load, network  # noqa: F401
 
         return [_forked_cell(work, config) for config in CELLS]
     return [_spawned_cell(work, config) for config in CELLS]

@@ -15,14 +15,14 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from lora_gui.engine.demo import DEMO_PROMPTS, DemoPaths, build_demo  # noqa: E402
-from lora_gui.engine.model import (  # noqa: E402
+from lora_gui.engine.model_detect import (  # noqa: E402
     SHIPPED_CONFIGS,
-    ModelLoadError,
     _expected_ldm_shapes,
     inspect_checkpoint,
-    load_base_model,
     select_config,
 )
+from lora_gui.engine.model_files import ModelLoadError  # noqa: E402
+from lora_gui.engine.model_load import load_base_model  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -215,7 +215,7 @@ def test_flags_that_disagree_are_reported(demo):
 
 
 def test_vae_path_replaces_the_vae(demo, from_folder, tmp_path):
-    from lora_gui.engine.model import vae_to_ldm
+    from lora_gui.engine.ldm_keys import vae_to_ldm
 
     for source in (demo.model_dir, demo.single_file):
         m = load_base_model(demo.model_dir, vae_path=source)
@@ -343,7 +343,7 @@ def tiny_sd2(tmp_path_factory):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from lora_gui.engine.demo import _tiny_components
-    from lora_gui.engine.model import unet_to_ldm, vae_to_ldm
+    from lora_gui.engine.ldm_keys import unet_to_ldm, vae_to_ldm
     from lora_gui.engine.tokenizer import clip_tokenizer
 
     tokenizer, _, _, vae, _ = _tiny_components(0)

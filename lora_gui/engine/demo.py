@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .model import to_single_file_state_dict
+from .ldm_keys import to_single_file_state_dict
 
 DEMO_PROMPTS = (
     "red circle, blue background, large",

@@ -114,7 +114,7 @@ class _EpochSampler(torch.utils.data.Sampler):
 def explain(exc: BaseException) -> str:
     """One sentence the user can act on."""
     from lora_gui.dataset.scan import DatasetError
-    from lora_gui.engine.model import ModelLoadError
+    from lora_gui.engine.model_files import ModelLoadError
     from lora_gui.engine.optim import OptimizerSettingError
     from lora_gui.engine.sampling import PromptLineError
 
