@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from lora_gui import events as ev
 from lora_gui.engine import train as train_module
 from lora_gui.engine.network import ADAPTER_NAME, load_lora_file
+from lora_gui.engine.noise import training_target
 from lora_gui.engine.train import Trainer, run_training
 from lora_gui.settings import io
 
@@ -103,14 +104,14 @@ def base(demo, tmp_path_factory):
 @pytest.fixture
 def with_settings(base):
     """Temporarily change the settings the step functions of `base` read."""
-    original = base.s
+    original = base.settings
 
     def change(*overrides: str) -> Trainer:
-        base.s = io.apply_overrides(original, list(overrides))
+        base.settings = io.apply_overrides(original, list(overrides))
         return base
 
     yield change
-    base.s = original
+    base.settings = original
 
 
 def _fixed_inputs(trainer: Trainer, batch_size: int = 2, seed: int = 0):
@@ -230,7 +231,7 @@ def test_v_parameterization_trains_on_the_velocity(demo, tmp_path):
     batch, latents, noise = _fixed_inputs(trainer)
     timesteps = torch.tensor([100, 700])
     velocity = scheduler.get_velocity(latents, noise, timesteps)
-    target = train_module.training_target(scheduler, latents, noise, timesteps)
+    target = training_target(scheduler, latents, noise, timesteps)
     assert torch.equal(target, velocity) and not torch.allclose(target, noise)
     with torch.no_grad():
         loss = trainer._weighted_loss(latents, noise, timesteps, batch.captions, batch.is_reg)
@@ -284,11 +285,11 @@ def test_network_dropout_makes_train_mode_outputs_random(demo, tmp_path, base):
 
     def twice(t: Trainer, train: bool):
         t.unet.train(train)
-        t.text_encoder.train(train)
+        t.model.text_encoder.train(train)
         with torch.no_grad():
             outs = [t.unet(latents, timesteps, t._encode(["red circle"])).sample for _ in range(2)]
         t.unet.train(True)
-        t.text_encoder.train(True)
+        t.model.text_encoder.train(True)
         return outs
 
     a, b = twice(trainer, True)
@@ -311,9 +312,9 @@ def test_clip_skip_uses_the_penultimate_layer_and_the_final_layer_norm(with_sett
         last = with_settings("training.clip_skip=1")._encode(caption)
         trainer = with_settings("training.clip_skip=2")
         skipped = trainer._encode(caption)
-        ids = trainer.tokenizer(caption, padding="max_length", max_length=77, return_tensors="pt").input_ids
-        out = trainer.text_encoder(ids, output_hidden_states=True)
-        norm = getattr(trainer.text_encoder, "text_model", trainer.text_encoder).final_layer_norm
+        ids = trainer.model.tokenizer(caption, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        out = trainer.model.text_encoder(ids, output_hidden_states=True)
+        norm = getattr(trainer.model.text_encoder, "text_model", trainer.model.text_encoder).final_layer_norm
     assert skipped.shape == last.shape == (1, 77, 32)
     torch.testing.assert_close(last, out.last_hidden_state)
     torch.testing.assert_close(skipped, norm(out.hidden_states[-2]))
@@ -333,7 +334,7 @@ def test_max_token_length_225_encodes_three_chunks(with_settings):
     assert ea.shape == (1, 3 * 77, 32)
     assert truncated  # 75 tokens: the tails differ beyond what is encoded
     assert not torch.equal(ea, eb)  # 225 tokens: nothing is skipped
-    n_tokens = len(long.tokenizer(a[0], add_special_tokens=False).input_ids)
+    n_tokens = len(long.model.tokenizer(a[0], add_special_tokens=False).input_ids)
     assert 75 < n_tokens <= 225
 
 
@@ -589,11 +590,11 @@ def test_every_optimizer_and_scheduler_takes_three_steps(with_settings, optimize
     )
     params = trainer.params
     groups = [
-        {"params": trainer.network.unet_parameters(), "lr": trainer.s.effective_unet_lr},
-        {"params": trainer.network.text_encoder_parameters(), "lr": trainer.s.effective_text_encoder_lr},
+        {"params": trainer.network.unet_parameters(), "lr": trainer.settings.effective_unet_lr},
+        {"params": trainer.network.text_encoder_parameters(), "lr": trainer.settings.effective_text_encoder_lr},
     ]
-    opt = build_optimizer(trainer.s, groups)
-    sched = build_scheduler(trainer.s, opt, total_steps=6)
+    opt = build_optimizer(trainer.settings, groups)
+    sched = build_scheduler(trainer.settings, opt, total_steps=6)
     before = [p.detach().clone() for p in params]
     batches = trainer.dataset.epoch_batches(0)
     for i in range(3):
@@ -616,8 +617,8 @@ def _lr_trace(with_settings, *overrides, steps=8):
     from lora_gui.engine.optim import build_optimizer, build_scheduler
 
     trainer = with_settings("training.learning_rate=1.0", "training.lr_warmup_steps=0", *overrides)
-    opt = build_optimizer(trainer.s, [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0}])
-    sched = build_scheduler(trainer.s, opt, total_steps=steps)
+    opt = build_optimizer(trainer.settings, [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0}])
+    sched = build_scheduler(trainer.settings, opt, total_steps=steps)
     lrs = []
     for _ in range(steps):
         lrs.append(sched.get_last_lr()[0])
@@ -768,11 +769,11 @@ def test_locon_lora_loads_in_diffusers_and_reproduces_the_trained_model(demo, tm
     )
 
     trainer.unet.eval()
-    trainer.text_encoder.eval()
+    trainer.model.text_encoder.eval()
     in_memory = StableDiffusionPipeline(
         vae=loaded.vae,
-        text_encoder=trainer.text_encoder,
-        tokenizer=trainer.tokenizer,
+        text_encoder=trainer.model.text_encoder,
+        tokenizer=trainer.model.tokenizer,
         unet=trainer.acc.unwrap_model(trainer.unet),
         scheduler=loaded.scheduler,
         safety_checker=None,
@@ -828,7 +829,7 @@ def test_gradient_checkpointing_gives_the_same_result(demo, tmp_path):
         result = trainer.run()
         assert result.status == "finished"
         assert trainer.unet.is_gradient_checkpointing == gc
-        assert trainer.text_encoder.is_gradient_checkpointing == gc
+        assert trainer.model.text_encoder.is_gradient_checkpointing == gc
         results[gc] = result
     assert len(results[True].losses) == 2
     # Step 2's loss depends on step 1's gradients of both parts.

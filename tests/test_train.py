@@ -141,8 +141,8 @@ def test_saved_lora_loads_in_diffusers_and_reproduces_the_trained_model(demo, tm
     result = trainer.run()
     assert result.status == "finished"
     trainer.unet.eval()
-    trainer.text_encoder.eval()
-    trained = _image(_pipeline(demo, trainer.unet, trainer.text_encoder))
+    trainer.model.text_encoder.eval()
+    trained = _image(_pipeline(demo, trainer.unet, trainer.model.text_encoder))
     base = _image(_pipeline(demo))
     loaded_pipe = _pipeline(demo)
     loaded_pipe.load_lora_weights(str(result.output_path))

@@ -14,18 +14,13 @@ from pathlib import Path
 from lora_gui.settings import TrainingSettings
 
 NETWORK_MODULE = "networks.lora"
-ARCHITECTURES = {
-    "sd_v1": "stable-diffusion-v1/lora",
-    "sd_v2": "stable-diffusion-v2-512/lora",
-    "sd_v2_v": "stable-diffusion-v2-768-v/lora",
-}
 
 
 @dataclass
 class RunFacts:
     """What the engine learned while setting up a run (filled in once)."""
 
-    base_version: str  # sd_v1 | sd_v2 | sd_v2_v
+    versions: dict  # the family's ss_v2, ss_base_model_version and modelspec.architecture
     base_model_name: str
     num_train_images: int
     num_reg_images: int
@@ -56,23 +51,16 @@ def network_args(s: TrainingSettings) -> dict[str, str]:
     return args
 
 
-def model_version(base_version: str, v_parameterization: bool) -> str:
-    """kohya's ss_base_model_version: sd_v1 / sd_v2, with "_v" for v-prediction (sd_v1_v, sd_v2_v)."""
-    family = "sd_v1" if base_version == "sd_v1" else "sd_v2"
-    return family + ("_v" if v_parameterization else "")
-
-
 def build_metadata(s: TrainingSettings, facts: RunFacts, *, epoch: int, step: int,
                    final: bool) -> dict[str, str]:
     m, tr, img, lab, adv = s.model, s.training, s.images, s.labels, s.advanced
-    version = model_version(facts.base_version, m.v_parameterization)
     minimal = {
         "ss_network_module": NETWORK_MODULE,
         "ss_network_dim": _s(tr.network_dim),
         "ss_network_alpha": _s(facts.network_alpha),
         "ss_network_args": json.dumps(network_args(s)) if network_args(s) else "None",
-        "ss_v2": _s(facts.base_version != "sd_v1"),
-        "ss_base_model_version": version,
+        "ss_v2": facts.versions["ss_v2"],
+        "ss_base_model_version": facts.versions["ss_base_model_version"],
     }
     if m.no_meta:
         return minimal
@@ -132,7 +120,7 @@ def build_metadata(s: TrainingSettings, facts: RunFacts, *, epoch: int, step: in
         "ss_dataset_dirs": json.dumps(facts.dataset_dirs, ensure_ascii=False),
         "ss_bucket_info": json.dumps(facts.bucket_info),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": ARCHITECTURES[facts.base_version],
+        "modelspec.architecture": facts.versions["modelspec.architecture"],
         "modelspec.implementation": "diffusers",
         "modelspec.title": m.output_name,
         "modelspec.resolution": f"{w}x{h}",

@@ -77,6 +77,14 @@ class NetworkSpec:
         if not (self.train_unet or self.train_text_encoder):
             raise ValueError("Train at least one of the U-Net and the text encoder.")
 
+    @classmethod
+    def from_settings(cls, settings) -> NetworkSpec:
+        """The network a run trains, read from its (already validated) settings."""
+        tr, adv = settings.training, settings.advanced
+        return cls(rank=tr.network_dim, alpha=tr.network_alpha, conv_rank=adv.conv_dim,
+                   conv_alpha=adv.conv_alpha, dropout=adv.network_dropout,
+                   train_unet=settings.train_unet, train_text_encoder=settings.train_text_encoder)
+
     @property
     def effective_conv_alpha(self) -> float:
         """kohya's default: conv_alpha falls back to 1.0 when only conv_dim is given."""

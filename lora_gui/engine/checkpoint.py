@@ -1,0 +1,122 @@
+"""What a run leaves on disk and reads back: the output name, the run files (settings copy, tag
+report, the metadata facts), the LoRA saves, accelerate's state folders and resuming from one."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import torch
+
+from lora_gui import events as ev
+from lora_gui.dataset.captions import tag_frequency, write_tag_report
+from lora_gui.engine.errors import Diverged, EngineError
+from lora_gui.engine.metadata import RunFacts, base_model_name, build_metadata, with_hashes
+from lora_gui.settings import io as settings_io
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
+STATE_LORA = "lora.safetensors"  # the LoRA weights inside a state folder
+
+
+def output_name(t, out_dir: Path) -> str:
+    """The output name, or name_2, name_3...: existing files are never overwritten."""
+    m = t.settings.model
+    base, ext = m.output_name, m.save_as
+    resuming = bool(m.load_previous_save_state.strip())
+    for n in range(1, 1000):
+        name = base if n == 1 else f"{base}_{n}"
+        taken = (out_dir / f"{name}.{ext}").exists()
+        if not resuming:
+            taken = taken or any(out_dir.glob(f"{name}-[0-9s]*")) \
+                or (out_dir / f"{name}_settings.json").exists()
+        if not taken:
+            if n > 1:
+                t.log(f"{base}.{ext} already exists in {out_dir}: this run saves as {name}.{ext}.", "warning")
+            return name
+    raise EngineError(f"model.output_name: too many runs named {base} in {out_dir}: choose another name.")
+
+
+def write_run_files(t) -> None:
+    """The settings copy and the tag report beside the LoRA; the facts every save's metadata needs."""
+    s = t.settings
+    if t.is_main:
+        settings_file = t.out_dir / f"{t.name}_settings.json"
+        if not settings_file.exists():
+            t.files.append(settings_io.save_settings(s, settings_file))
+        if s.runs.save_json_folder.strip():
+            folder = Path(s.runs.save_json_folder).expanduser()
+            settings_io.save_settings(s, folder / f"{t.name}_settings.json")
+        if s.labels.tag_occurrence_txt_file:
+            report = t.out_dir / f"{t.name}_tags.txt"
+            if not report.exists():
+                t.files.append(write_tag_report(
+                    report, t.info, alphabetical=s.labels.sort_tag_occurrence_alphabetically))
+    t.facts = RunFacts(
+        versions=t.family.metadata_versions(t.model, s), base_model_name=base_model_name(s.model.base_model),
+        num_train_images=t.num_train_images, num_reg_images=t.info.num_reg_images,
+        num_epochs=t.plan.epochs, max_train_steps=t.plan.total_steps,
+        tag_frequency=tag_frequency(t.info), dataset_dirs=t.info.dataset_dirs(),
+        bucket_info={"buckets": {f"{w}x{h}": n for (w, h), n in sorted(t.dataset.bucket_counts().items())}},
+        session_id=uuid.uuid4().hex[:16], started_at=t.t_start, network_alpha=t.network_alpha)
+
+
+def save(t, stem: str, *, state: bool, final: bool = False) -> tuple[Path, Path | None]:
+    """Save the LoRA as ``stem`` (and the training state as ``stem-state``); (path, state folder)."""
+    from lora_gui.engine.network import save_lora
+
+    m, p = t.settings.model, t.progress
+    path = t.out_dir / f"{stem}.{m.save_as}"
+    state_dir = t.out_dir / f"{stem}-state"
+    if path.exists() and path in t.files:  # saved at this very step already
+        return path, (state_dir if state_dir.exists() else None)
+    t.acc.wait_for_everyone()
+    tensors = t.network.state_dict_kohya(SAVE_DTYPES[m.save_precision])
+    if not all(torch.isfinite(v.float()).all() for v in tensors.values()):
+        raise Diverged("The LoRA weights are no longer finite numbers (NaN/inf): the learning rate "
+                       "is probably too high. Lower training.learning_rate; the last saved "
+                       "checkpoint is kept.")
+    if t.is_main:
+        metadata = None
+        if m.save_as == "safetensors":
+            metadata = build_metadata(t.settings, t.facts, epoch=p.epoch, step=p.step, final=final)
+            if not m.no_meta:
+                metadata = with_hashes(tensors, metadata)
+        path = save_lora(path, tensors, metadata, m.save_as)
+        t.files.append(path)
+    if state:
+        t.acc.save_state(str(state_dir))
+        t.files.append(state_dir)
+    t.emit(ev.CheckpointSaved(step=p.step, epoch=p.epoch, path=str(path),
+                              state_dir=str(state_dir) if state else None, final=final))
+    t.log(f"Saved {path}" + (f" and its state {state_dir}" if state else ""))
+    return path, (state_dir if state else None)
+
+
+def register_state(t) -> None:
+    """What accelerate's state folders hold besides the optimizer and scheduler: the run position
+    and the LoRA weights (the base model is read again from its file)."""
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir) -> None:
+        save_file(t.network.state_dict_kohya(torch.float32), str(Path(output_dir) / STATE_LORA))
+        weights.clear()
+
+    def load_hook(models, input_dir) -> None:
+        t.network.load_state_dict_kohya(load_file(str(Path(input_dir) / STATE_LORA)))
+        models.clear()
+
+    t.acc.register_for_checkpointing(t.progress)
+    t.acc.register_save_state_pre_hook(save_hook)
+    t.acc.register_load_state_pre_hook(load_hook)
+
+
+def resume(t, state_dir: Path) -> None:
+    if not (state_dir / STATE_LORA).exists():
+        raise EngineError(f"model.load_previous_save_state: {state_dir} is not a saved state "
+                          f"(no {STATE_LORA} inside): choose a NAME-state folder.")
+    try:
+        t.acc.load_state(str(state_dir))
+    except ValueError as exc:
+        raise EngineError(f"model.load_previous_save_state: the state in {state_dir} does not "
+                          f"match these settings ({exc}).") from None
+    t.log(f"Resumed from {state_dir} at step {t.progress.step}")

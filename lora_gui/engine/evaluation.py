@@ -1,0 +1,74 @@
+"""Evaluation during a run: the validation loss on held-out images and the sample images."""
+
+from __future__ import annotations
+
+import torch
+
+from lora_gui import events as ev
+from lora_gui.dataset.summary import derive_seed
+
+# Validation noises each held-out image at these fractions of the timestep range.
+VALIDATION_TIMESTEP_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def validate(t, epoch: int | None = None) -> None:
+    """Validation loss on the held-out images at fixed noise and fixed timesteps, so that two
+    evaluations differ only because the LoRA changed. ``epoch``: the 1-based epoch (default: the
+    current one; at the end of an epoch ``progress.epoch`` already counts the finished one)."""
+    batches = t.dataset.validation_batches()
+    if not batches:
+        return
+    _set_training(t, False)
+    total, count = 0.0, 0
+    t_max = t.family.num_train_timesteps(t.model)
+    with torch.no_grad():
+        for index, items in enumerate(batches):
+            batch = t.dataset.load_batch(items, augment=False)
+            latents = t._latents(batch)
+            for fraction in VALIDATION_TIMESTEP_FRACTIONS:
+                gen = torch.Generator().manual_seed(derive_seed(t.settings.training.seed, "val", index, fraction))
+                noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+                timesteps = torch.full((latents.shape[0],), int(fraction * t_max), device=t.device)
+                loss = t._weighted_loss(latents, noise, timesteps, batch.captions, batch.is_reg,
+                                        t.family.batch_conditioning(t.model, batch, t.device))
+                total, count = total + float(loss) * len(items), count + len(items)
+    _set_training(t, True)
+    value, p = total / count, t.progress
+    t.validation_losses.append((p.step, value))
+    t.emit(ev.ValidationLoss(step=p.step, epoch=p.epoch + 1 if epoch is None else epoch, loss=value))
+    if t._writer is not None:
+        t._writer.add_scalar("loss/validation", value, p.step)
+
+
+def prepare_samples(t) -> None:
+    from lora_gui.engine.sampling import SamplePrompt, parse_prompts
+
+    sm = t.settings.samples
+    defaults = SamplePrompt(prompt="", width=sm.sample_width, height=sm.sample_height,
+                            cfg_scale=sm.sample_cfg_scale, steps=sm.sample_steps)
+    t.sample_prompts = parse_prompts(sm.sample_prompts, defaults)
+
+
+def sample(t, step: int, epoch: int) -> None:
+    """Render the sample prompts with the LoRA as it is now, and announce each image."""
+    if not t.sample_prompts or not t.is_main:
+        return
+    t._flush(force=True)
+    t.log(f"Making {len(t.sample_prompts)} sample images at step {step}")
+    _set_training(t, False)
+    t.vae.to(t.device)
+    written = t.family.generate_samples(
+        t.model, t.sample_prompts, t.settings, encode=t._encode, out_dir=t.out_dir / "sample",
+        stem=f"{t.name}_{step:06d}", device=t.device, dtype=t.weight_dtype)
+    if t.device.type == "cuda" and t.settings.images.cache_latents:
+        t.vae.to("cpu")
+    _set_training(t, True)
+    for index, (path, prompt) in enumerate(written):
+        if path not in t.files:
+            t.files.append(path)
+        t.emit(ev.SampleReady(step=step, epoch=epoch, path=str(path), prompt=prompt, index=index))
+
+
+def _set_training(t, on: bool) -> None:
+    for model in t.trained_models:
+        model.train(on)

@@ -1,0 +1,113 @@
+"""What differs between model families (SD 1.x/2.x today; SDXL and Flux next), behind one interface.
+
+The training loop, the data path, caching, saving, resume, validation and events are the same for
+every family; they call a ``ModelFamily`` for everything that is not. A family works on the loaded
+model object its ``load`` returns (``unet``, ``vae``, ``noise_scheduler``, ``version`` and ``notes`` are
+common to all; tokenizers and text encoders are the family's own business, reached through
+``text_encoders`` and ``encode_text``).
+
+Conditioning is what a family's denoiser needs besides the noisy latents and the timesteps: one
+tensor (SD: the text encoder's hidden states) or a tuple of tensors (SDXL: hidden states and pooled
+embedding), each batched along dimension 0, so the loop can cache it per caption without knowing
+its shape.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+import torch
+
+if TYPE_CHECKING:
+    from lora_gui.engine.network import LoraNetwork, NetworkSpec
+    from lora_gui.engine.sampling import SamplePrompt
+    from lora_gui.settings import TrainingSettings
+
+Conditioning = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+
+
+def split_conditioning(cond: Conditioning) -> list[Conditioning]:
+    """One item per batch row (what the text cache stores per caption)."""
+    if isinstance(cond, torch.Tensor):
+        return list(cond)
+    return [tuple(rows) for rows in zip(*cond)]
+
+
+def stack_conditioning(items: list[Conditioning]) -> Conditioning:
+    """The inverse of ``split_conditioning``: a batch from one item per row."""
+    if isinstance(items[0], torch.Tensor):
+        return torch.stack(items)
+    return tuple(torch.stack(parts) for parts in zip(*items))
+
+
+class ModelFamily(ABC):
+    """One family of base models. Stateless: every method gets the loaded model and, where a
+    setting matters, the settings (so a caller may change settings between calls)."""
+
+    name: str  # the registry key
+
+    # --- loading ---------------------------------------------------------------------------------
+
+    @abstractmethod
+    def load(self, settings: TrainingSettings):
+        """The frozen base model from ``settings.model`` (folder or single file, offline)."""
+
+    @abstractmethod
+    def text_encoders(self, model) -> list[torch.nn.Module]:
+        """Every text encoder of the model (frozen, moved, cast and LoRA-trained together)."""
+
+    # --- conditioning ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def encode_text(self, model, captions: list[str], settings: TrainingSettings,
+                    device: torch.device) -> Conditioning:
+        """The text conditioning of a batch of captions, exactly as training and sampling use it."""
+
+    def batch_conditioning(self, model, batch, device: torch.device) -> Conditioning | None:
+        """Conditioning a batch carries besides its captions (SDXL: sizes and crops); none here."""
+        return None
+
+    # --- objective -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def num_train_timesteps(self, model) -> int:
+        """Timesteps are drawn from range(num_train_timesteps)."""
+
+    @abstractmethod
+    def add_noise(self, model, latents: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.Tensor) -> torch.Tensor:
+        """The noisy latents at ``timesteps``."""
+
+    @abstractmethod
+    def target(self, model, latents: torch.Tensor, noise: torch.Tensor,
+               timesteps: torch.Tensor) -> torch.Tensor:
+        """What the denoiser learns to predict."""
+
+    @abstractmethod
+    def predict(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, text: Conditioning,
+                extra: Conditioning | None, dtype: torch.dtype) -> torch.Tensor:
+        """The denoiser's prediction for the noisy latents."""
+
+    @abstractmethod
+    def min_snr_weights(self, model, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Per-sample Min-SNR-gamma loss weights for ``timesteps``."""
+
+    # --- the LoRA --------------------------------------------------------------------------------
+
+    @abstractmethod
+    def apply_network(self, model, spec: NetworkSpec) -> LoraNetwork:
+        """Inject the LoRA into the family's targets, named as the family's LoRA files name them."""
+
+    # --- samples and metadata --------------------------------------------------------------------
+
+    @abstractmethod
+    def generate_samples(self, model, prompts: list[SamplePrompt], settings: TrainingSettings, *,
+                         encode, out_dir: Path, stem: str, device: torch.device,
+                         dtype: torch.dtype) -> list[tuple[Path, str]]:
+        """Render the sample prompts with the family's pipeline; (path, prompt) per image written."""
+
+    @abstractmethod
+    def metadata_versions(self, model, settings: TrainingSettings) -> dict[str, str]:
+        """The LoRA file's version strings: ss_v2, ss_base_model_version, modelspec.architecture."""

@@ -1,0 +1,208 @@
+"""Building a run: paths, accelerate, the base model (through its family), the data, the LoRA,
+the text cache, the optimizer and the log writer. Each function fills in attributes of the
+``Trainer`` it is given; ``set_up`` calls them in order."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from lora_gui import events as ev
+from lora_gui.dataset.scan import scan_dataset
+from lora_gui.engine import checkpoint, evaluation
+from lora_gui.engine.data import DataOptions, TrainDataset
+from lora_gui.engine.errors import EngineError
+from lora_gui.engine.families import split_conditioning
+from lora_gui.engine.loader import RunBatches
+
+TEXT_CACHE_CHUNK = 16  # captions encoded at once while filling the text cache
+
+
+def set_up(t) -> None:
+    m, tr = t.settings.model, t.settings.training
+    torch.manual_seed(tr.seed)
+    _require_paths(t.settings)
+    _accelerator(t)
+    t.out_dir = Path(m.output_folder).expanduser()
+    t.out_dir.mkdir(parents=True, exist_ok=True)
+    t.name = checkpoint.output_name(t, t.out_dir)
+    _load_model(t)
+    _load_data(t)
+    _build_network(t)
+    _prepare_text_cache(t)
+    _build_optimizer(t)
+    evaluation.prepare_samples(t)
+    checkpoint.write_run_files(t)
+    if m.load_previous_save_state.strip():
+        checkpoint.resume(t, Path(m.load_previous_save_state).expanduser())
+    if t.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_root = Path(m.log_dir).expanduser() if m.log_dir.strip() else t.out_dir / "logs"
+        t._writer = SummaryWriter(log_dir=str(log_root / t.name))
+
+
+def _require_paths(settings) -> None:
+    m = settings.model
+    if not m.base_model.strip():
+        raise EngineError("model.base_model is empty: choose a Stable Diffusion model folder or "
+                          ".safetensors/.ckpt file.")
+    if not m.img_folder.strip():
+        raise EngineError("model.img_folder is empty: choose the folder with your training images.")
+    for name in ("img_folder", "reg_img_folder", "load_previous_save_state"):
+        value = getattr(m, name).strip()
+        if value and not Path(value).expanduser().is_dir():
+            raise EngineError(f"model.{name}: the folder {value} does not exist: check the path.")
+    for name in ("vae", "lora_model_for_resume"):
+        value = getattr(m, name).strip()
+        if value and not Path(value).expanduser().exists():
+            raise EngineError(f"model.{name}: {value} does not exist: check the path or clear it.")
+
+
+def _accelerator(t) -> None:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    tr = t.settings.training
+    cuda = torch.cuda.is_available()
+    if tr.mixed_precision == "fp16" and not cuda:
+        raise EngineError("training.mixed_precision: fp16 needs a CUDA GPU; choose bf16 or no.")
+    # accelerate keeps its state in process-wide singletons; a run in the same process as an
+    # earlier one (tests, a notebook) must start from a clean state.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    t.acc = Accelerator(mixed_precision=tr.mixed_precision,
+                        gradient_accumulation_steps=tr.gradient_accumulation_steps, cpu=not cuda)
+    t.is_main = t.acc.is_main_process
+    t.device = t.acc.device
+    t.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        tr.mixed_precision, torch.float32) if cuda else torch.float32
+
+
+def _load_model(t) -> None:
+    t.log(f"Loading the base model {t.settings.model.base_model}")
+    t.model = model = t.family.load(t.settings)
+    for note in model.notes:
+        t.log(note, "warning")
+    t.text_encoders = t.family.text_encoders(model)
+    t.unet, t.vae, t.scheduler = model.unet, model.vae, model.noise_scheduler
+    for module in (t.unet, *t.text_encoders, t.vae):
+        module.requires_grad_(False)
+        module.to(t.device)
+    if t.weight_dtype != torch.float32:  # frozen weights in 16 bits on the GPU; LoRA stays fp32
+        for module in (t.unet, *t.text_encoders):
+            module.to(dtype=t.weight_dtype)
+    if t.settings.advanced.attention == "xformers":
+        try:
+            t.unet.enable_xformers_memory_efficient_attention()
+        except Exception as exc:
+            raise EngineError(f"advanced.attention: xformers does not work here ({exc}); choose "
+                              "sdpa.") from None
+
+
+def _load_data(t) -> None:
+    s, m = t.settings, t.settings.model
+    t.info = scan_dataset(m.img_folder, m.reg_img_folder.strip() or None, repeats=s.images.repeats,
+                          caption_extension=s.labels.caption_extension,
+                          trigger_words=s.triggers.trigger_words)
+    for warning in t.info.warnings:
+        t.log(warning, "warning")
+    t.dataset = TrainDataset(t.info, DataOptions.from_settings(s))
+    t.run_batches = RunBatches(t.dataset, t.acc.process_index, t.acc.num_processes)
+    per_epoch = t.run_batches.per_epoch()
+    if per_epoch == 0:
+        raise EngineError(f"model.img_folder: no training images are left in {m.img_folder} "
+                          "(after the validation split): add images or lower the split.")
+    # Distinct images trained on (the held-out validation images are not).
+    t.num_train_images = t.info.num_train_images - len(t.dataset.validation_items())
+    t.plan = s.plan_steps(per_epoch * t.acc.num_processes, t.acc.num_processes)
+    if s.images.cache_latents:
+        _cache_latents(t)
+
+
+def _cache_latents(t) -> None:
+    total = len(t.dataset.cache_requests())
+    t.log(f"Caching the latents of {total} images")
+
+    def on_progress(done: int, total: int) -> None:
+        t.emit(ev.Progress(step=done, total_steps=total, epoch=0, epochs=0,
+                           elapsed_s=time.time() - t.t_start, steps_per_s=0.0, eta_s=0.0,
+                           phase="caching latents"))
+
+    with torch.no_grad():
+        t.dataset.cache_latents(t.vae, to_disk=t.settings.images.cache_latents_to_disk,
+                                on_progress=on_progress)
+    if t.device.type == "cuda":
+        t.vae.to("cpu")  # only the samples need it again
+
+
+def _build_network(t) -> None:
+    from lora_gui.engine.network import NetworkSpec, load_lora_file
+
+    s, m = t.settings, t.settings.model
+    t.network = t.family.apply_network(t.model, NetworkSpec.from_settings(s))
+    t.network_alpha = s.training.network_alpha
+    if m.lora_model_for_resume.strip():
+        tensors, _ = load_lora_file(m.lora_model_for_resume)
+        try:
+            t.network.load_state_dict_kohya(tensors)
+        except ValueError as exc:
+            raise EngineError(f"model.lora_model_for_resume: {exc}") from None
+        alphas = [float(v) for k, v in tensors.items() if k.endswith(".alpha") and "attn" in k]
+        if alphas:
+            t.network_alpha = max(set(alphas), key=alphas.count)
+        t.log(f"Starting from the LoRA weights of {m.lora_model_for_resume}")
+    names = t.network.module_names()
+    t.log(f"LoRA on {len(names.get('unet', []))} U-Net and {len(names.get('text_encoder', []))} "
+          "text-encoder modules")
+    if s.training.gradient_checkpointing:
+        t.unet.enable_gradient_checkpointing()
+        if s.train_text_encoder:
+            for encoder in t.text_encoders:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    t.unet.train(s.train_unet)
+    for encoder in t.text_encoders:
+        encoder.train(s.train_text_encoder)
+
+
+def _static_captions(settings) -> bool:
+    lab = settings.labels
+    return not (lab.shuffle_caption or lab.caption_dropout_rate or lab.caption_tag_dropout_rate
+                or lab.caption_dropout_every_n_epochs)
+
+
+def _prepare_text_cache(t) -> None:
+    """Frozen text encoders with captions that never change: encode each caption once."""
+    t.text_cache = None
+    if t.settings.train_text_encoder or not _static_captions(t.settings):
+        return
+    ds = t.dataset
+    captions = sorted({ds.fixed_caption(item) for item in
+                       ds.train_items + ds.reg_items + ds.validation_items()})
+    t.text_cache = {}
+    with torch.no_grad(), t.acc.autocast():
+        for i in range(0, len(captions), TEXT_CACHE_CHUNK):
+            chunk = captions[i:i + TEXT_CACHE_CHUNK]
+            t.text_cache.update(zip(chunk, split_conditioning(t._encode(chunk))))
+    t.log(f"Cached the text encoder's output for {len(captions)} captions")
+
+
+def _build_optimizer(t) -> None:
+    from lora_gui.engine.optim import build_optimizer, build_scheduler
+
+    s = t.settings
+    groups = []
+    if s.train_unet:
+        groups.append({"params": t.network.unet_parameters(), "lr": s.effective_unet_lr})
+    if s.train_text_encoder:
+        groups.append({"params": t.network.text_encoder_parameters(), "lr": s.effective_text_encoder_lr})
+    t.params = [p for g in groups for p in g["params"]]
+    optimizer = build_optimizer(s, groups)
+    scheduler = build_scheduler(s, optimizer, t.plan.total_steps, t.acc.num_processes)
+    trained = ([t.unet] if s.train_unet else []) + (list(t.text_encoders) if s.train_text_encoder else [])
+    prepared = t.acc.prepare(*trained, optimizer, scheduler)
+    t.trained_models = list(prepared[:len(trained)])
+    t.optimizer, t.lr_scheduler = prepared[len(trained):]
+    checkpoint.register_state(t)
