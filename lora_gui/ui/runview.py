@@ -178,7 +178,7 @@ class RunView:
 
     def set_note(self, note: str, state: RunState | None = None) -> None:
         self.note = note
-        if state:
+        if state is not None:
             self.state = state
         self._bump("status")
 

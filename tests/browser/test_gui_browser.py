@@ -172,6 +172,26 @@ def wait_text(page, selector: str, pattern: str, timeout: float = 60) -> str:
     raise AssertionError(f"{selector} never matched {pattern!r}; last text: {text!r}")
 
 
+def stays(condition, seconds: float, what: str) -> None:
+    """``condition()`` holds throughout ``seconds`` (checked every 0.1 s); fails at the first miss."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert condition(), what
+        time.sleep(0.1)
+
+
+def close_toasts(page) -> None:
+    for button in page.locator(".toast-close").all():
+        if button.is_visible():
+            button.click()
+    page.wait_for_function("() => document.querySelectorAll('.toast-body').length === 0")
+
+
+def run_folders(server) -> list[str]:
+    runs = server["cwd"] / "runs"
+    return sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
+
+
 def no_error_toasts(page) -> None:
     errors = page.locator(".toast-body.error")
     assert errors.count() == 0, errors.all_inner_texts()
@@ -189,7 +209,7 @@ TABS = [("model", "Model and folders"), ("triggers", "Trigger words"), ("images"
         ("samples", "Samples"), ("runs", "Presets and runs")]
 
 
-def test_every_tab_and_validation(page):
+def test_every_tab_and_validation(page, server):
     for group, title in TABS:
         open_tab(page, group, title)
         page.wait_for_selector(f"#tab-{group} [id^='field-{group}-']")  # its fields render
@@ -205,10 +225,15 @@ def test_every_tab_and_validation(page):
     assert "Training (1 error)" in tab_labels(page) and "Samples (1 error)" in tab_labels(page)
     wait_text(page, "#field-samples-sample_width", "must be a multiple of 8")  # under the field
     shot(page, "02-validation")
-    # Start refuses, and nothing typed is lost
+    # Start refuses: the click is answered (the summary's toast, the red message under the field),
+    # no run starts, and nothing typed is lost
+    close_toasts(page)
+    before = run_folders(server)
     page.locator("#run-start").click()
-    time.sleep(1.5)
-    assert "Idle" in page.locator("#run-status").inner_text()
+    page.locator(".toast-body", has_text="2 invalid settings").wait_for()
+    wait_text(page, "#field-samples-sample_width", "must be a multiple of 8")
+    stays(lambda: "Idle" in page.locator("#run-status").inner_text()
+          and run_folders(server) == before, 2.0, "Start ran with invalid settings")
     assert field(page, "samples", "sample_width").input_value() == "100"
     set_field(page, "samples", "sample_width", 64)
     open_tab(page, "training", "Training")
@@ -220,21 +245,37 @@ def test_every_tab_and_validation(page):
     no_error_toasts(page)
 
 
+def wait_value(page, group: str, name: str, value: str) -> None:
+    page.wait_for_function(f"() => document.querySelector('#field-{group}-{name} input').value "
+                           f"=== {json.dumps(value)}")
+
+
 def test_presets_save_load_and_browser(page, server):
+    choose_presets(page)
+    save_browse_and_load_back(page, server)
+    import_kohya_file(page)
+    upload_zip_dataset(page, server)
+    no_error_toasts(page)
+    choose(page, "preset", "demo-tiny-cpu")  # back to the demo for the next tests
+
+
+def choose_presets(page) -> None:
+    """A preset loads over the form; a skip-listed field keeps the form's value."""
     open_tab(page, "training", "Training")
     assert field(page, "training", "network_dim").input_value() == "4"
     choose(page, "preset", "sd15-style")
-    page.wait_for_function(
-        "() => document.querySelector('#field-training-network_dim input').value === '32'")
+    wait_value(page, "training", "network_dim", "32")
     open_tab(page, "model", "Model and folders")
     assert field(page, "model", "base_model").input_value() == "demo/model"  # skip-listed: kept
     shot(page, "03-preset")
     choose(page, "preset", "demo-tiny-cpu")
     open_tab(page, "training", "Training")
-    page.wait_for_function(
-        "() => document.querySelector('#field-training-network_dim input').value === '4'")
+    wait_value(page, "training", "network_dim", "4")
 
-    # save, change, load back: the saved value returns, a skip-listed path keeps the form's value
+
+def save_browse_and_load_back(page, server) -> None:
+    """Save, change, load back: the saved value returns, a skip-listed path keeps the form's value
+    (filled in with the server-side browser)."""
     open_tab(page, "runs", "Presets and runs")
     box(page, "save-path").fill("saved/settings.json")
     page.locator("#save-settings").click()
@@ -245,7 +286,6 @@ def test_presets_save_load_and_browser(page, server):
     open_tab(page, "training", "Training")
     set_field(page, "training", "network_dim", 12)
     open_tab(page, "model", "Model and folders")
-    # the server-side browser fills a path field
     page.locator("#browse-model-img_folder").click()
     page.wait_for_selector("#browser", state="visible")
     box(page, "browser-folder").fill(str(server["cwd"]))
@@ -261,20 +301,23 @@ def test_presets_save_load_and_browser(page, server):
     page.locator("#load-settings").click()
     wait_text(page, "#files-report", "Loaded")
     open_tab(page, "training", "Training")
-    page.wait_for_function(
-        "() => document.querySelector('#field-training-network_dim input').value === '4'")
+    wait_value(page, "training", "network_dim", "4")
     open_tab(page, "model", "Model and folders")
     assert field(page, "model", "img_folder").input_value() == "mydata"  # skip-listed: kept
     shot(page, "05-loaded")
 
-    # a kohya_ss file is imported with a report of mapped and ignored keys
+
+def import_kohya_file(page) -> None:
+    """A kohya_ss file is imported with a report of mapped and ignored keys."""
     open_tab(page, "runs", "Presets and runs")
     upload(page, "load-upload", ROOT / "tests" / "fixtures" / "kohya_ss_config.json")
     report = wait_text(page, "#files-report", "Imported")
     assert "Mapped:" in report and "Ignored:" in report and "max_resolution" in report
     shot(page, "05b-imported")
 
-    # a zip of images + captions becomes a new dataset folder and is previewed
+
+def upload_zip_dataset(page, server) -> None:
+    """A zip of images + captions becomes a new dataset folder and is previewed."""
     png = server["cwd"] / "red.png"
     Image.new("RGB", (96, 64), (200, 30, 30)).save(png)
     archive = server["cwd"] / "cats.zip"
@@ -288,8 +331,6 @@ def test_presets_save_load_and_browser(page, server):
     assert field(page, "model", "img_folder").input_value() == "data/datasets/cats"
     page.wait_for_selector("#preview-gallery img")
     shot(page, "05c-dataset-preview")
-    no_error_toasts(page)
-    choose(page, "preset", "demo-tiny-cpu")  # back to the demo for the next tests
 
 
 def test_run_end_to_end_with_reload_and_stop(page, server):
