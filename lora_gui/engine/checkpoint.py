@@ -43,9 +43,8 @@ def write_run_files(t) -> None:
         settings_file = t.out_dir / f"{t.name}_settings.json"
         if not settings_file.exists():
             t.files.append(settings_io.save_settings(s, settings_file))
-        if s.runs.save_json_folder.strip():
-            folder = Path(s.runs.save_json_folder).expanduser()
-            settings_io.save_settings(s, folder / f"{t.name}_settings.json")
+        if s.runs.save_json_folder.strip():  # the one settings copy rule (settings/io.py)
+            settings_io.save_settings_copy(s, name=t.name)
         if s.labels.tag_occurrence_txt_file:
             report = t.out_dir / f"{t.name}_tags.txt"
             if not report.exists():
