@@ -6,12 +6,13 @@ the first ``keep_tokens``, shuffle the rest, drop tags, join with ", ".
 
 from __future__ import annotations
 
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from lora_gui.atomic import write_text
 
 if TYPE_CHECKING:
     from lora_gui.dataset.scan import DatasetInfo
@@ -138,7 +139,4 @@ def write_tag_report(path: str | Path, info: DatasetInfo, alphabetical: bool = F
     """Write one ``tag: count`` line per tag (all folders together); atomic. Returns the path."""
     path = Path(path)
     lines = [f"{tag}: {count}\n" for tag, count in sorted_tags(total_tags(info), alphabetical)]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, "".join(lines))

@@ -13,7 +13,6 @@ exactly the data it would have seen, whatever was loaded before and however many
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lora_gui.atomic import atomic_open
 from lora_gui.dataset.buckets import Bucket, BucketOptions, plan_buckets
 from lora_gui.dataset.captions import CaptionOptions, process_caption
 from lora_gui.dataset.images import load_image_array, random_hue_shift
@@ -423,13 +423,10 @@ class LatentCache:
             if latent is not None:
                 arrays[name] = latent.numpy()
         file = self.disk_path(path, bucket)
-        tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
         try:
-            with open(tmp, "wb") as handle:
+            with atomic_open(file, "wb") as handle:
                 np.savez(handle, **arrays)
-            os.replace(tmp, file)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             self.warnings.append(
                 f"Could not write the latent cache file {file} ({exc}): kept in memory only."
             )

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 from peft import LoraConfig, inject_adapter_in_model  # noqa: E402  (after the logging tweak)
 from peft.tuners.lora import LoraLayer  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+
+from lora_gui.atomic import atomic_open  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -334,19 +335,11 @@ def save_lora(
         raise TypeError(f"safetensors metadata values must be strings, but {', '.join(bad)} are not.")
     final.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if fmt == "safetensors":
-                f.write(safetensors.torch.save(tensors, metadata=dict(metadata) if metadata else None))
-            else:
-                torch.save(tensors, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(final, "wb") as f:
+        if fmt == "safetensors":
+            f.write(safetensors.torch.save(tensors, metadata=dict(metadata) if metadata else None))
+        else:
+            torch.save(tensors, f)
     return final
 
 

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lora_gui.atomic import atomic_path
+
 SAMPLER_CLASSES = {
     # The schema's samples.sample_sampler choices -> (diffusers scheduler class, extra config);
     # tests/test_engine_tables.py checks the keys against the schema.
@@ -131,8 +133,7 @@ def generate_samples(*, unet, vae, text_encoder, tokenizer, scheduler_config, pr
         info = PngInfo()
         info.add_text("parameters", png_parameters(p, sampler, image_seed))
         path = out_dir / f"{stem}_{index:02d}.png"
-        tmp = path.with_name(f".{path.name}.tmp")
-        image.save(tmp, format="PNG", pnginfo=info)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG", pnginfo=info)
         written.append((path, p.prompt))
     return written

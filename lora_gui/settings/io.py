@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from lora_gui.atomic import write_text
 from lora_gui.settings.errors import Issue, SettingsError, from_validation_error
 from lora_gui.settings.schema import FIELD_GROUPS, GROUPS, TrainingSettings, cross_field_issues
 
@@ -43,28 +43,14 @@ def to_document(settings: TrainingSettings, *, sparse: bool = False) -> dict[str
     return {VERSION_KEY: SETTINGS_VERSION, **full}
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temporary file in the same folder, then rename over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def dumps(settings: TrainingSettings, *, sparse: bool = False) -> str:
     return json.dumps(to_document(settings, sparse=sparse), indent=2, ensure_ascii=False) + "\n"
 
 
 def save_settings(settings: TrainingSettings, path: str | os.PathLike, *, sparse=False) -> Path:
     """Save the full settings (or only what differs from defaults) atomically."""
-    return atomic_write_text(path, dumps(settings, sparse=sparse))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_text(path, dumps(settings, sparse=sparse))
 
 
 def settings_copy_folder(settings: TrainingSettings) -> Path:
@@ -93,7 +79,8 @@ def save_settings_copy(settings: TrainingSettings, name: str | None = None) -> P
         stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
         while path.exists():
             path, n = folder / f"{name}-{stamp}{f'-{n}' if n > 1 else ''}.json", n + 1
-    return atomic_write_text(path, text)
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_text(path, text)
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:

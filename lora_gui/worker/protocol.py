@@ -23,12 +23,12 @@ import json
 import os
 import re
 import secrets
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from lora_gui.atomic import write_json
 from lora_gui.events import (
     Command,
     Event,
@@ -131,20 +131,8 @@ class Status:
         return replace(self, **changes)
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write to a temporary file in the same folder, then ``os.replace`` it over the target."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, ensure_ascii=False, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_status(paths: RunPaths, status: Status) -> None:
-    atomic_write_json(paths.status, status.to_dict())
+    write_json(paths.status, status.to_dict(), indent=1)
 
 
 def read_status(paths: RunPaths) -> Status | None:
@@ -165,7 +153,7 @@ class ProcessRecord:
 
 
 def write_process(paths: RunPaths, record: ProcessRecord) -> None:
-    atomic_write_json(paths.process, asdict(record))
+    write_json(paths.process, asdict(record), indent=1)
 
 
 def read_process(paths: RunPaths) -> ProcessRecord | None:

@@ -25,11 +25,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lora_gui.atomic import write_json
 from lora_gui.events import RunState, describe
 from lora_gui.settings import SettingsError
 from lora_gui.settings.io import save_settings_copy
 from lora_gui.worker.client import Run, RunActiveError, RunInfo, WorkerClient
-from lora_gui.worker.protocol import atomic_write_json, final_event, new_run_id
+from lora_gui.worker.protocol import final_event, new_run_id
 from lora_gui.worker.queue_files import (
     COMPLETE_DIR,
     CURRENT_FILE,
@@ -131,8 +132,8 @@ class FolderQueue:
             return f"{file.name}: saved the settings to {target} (save_json_only: not trained)"
         run_id = new_run_id(settings.model.output_name)
         # Named before the spawn: a queue that dies right after it finds the run again.
-        atomic_write_json(self.folder / CURRENT_FILE, {"file": file.name, "run_id": run_id,
-                                                       "runs_root": str(self.client.runs_root)})
+        write_json(self.folder / CURRENT_FILE, {"file": file.name, "run_id": run_id,
+                                                "runs_root": str(self.client.runs_root)}, indent=1)
         try:
             self.client.start(settings, run_id=run_id, source=str(file))
         except RunActiveError:
