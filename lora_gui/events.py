@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Protocol
@@ -148,6 +149,19 @@ class Failed(Event):
     message: str
     step: int = 0
     detail: str = ""
+
+
+# THE out-of-memory sentence of a Failed event, and THE rule that recognises a GPU out-of-memory
+# error in an exception's "Type: message" text or a log (CUDA, ROCm/HIP, MPS, XPU; torch raises
+# torch.OutOfMemoryError). Used by the engine's explain() and the worker's failure reports alike.
+GPU_OOM = ("The GPU ran out of memory: lower the batch size or resolution, enable gradient "
+           "checkpointing, or use the AdamW8bit optimizer.")
+_GPU_OOM_RE = re.compile(r"out of memory|OutOfMemoryError", re.I)
+
+
+def is_gpu_out_of_memory(text: str) -> bool:
+    """Whether ``text`` (``f"{type(exc).__name__}: {exc}"`` or log lines) reports GPU out-of-memory."""
+    return bool(_GPU_OOM_RE.search(text))
 
 
 @dataclass(frozen=True)

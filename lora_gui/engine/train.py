@@ -75,9 +75,8 @@ def explain(exc: BaseException) -> str:
     if isinstance(exc, (EngineError, Diverged, ModelLoadError, DatasetError, OptimizerSettingError,
                         PromptLineError, FileExistsError)):
         return str(exc)
-    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
-        return ("The GPU ran out of memory: lower the batch size or resolution, enable gradient "
-                "checkpointing, or use the AdamW8bit optimizer.")
+    if ev.is_gpu_out_of_memory(f"{type(exc).__name__}: {exc}"):
+        return ev.GPU_OOM
     if isinstance(exc, FileNotFoundError):
         return f"A file or folder is missing: {exc.filename or exc}. Check the paths in the settings."
     if isinstance(exc, PermissionError):

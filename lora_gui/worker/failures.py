@@ -1,5 +1,5 @@
 """Turn what killed a run (an exception, an exit code, the log's last lines) into a sentence a user
-can act on. Standard library only."""
+can act on. Standard library and lora_gui.events only."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 import signal
 import traceback
 
-GPU_OOM = ("The GPU ran out of memory: lower the batch size or resolution, enable gradient "
-           "checkpointing, or use AdamW8bit.")
+from lora_gui.events import GPU_OOM, is_gpu_out_of_memory
+
 KILLED = ("The trainer was killed (signal 9), probably because the machine ran out of system "
           "memory: lower the batch size, resolution or number of workers.")
 DIVERGED = ("Training diverged (the loss became NaN or infinite): lower the learning rate (for "
@@ -17,8 +17,6 @@ VANISHED = ("The trainer process ended without reporting a result; it was probab
             "example because the machine ran out of system memory: lower the batch size, "
             "resolution or number of workers, and see train.log in the run folder.")
 
-_OOM_RE = re.compile(r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory|"
-                     r"HIP out of memory|MPS backend out of memory", re.I)
 _NAN_RE = re.compile(r"\bnan\b|\binf(inite)?\b.*loss|loss.*\b(nan|inf)\b|diverge", re.I)
 _MISSING_RE = re.compile(r"FileNotFoundError: (?:\[Errno 2\] [^:]*: )?'?(?P<name>[^'\n]+)'?")
 
@@ -40,8 +38,7 @@ def _signal_name(number: int) -> str:
 
 
 def _from_exception(exc: BaseException) -> str | None:
-    text = f"{type(exc).__name__}: {exc}"
-    if _OOM_RE.search(text):
+    if is_gpu_out_of_memory(f"{type(exc).__name__}: {exc}"):
         return GPU_OOM
     if isinstance(exc, FileNotFoundError):
         name = exc.filename or str(exc)
@@ -60,7 +57,7 @@ def _from_exception(exc: BaseException) -> str | None:
 
 
 def _from_log(log_tail: str) -> str | None:
-    if _OOM_RE.search(log_tail):
+    if is_gpu_out_of_memory(log_tail):
         return GPU_OOM
     match = _MISSING_RE.search(log_tail)
     if match:
