@@ -273,3 +273,53 @@ def test_settings_package_imports_neither_torch_nor_gradio():
             "bad = [m for m in ('torch', 'gradio', 'diffusers', 'transformers') if m in sys.modules]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# --- the one settings copy (save_json_only, save_json_folder) and the one "ours or foreign?" ----------
+
+def test_settings_copy_goes_to_save_json_folder_with_the_flag_off_and_never_overwrites(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    s = io.validate_document({"model": {"output_folder": str(tmp_path / "out"), "output_name": "cat"},
+                              "runs": {"save_json_only": True, "save_json_folder": "~/saved"}})
+    first = io.save_settings_copy(s)
+    assert first == tmp_path / "home" / "saved" / "cat.json"  # ~ expanded
+    copy = io.load_settings(first)
+    assert not copy.runs.save_json_only  # the copy trains when it is run later
+    assert copy.model_dump() == s.model_copy(update={"runs": copy.runs}).model_dump()
+    assert io.save_settings_copy(s) == first  # the same settings again: the same file
+    changed = io.apply_overrides(s, ["training.network_dim=8"])
+    second = io.save_settings_copy(changed)
+    assert second.parent == first.parent and second.name.startswith("cat-") and second != first
+    assert io.load_settings(first).training.network_dim == s.training.network_dim  # kept
+    assert io.load_settings(second).training.network_dim == 8
+    third = io.save_settings_copy(io.apply_overrides(s, ["training.network_dim=4"]))
+    assert len({first, second, third}) == 3  # two in the same second do not collide either
+    # without save_json_folder: the output folder; a run saving under another name passes it
+    plain = io.validate_document({"model": {"output_folder": str(tmp_path / "out"),
+                                            "output_name": "cat"}})
+    assert io.save_settings_copy(plain, name="cat-2") == tmp_path / "out" / "cat-2.json"
+
+
+def test_load_any_tells_ours_from_a_foreign_config():
+    from lora_gui.settings.foreign import load_any
+
+    ours, report = load_any({"training": {"network_dim": 12}})
+    assert report is None and ours.training.network_dim == 12
+    kohya = json.loads((FIXTURES / "seed001_config.json").read_text())
+    theirs, report = load_any(kohya)
+    assert report is not None and report.mapped and theirs == convert(kohya)[0]
+    current = io.validate_document({"model": {"img_folder": "/mine"}})
+    kept, _ = load_any({"model": {"img_folder": "/theirs"}}, current)
+    assert kept.model.img_folder == "/mine"  # the skip-list of the current settings holds
+    with pytest.raises(SettingsError, match="training.network_dim"):
+        load_any({"training": {"network_dim": -3}})
+
+
+def test_cli_train_with_save_json_only_writes_the_one_copy(tmp_path, capsys):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"model": {"output_folder": str(tmp_path / "o"), "output_name": "n"},
+                                "runs": {"save_json_only": True}}))
+    assert cli_main(["train", str(path)]) == 0
+    assert f"wrote {tmp_path / 'o' / 'n.json'} and did not train" in capsys.readouterr().out
+    assert not io.load_settings(tmp_path / "o" / "n.json").runs.save_json_only

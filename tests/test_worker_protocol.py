@@ -228,7 +228,8 @@ def test_a_hung_trainer_is_ended_and_never_stays_running(client, tmp_path):
     watcher = WorkerClient(client.runs_root, stale_after_s=2)
     info = wait_for(lambda: (i := watcher.attach(run.run_id).info()).final and i, 15, "failed")
     assert "stopped responding" in info.message
-    assert client._popens[run.run_id].wait(5) in (-signal.SIGKILL, -signal.SIGTERM)
+    # a stopped process cannot act on SIGTERM (it stays pending): SIGKILL ends it
+    assert client._popens[run.run_id].wait(5) == -signal.SIGKILL
 
 
 def test_sigterm_ends_the_run_as_failed_with_a_sentence(client, tmp_path):
@@ -427,3 +428,75 @@ def test_run_state_is_the_events_enum_with_final_and_active():
     assert RunState.of("stopped") is RunState.STOPPED and RunState("running") == "running"
     with pytest.raises(ValueError, match="unknown run state 'forced'.*queued, starting"):
         RunState.of("forced")
+
+
+# --- one rule each: printed events, the demo folder, ending a process group --------------------------
+
+def _progress(step: int, total: int, phase: str = "training") -> ev.Progress:
+    return ev.Progress(step=step, total_steps=total, epoch=1, epochs=1, elapsed_s=1.0,
+                       steps_per_s=2.5, eta_s=0.0, phase=phase)
+
+
+def test_printed_progress_is_thinned_by_one_rule():
+    # 100 steps: every 100 // 20 = 5th step and the last; 7 steps: every step (7 // 20 -> 1)
+    assert [s for s in range(1, 101) if ev.describe(_progress(s, 100))] == list(range(5, 101, 5))
+    assert [s for s in range(1, 8) if ev.progress_due(_progress(s, 7))] == list(range(1, 8))
+    assert [s for s in range(1, 11) if ev.describe(_progress(s, 10, "caching latents"))] == [10]
+    assert ev.describe(_progress(40, 100)) == "step 40/100 (2.50 steps/s)"
+    assert ev.describe(_progress(3, 3, "caching latents")) == "caching latents: 3/3 done"
+    assert ev.describe(ev.Log(message="hello", level="warning")) == "[warning] hello"
+    assert ev.describe(ev.Failed(message="No images.", step=4)) == "failed at step 4: No images."
+    assert ev.describe(ev.Finished(step=9, output_path="/o/a.safetensors", stopped=True)) \
+        == "stopped at step 9: /o/a.safetensors"
+    assert ev.describe(ev.LossReported(step=1, epoch=1, loss=0.1, lr=1e-4)) is None
+
+
+def test_queue_and_trainer_print_the_same_lines(capsys):
+    from lora_gui.worker import child, queue
+
+    events = [_progress(s, 40) for s in range(1, 41)] + [ev.Log(message="saved")]
+    lines: list[str] = []
+    for event in events:
+        queue._log_event(event, lines.append)
+        child._print(event)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.strip() for line in lines] == printed and len(printed) == 21
+
+
+def test_demo_folder_rule(tmp_path):
+    from lora_gui.worker.demo import demo_dir_for
+
+    def settings(base, images):
+        return io.validate_document({"model": {"base_model": str(base), "img_folder": str(images)}})
+
+    demo = tmp_path / "demo"
+    assert demo_dir_for(settings(demo / "model", demo / "dataset")) == demo
+    assert demo_dir_for(settings(demo / "model.safetensors", demo / "dataset")) == demo
+    assert demo_dir_for(settings(demo / "model", tmp_path / "other")) is None  # not a demo layout
+    assert demo_dir_for(settings(tmp_path / "sd15.safetensors", demo / "dataset")) is None
+    (demo / "model").mkdir(parents=True)
+    assert demo_dir_for(settings(demo / "model", demo / "dataset")) is None  # built already
+    assert demo_dir_for(io.defaults()) is None
+
+
+def test_terminate_group_ends_a_process_that_ignores_sigterm(tmp_path):
+    from lora_gui.worker.processes import terminate_group
+
+    code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        t0 = time.monotonic()
+        assert terminate_group(proc.pid, popen=proc, wait_s=0.5)
+        assert proc.wait(5) == -signal.SIGKILL and time.monotonic() - t0 < 5
+        polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                  start_new_session=True)
+        assert terminate_group(polite.pid, popen=polite, wait_s=5)
+        assert polite.wait(5) == -signal.SIGTERM
+    finally:
+        for p in (proc, locals().get("polite")):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(5)
+        proc.stdout.close()

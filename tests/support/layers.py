@@ -3,7 +3,7 @@
 Every ``import`` and ``from ... import`` of every module is read with ``ast`` (function-level and
 ``TYPE_CHECKING`` imports included), so an import hidden inside a function cannot cross a layer.
 
-    settings, events  <-  dataset  <-  engine  <-  worker  <-  ui  <-  cli
+    (atomic)  <-  settings, events  <-  dataset  <-  engine  <-  worker  <-  ui  <-  cli
 
 A module may import the modules of its own package and of the layers below it, never those above
 it or its peer (settings and events import neither each other nor anything else of lora_gui; the
@@ -24,12 +24,13 @@ from pathlib import Path
 
 # package (or top-level module) -> layer; higher layers may import lower ones.
 LAYERS: dict[str, int] = {
-    "__init__": 0, "settings": 0, "events": 0,
-    "dataset": 1,
-    "engine": 2,
-    "worker": 3,
-    "ui": 4,
-    "cli": 5,  # the command line: `lora-gui gui` starts the page's launcher
+    "__init__": 0, "atomic": 0,  # lora_gui/atomic.py: atomic file writes, standard library only
+    "settings": 1, "events": 1,
+    "dataset": 2,
+    "engine": 3,
+    "worker": 4,
+    "ui": 5,
+    "cli": 6,  # the command line: `lora-gui gui` starts the page's launcher
 }
 SAME_LAYER_AS = {"cli_terminal": "cli"}  # lora_gui/cli_terminal.py is part of the command line
 NEVER: dict[str, set[str]] = {"ui": {"engine"}}  # imports forbidden although the layer allows them
