@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_gui import events as ev
+from lora_gui.engine import reporting
 from lora_gui.engine import train as train_module
 from lora_gui.engine.network import ADAPTER_NAME, load_lora_file
 from lora_gui.engine.noise import training_target
@@ -471,7 +472,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(
 ):
     # Report every loss at once (not every 0.5 s), so the Stop sent on the loss of step `stop`
     # is polled at the end of that very step.
-    monkeypatch.setattr(train_module, "REPORT_INTERVAL_S", 0.0)
+    monkeypatch.setattr(reporting, "REPORT_INTERVAL_S", 0.0)
     common = [
         "images.max_steps=8",
         "training.batch_size=2",

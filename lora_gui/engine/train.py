@@ -13,7 +13,6 @@ between model families is the run's ``families.ModelFamily``.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -24,16 +23,15 @@ import torch.nn.functional as F
 
 from lora_gui import events as ev
 from lora_gui.dataset.summary import derive_seed
-from lora_gui.engine import checkpoint, evaluation, setup
+from lora_gui.engine import checkpoint, evaluation, reporting, setup
 from lora_gui.engine.errors import Diverged, EngineError
 from lora_gui.engine.families import family_for, stack_conditioning
 from lora_gui.engine.loader import make_loader
 from lora_gui.engine.noise import host_to, offset_noise, pyramid_noise
+from lora_gui.engine.optim import clip_gradients
 from lora_gui.settings import TrainingSettings
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-REPORT_INTERVAL_S = 0.5
 
 __all__ = ["Diverged", "EngineError", "RunPosition", "Trainer", "TrainingResult", "explain", "run_training"]
 
@@ -194,7 +192,7 @@ class Trainer:
             loss = self._loss(batch, p.epoch, batch_index)
             self.acc.backward(loss)
             if self.acc.sync_gradients and s.training.max_grad_norm > 0:
-                self._clip_gradients(s.training.max_grad_norm)
+                clip_gradients(self.acc, self.params, s.training.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -213,22 +211,6 @@ class Trainer:
         if _every(s.samples.sample_every_n_steps, p.step):
             evaluation.sample(self, p.step, p.epoch + 1)
         return self._obey_commands()
-
-    def _clip_gradients(self, max_norm: float) -> None:
-        """``accelerate.clip_grad_norm_``; on the CPU the same computation (torch's total norm, then
-        every gradient times clamp(max_norm / (norm + eps), max=1)) without the multiplication when
-        the factor is exactly 1 (x * 1.0 == x): the usual case, and ~1 % of a small model's step.
-        Reading the norm is free on the CPU; on a GPU it would wait for the device, so the GPU path
-        is accelerate's."""
-        utils = torch.nn.utils
-        if self.device.type != "cpu" or not hasattr(utils, "clip_grads_with_norm_"):
-            self.acc.clip_grad_norm_(self.params, max_norm)
-            return
-        total = utils.get_total_norm([p.grad for p in self.params if p.grad is not None], 2.0)
-        # Skipped only when the factor is certainly above 1 (whatever eps <= 1e-5 torch uses);
-        # never for a norm that is not finite.
-        if not float(total) + 1e-5 + 1e-3 * max_norm <= max_norm:
-            utils.clip_grads_with_norm_(self.params, max_norm, total)
 
     def _obey_commands(self) -> str | None:
         p = self.progress
@@ -314,36 +296,8 @@ class Trainer:
         with torch.no_grad():
             return self._encode(captions)
 
-    # --- reporting ------------------------------------------------------------------------------
-
     def _flush(self, force: bool = False) -> None:
-        """Report buffered losses. Reading a loss waits for the device, so it happens at most every
-        half second (and at once for the first step), not after every step."""
-        now = time.time()
-        if not self._pending or not (force or now - self._last_report >= REPORT_INTERVAL_S
-                                     or not self.losses):
-            return
-        values = torch.stack([loss for _, _, loss, _ in self._pending]).float().cpu().tolist()
-        pending, self._pending = self._pending, []
-        self._last_report = now
-        for (step, epoch, _, lr), value in zip(pending, values):
-            if not math.isfinite(value):
-                raise Diverged(
-                    f"The loss became {value} at step {step}: the learning rate is probably too high "
-                    "(or fp16 overflowed). Lower training.learning_rate or use bf16; the last saved "
-                    "checkpoint is kept.")
-            self.losses.append(value)
-            self.emit(ev.LossReported(step=step, epoch=epoch, loss=value, lr=lr))
-            if self._writer is not None:
-                self._writer.add_scalar("loss/train", value, step)
-                self._writer.add_scalar("lr", lr, step)
-        p, done = self.progress, self.progress.step - self._step_at_loop
-        elapsed = now - self._t_loop
-        rate = done / elapsed if elapsed > 0 else 0.0
-        remaining = self.plan.total_steps - p.step
-        self.emit(ev.Progress(step=p.step, total_steps=self.plan.total_steps, epoch=p.epoch + 1,
-                              epochs=self.plan.epochs, elapsed_s=now - self.t_start, steps_per_s=rate,
-                              eta_s=remaining / rate if rate > 0 else 0.0))
+        reporting.flush(self, force)
 
 
 def _every(n: int, count: int) -> bool:
