@@ -108,8 +108,9 @@ def scan(folder: Path) -> dict:
         t0 = time.perf_counter()
         info = scan_dataset(folder, repeats=1)
         t1 = time.perf_counter()
-        buckets = plan_buckets(info, BucketOptions((512, 512), enabled=True, min_reso=256, max_reso=1024,
-                                                   step=64, no_upscale=False))
+        buckets = plan_buckets(info, BucketOptions((512, 512), buckets=True, min_bucket_resolution=256,
+                                                   max_bucket_resolution=1024, bucket_reso_steps=64,
+                                                   bucket_no_upscale=False))
         t2 = time.perf_counter()
     finally:
         ImageFile.ImageFile.load = original

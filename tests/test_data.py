@@ -470,7 +470,8 @@ def test_tag_frequency_and_report_order(tmp_path):
 
 def test_summary_for_gui_and_torch_free_imports(tmp_path):
     info = scan_dataset(make_parent_layout(tmp_path), repeats=1)
-    small = BucketOptions((128, 128), enabled=True, min_reso=64, max_reso=256, step=64, no_upscale=False)
+    small = BucketOptions((128, 128), buckets=True, min_bucket_resolution=64, max_bucket_resolution=256,
+                          bucket_reso_steps=64, bucket_no_upscale=False)
     summary = dataset_summary(info, small, batch_size=3, validation_split=0.0, seed=7)
     mychar = summary.folders[0]
     assert (mychar.repeats, mychar.images, mychar.captions, len(mychar.without_captions)) == (10, 4, 2, 2)

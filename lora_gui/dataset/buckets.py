@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,33 +23,31 @@ Bucket = tuple[int, int]
 
 @dataclass(frozen=True)
 class BucketOptions:
-    """The five bucket settings and the resolution, read from the settings in one place.
+    """The bucket settings, read from the settings in one place: each field is the ``ImageSettings``
+    setting of the same name (``resolution`` as (width, height)).
 
-    No defaults and no checks of its own: the schema (``ImageSettings``) declares and checks them.
+    No defaults and no checks of its own: the schema declares and checks them.
     """
 
     resolution: tuple[int, int]
-    enabled: bool
-    min_reso: int
-    max_reso: int
-    step: int
-    no_upscale: bool
+    buckets: bool
+    min_bucket_resolution: int
+    max_bucket_resolution: int
+    bucket_reso_steps: int
+    bucket_no_upscale: bool
 
     @classmethod
     def from_settings(cls, settings: TrainingSettings) -> BucketOptions:
         img = settings.images
-        return cls(
-            resolution=img.resolution_wh,
-            enabled=img.buckets,
-            min_reso=img.min_bucket_resolution,
-            max_reso=img.max_bucket_resolution,
-            step=img.bucket_reso_steps,
-            no_upscale=img.bucket_no_upscale,
-        )
+        same = {f.name: getattr(img, f.name) for f in fields(cls) if f.name != "resolution"}
+        return cls(resolution=img.resolution_wh, **same)
 
-    def buckets(self) -> list[Bucket]:
+    def sizes(self) -> list[Bucket]:
         """The bucket sizes (none when bucketing is off: every image goes to the resolution)."""
-        return make_buckets(self.resolution, self.min_reso, self.max_reso, self.step) if self.enabled else []
+        if not self.buckets:
+            return []
+        return make_buckets(self.resolution, self.min_bucket_resolution, self.max_bucket_resolution,
+                            self.bucket_reso_steps)
 
 
 def _floor_to(value: float, step: int) -> int:
@@ -127,16 +125,16 @@ def choose_bucket(
 
 def plan_buckets(info: DatasetInfo, options: BucketOptions) -> dict[Path, Bucket]:
     """The bucket of every image in ``info`` (the same plan for the preview and for training)."""
-    buckets = options.buckets()
+    sizes = options.sizes()
     return {
         image.path: choose_bucket(
             image.width,
             image.height,
             resolution=options.resolution,
-            enable_buckets=options.enabled,
-            no_upscale=options.no_upscale,
-            step=options.step,
-            buckets=buckets,
+            enable_buckets=options.buckets,
+            no_upscale=options.bucket_no_upscale,
+            step=options.bucket_reso_steps,
+            buckets=sizes,
         )
         for subset in info.subsets
         for image in subset.images

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,27 +21,21 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class CaptionOptions:
-    """The caption settings of the Labels tab, read from the settings in one place.
+    """The caption settings, read from the settings in one place: each field is the
+    ``LabelSettings`` setting of the same name.
 
-    No defaults and no checks of its own: the schema (``LabelSettings``) declares and checks them.
+    No defaults and no checks of its own: the schema declares and checks them.
     """
 
-    shuffle: bool
+    shuffle_caption: bool
     keep_tokens: int
-    dropout_rate: float
-    dropout_every_n_epochs: int
-    tag_dropout_rate: float
+    caption_dropout_rate: float
+    caption_dropout_every_n_epochs: int
+    caption_tag_dropout_rate: float
 
     @classmethod
     def from_settings(cls, settings: TrainingSettings) -> CaptionOptions:
-        lab = settings.labels
-        return cls(
-            shuffle=lab.shuffle_caption,
-            keep_tokens=lab.keep_tokens,
-            dropout_rate=lab.caption_dropout_rate,
-            dropout_every_n_epochs=lab.caption_dropout_every_n_epochs,
-            tag_dropout_rate=lab.caption_tag_dropout_rate,
-        )
+        return cls(**{f.name: getattr(settings.labels, f.name) for f in fields(cls)})
 
     def apply(self, caption: str, trigger_words: str, epoch: int, rng: random.Random) -> str:
         """The caption trained with in ``epoch`` (see :func:`process_caption`)."""
@@ -49,10 +43,10 @@ class CaptionOptions:
             caption,
             trigger_words=trigger_words,
             keep_tokens=self.keep_tokens,
-            shuffle=self.shuffle,
-            tag_dropout_rate=self.tag_dropout_rate,
-            dropout_rate=self.dropout_rate,
-            drop_all=drop_all_captions(epoch, self.dropout_every_n_epochs),
+            shuffle=self.shuffle_caption,
+            tag_dropout_rate=self.caption_tag_dropout_rate,
+            dropout_rate=self.caption_dropout_rate,
+            drop_all=drop_all_captions(epoch, self.caption_dropout_every_n_epochs),
             rng=rng,
         )
 

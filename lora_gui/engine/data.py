@@ -16,7 +16,7 @@ import json
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +48,8 @@ ProgressCallback = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class DataOptions:
-    """The data settings of a run, built from the settings by :meth:`from_settings` only.
+    """The data settings of a run, built from the settings by :meth:`from_settings` only: the bucket
+    and caption options, and the settings of the same name from ``images`` and ``training``.
 
     No defaults and no checks of its own: the schema declares and checks every value.
     """
@@ -64,17 +65,9 @@ class DataOptions:
 
     @classmethod
     def from_settings(cls, settings: TrainingSettings) -> DataOptions:
-        img, tr = settings.images, settings.training
-        return cls(
-            buckets=BucketOptions.from_settings(settings),
-            captions=CaptionOptions.from_settings(settings),
-            flip_aug=img.flip_aug,
-            color_aug=img.color_aug,
-            random_crop=img.random_crop,
-            batch_size=tr.batch_size,
-            seed=tr.seed,
-            validation_split=tr.validation_split,
-        )
+        same = {f.name: settings.get(f.name) for f in fields(cls) if f.name not in ("buckets", "captions")}
+        return cls(buckets=BucketOptions.from_settings(settings),
+                   captions=CaptionOptions.from_settings(settings), **same)
 
 
 @dataclass(frozen=True)
