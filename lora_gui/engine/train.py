@@ -98,7 +98,14 @@ def run_training(settings: TrainingSettings, events: ev.EventSink,
 
 
 class Trainer:
-    """One run: ``setup.set_up`` builds it, ``_train`` runs the loop."""
+    """One run: ``setup.set_up`` builds it, ``_train`` runs the loop.
+
+    Set-up fills in: ``acc`` (accelerate), ``device``, ``weight_dtype``, ``out_dir``, ``name``;
+    ``model`` (the family's loaded base) with ``unet``, ``text_encoders``, ``vae``, ``scheduler``;
+    ``info``, ``dataset``, ``run_batches``, ``plan``, ``num_train_images``; ``network``,
+    ``network_alpha``, ``text_cache``; ``params``, ``optimizer``, ``lr_scheduler``,
+    ``trained_models``; ``sample_prompts``; ``facts`` (the metadata's run facts).
+    """
 
     def __init__(self, settings: TrainingSettings, events: ev.EventSink, commands: ev.CommandSource):
         self.settings, self._events, self.commands = settings, events, commands
