@@ -18,6 +18,7 @@ from lora_gui.settings import TrainingSettings
 from lora_gui.ui.demo_build import DemoBuildError, build_demo
 from lora_gui.ui.runview import RunView
 from lora_gui.worker.demo import demo_dir_for
+from lora_gui.worker.processes import terminate_group
 
 END_WAIT_S = 10  # how long a shutdown waits for a demo build to end before killing it
 
@@ -134,12 +135,7 @@ class RunController:
         """End a demo build still running (shutdown)."""
         proc = self._demo_proc
         if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=END_WAIT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate_group(proc.pid, popen=proc, wait_s=END_WAIT_S)
         if self._demo_thread is not None:
             self._demo_thread.join(timeout=END_WAIT_S)
 
