@@ -84,6 +84,10 @@ def _copy_with(tmp_path: Path, module: str, extra: str) -> Path:
     # settings reaching up into the dataset, with a relative import
     ("settings/io.py", "from ..dataset import scan\n",
      "lora_gui.settings.io imports lora_gui.dataset.scan (settings must not import dataset)"),
+    # a type-only import counts for the layers too
+    ("dataset/scan.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+     "    from lora_gui.engine.data import DataOptions\n",
+     "lora_gui.dataset.scan imports lora_gui.engine.data (dataset must not import engine)"),
     # the queue-folder functions importing the client back: a cycle inside one layer
     ("worker/queue_files.py", "def _c():\n    from lora_gui.worker.client import WorkerClient\n",
      "import cycle: lora_gui.worker.client <-> lora_gui.worker.queue_files"),
@@ -118,3 +122,17 @@ def test_make_test_stops_with_a_sentence_when_chromium_is_missing_and_cannot_be_
     dry = subprocess.run(["make", "-n", "test", "CHROMIUM=no-such-chromium-xyz"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert dry.stdout.index("no-such-chromium-xyz") < dry.stdout.index("-m pytest")
+
+
+def test_a_type_only_import_back_is_no_cycle_but_a_run_time_one_is(tmp_path):
+    layers = _layers()
+    before = layers.check(ROOT / "lora_gui")
+    back = "from lora_gui.worker.client import WorkerClient"
+    typed = _copy_with(tmp_path / "typed", "worker/queue_files.py",
+                       f"from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    {back}\n")
+    assert [p for p in layers.check(typed) if p not in before] == []
+    assert "lora_gui.worker.client" in layers.import_graph(typed)["lora_gui.worker.queue_files"]
+    run_time = _copy_with(tmp_path / "run", "worker/queue_files.py", back)
+    assert [p for p in layers.check(run_time) if p not in before] == [
+        "import cycle: lora_gui.worker.client <-> lora_gui.worker.queue_files: move the shared code "
+        "into a module both can import"]

@@ -6,10 +6,12 @@ Every ``import`` and ``from ... import`` of every module is read with ``ast`` (f
     (atomic)  <-  settings, events  <-  dataset  <-  engine  <-  worker  <-  ui  <-  cli
 
 A module may import the modules of its own package and of the layers below it, never those above
-it or its peer (settings and events import neither each other nor anything else of lora_gui; the
-command line is on top only to start the page: ``lora-gui gui``). The page (``lora_gui.ui``) never imports
-``lora_gui.engine``, although the engine is below it: the web process must not load torch. And no
-two modules import each other, directly or through others (no cycles).
+it or its peer (settings and events import neither each other nor anything else of lora_gui but
+``atomic``; the command line is on top only to start the page: ``lora-gui gui``). The page
+(``lora_gui.ui``) never imports ``lora_gui.engine``, although the engine is below it: the web
+process must not load torch. And no modules import each other at run time, directly or through
+others (no cycles); an import under ``if TYPE_CHECKING:`` never runs, so it counts for the layers
+but not for cycles (it is how a module names a type without importing its module at run time).
 
 Standard library only, and it never imports lora_gui: it reads the files of any copy of the package
 (the test runs it over a copy with a wrong import added, to show that it fails).
@@ -48,10 +50,23 @@ def module_names(package_dir: Path) -> dict[str, Path]:
     return names
 
 
-def _imported(tree: ast.AST, module: str, is_package: bool):
-    """(line, dotted name) of everything a module imports; ``from X import Y`` yields ``X.Y``
-    (the caller keeps it when it is a module, else falls back to ``X``)."""
+def _type_only(tree: ast.AST) -> set[int]:
+    """The ids of the nodes inside ``if TYPE_CHECKING:`` blocks (imports that never run)."""
+    found: set[int] = set()
     for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            found.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return found
+
+
+def _imported(tree: ast.AST, module: str, is_package: bool, runtime_only: bool = False):
+    """(line, dotted name) of everything a module imports; ``from X import Y`` yields ``X.Y``
+    (the caller keeps it when it is a module, else falls back to ``X``). ``runtime_only`` leaves
+    out the imports under ``if TYPE_CHECKING:``."""
+    skip = _type_only(tree) if runtime_only else set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield node.lineno, alias.name
@@ -65,15 +80,16 @@ def _imported(tree: ast.AST, module: str, is_package: bool):
                 yield node.lineno, f"{base}.{alias.name}" if alias.name != "*" else base
 
 
-def import_graph(package_dir: Path) -> dict[str, dict[str, int]]:
-    """Module -> {imported module of the package: line}."""
+def import_graph(package_dir: Path, runtime_only: bool = False) -> dict[str, dict[str, int]]:
+    """Module -> {imported module of the package: line}; with ``runtime_only``, without the
+    imports under ``if TYPE_CHECKING:``."""
     names = module_names(package_dir)
     root = Path(package_dir).name
     graph: dict[str, dict[str, int]] = {}
     for module, path in names.items():
         edges = graph.setdefault(module, {})
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-        for line, name in _imported(tree, module, path.name == "__init__.py"):
+        for line, name in _imported(tree, module, path.name == "__init__.py", runtime_only):
             while name and name not in names:  # `from pkg import function` -> pkg
                 name = name.rpartition(".")[0]
             if name.split(".")[0] == root and name != module:
@@ -147,7 +163,7 @@ def check(package_dir: str | Path) -> list[str]:
     graph = import_graph(package_dir)
     bad = layer_violations(graph, files)
     bad += [f"import cycle: {' <-> '.join(c)}: move the shared code into a module both can import"
-            for c in cycles(graph)]
+            for c in cycles(import_graph(package_dir, runtime_only=True))]
     return bad
 
 
