@@ -251,38 +251,64 @@ def load_base_model(
             f"The base model {path} does not exist: choose a diffusers folder or a .safetensors/.ckpt file."
         )
     notes: list[str] = []
-    if path.is_dir():
-        _check_folder(path)
-        family, cfg = folder_family(path), path
-        tokenizer, text_encoder, unet, vae = _load_folder(path, dtype)
-        base_prediction = read_json(path / "scheduler" / "scheduler_config.json").get(
-            "prediction_type", "epsilon"
-        )
-    else:
-        state = read_state_dict(path)
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
-        family = family_from_shapes(shapes)
-        _refuse_family(path, family)
-        if not any(k.startswith("model.diffusion_model.") for k in state):
-            _refuse_family(path, "unknown")
-        cfg = select_config(path, shapes, family, config_dir)
-        tokenizer, text_encoder, unet, vae = _load_single_file(path, state, cfg, dtype)
-        del state
-        # 768-v and 512-base SD 2 files have identical weights' shapes: the flag decides.
-        base_prediction = (
-            None
-            if cfg == SHIPPED_CONFIGS["sd2"]
-            else (read_json(cfg / "scheduler" / "scheduler_config.json").get("prediction_type", "epsilon"))
-        )
-        if cfg != SHIPPED_CONFIGS.get(family):
-            notes.append(f"Read {path.name} with the configuration of {cfg}.")
+    family, cfg, (tokenizer, text_encoder, unet, vae), base_prediction = _read_base(
+        path, config_dir, dtype, notes
+    )
     if vae_path is not None:
         vae = _load_vae(Path(vae_path).expanduser(), cfg, dtype)
         notes.append(f"Using the VAE from {vae_path} instead of the base model's.")
     elif vae is None:
         raise ModelLoadError(f"{path} contains no VAE: choose a VAE file or folder in the VAE setting.")
-
     is_v2 = family == "sd2"
+    prediction_type = "v_prediction" if v_parameterization else "epsilon"
+    notes += _objective_notes(is_v2, v2, v_parameterization, base_prediction)
+    version = "sd_v1" if not is_v2 else ("sd_v2_v" if v_parameterization else "sd_v2")
+    return LoadedModel(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        noise_scheduler=_training_scheduler(cfg, prediction_type),
+        version=version,
+        is_v2=is_v2,
+        prediction_type=prediction_type,
+        notes=notes,
+        config_dir=cfg,
+    )
+
+
+def _read_base(path: Path, config_dir, dtype: torch.dtype, notes: list[str]):
+    """(family, config folder, (tokenizer, text encoder, U-Net, VAE or None), the base's prediction
+    type or None when the weights cannot tell) for a diffusers folder or a single file."""
+    if path.is_dir():
+        _check_folder(path)
+        family = folder_family(path)
+        parts = _load_folder(path, dtype)
+        prediction = read_json(path / "scheduler" / "scheduler_config.json").get("prediction_type", "epsilon")
+        return family, path, parts, prediction
+    state = read_state_dict(path)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    family = family_from_shapes(shapes)
+    _refuse_family(path, family)
+    if not any(k.startswith("model.diffusion_model.") for k in state):
+        _refuse_family(path, "unknown")
+    cfg = select_config(path, shapes, family, config_dir)
+    parts = _load_single_file(path, state, cfg, dtype)
+    del state
+    # 768-v and 512-base SD 2 files have identical weights' shapes: the flag decides.
+    prediction = (
+        None
+        if cfg == SHIPPED_CONFIGS["sd2"]
+        else read_json(cfg / "scheduler" / "scheduler_config.json").get("prediction_type", "epsilon")
+    )
+    if cfg != SHIPPED_CONFIGS.get(family):
+        notes.append(f"Read {path.name} with the configuration of {cfg}.")
+    return family, cfg, parts, prediction
+
+
+def _objective_notes(is_v2: bool, v2: bool, v_parameterization: bool, base_prediction: str | None) -> list[str]:
+    """Sentences where the v2 / v_parameterization flags disagree with what the base model says."""
+    notes = []
     if is_v2 and not v2:
         notes.append("The base model is SD 2.x although v2 was not set: using SD 2.x.")
     elif v2 and not is_v2:
@@ -298,16 +324,4 @@ def load_base_model(
             f"The base model's scheduler uses {base_prediction} but v_parameterization is "
             f"{'on' if v_parameterization else 'off'}: training with {prediction_type} as set, which may not match the base."
         )
-    version = "sd_v1" if not is_v2 else ("sd_v2_v" if v_parameterization else "sd_v2")
-    return LoadedModel(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        unet=unet,
-        vae=vae,
-        noise_scheduler=_training_scheduler(cfg, prediction_type),
-        version=version,
-        is_v2=is_v2,
-        prediction_type=prediction_type,
-        notes=notes,
-        config_dir=cfg,
-    )
+    return notes
