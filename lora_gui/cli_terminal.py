@@ -83,10 +83,11 @@ def train_from_cli(settings: TrainingSettings) -> int:
 
 
 def _report(result) -> int:
-    if result.status == "failed":
+    state = ev.RunState.of(result.status)
+    if state is ev.RunState.FAILED:
         print(f"error: {result.message}", file=sys.stderr)
         return 1
-    print(f"{'Stopped' if result.status == 'stopped' else 'Finished'} at step {result.step}.")
+    print(f"{'Stopped' if state is ev.RunState.STOPPED else 'Finished'} at step {result.step}.")
     print(f"LoRA: {result.output_path}")
     if result.state_dir:
         print(f"State: {result.state_dir}")
