@@ -93,8 +93,9 @@ def write_scan_dataset(folder: Path, n: int) -> Path:
 def scan(folder: Path) -> dict:
     from PIL import ImageFile
 
-    from lora_gui.dataset.buckets import BucketOptions, plan_buckets
+    from lora_gui.dataset.buckets import BucketOptions
     from lora_gui.dataset.scan import scan_dataset
+    from lora_gui.dataset.summary import plan_buckets
 
     calls = {"load": 0}
     original = ImageFile.ImageFile.load

@@ -11,11 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lora_gui.dataset.scan import DatasetInfo
     from lora_gui.settings import TrainingSettings
 
 Bucket = tuple[int, int]
@@ -121,21 +119,3 @@ def choose_bucket(
     if no_upscale:
         return no_upscale_bucket(width, height, resolution[0] * resolution[1], step)
     return assign_bucket(width, height, buckets)
-
-
-def plan_buckets(info: DatasetInfo, options: BucketOptions) -> dict[Path, Bucket]:
-    """The bucket of every image in ``info`` (the same plan for the preview and for training)."""
-    sizes = options.sizes()
-    return {
-        image.path: choose_bucket(
-            image.width,
-            image.height,
-            resolution=options.resolution,
-            enable_buckets=options.buckets,
-            no_upscale=options.bucket_no_upscale,
-            step=options.bucket_reso_steps,
-            buckets=sizes,
-        )
-        for subset in info.subsets
-        for image in subset.images
-    }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from lora_gui.dataset.buckets import Bucket, BucketOptions, plan_buckets
+from lora_gui.dataset.buckets import Bucket, BucketOptions, choose_bucket
 from lora_gui.dataset.captions import sorted_tags, tag_frequency
 from lora_gui.dataset.scan import DatasetInfo
 
@@ -59,6 +59,24 @@ def cycle_to_length(pool: Sequence[T], length: int, seed: int) -> list[T]:
 def count_batches(bucket_counts: dict[Bucket, int], batch_size: int) -> int:
     """Batches per epoch: batches never mix buckets, so each bucket rounds up on its own."""
     return sum(math.ceil(n / batch_size) for n in bucket_counts.values() if n)
+
+
+def plan_buckets(info: DatasetInfo, options: BucketOptions) -> dict[Path, Bucket]:
+    """The bucket of every image in ``info`` (the same plan for the preview and for training)."""
+    sizes = options.sizes()
+    return {
+        image.path: choose_bucket(
+            image.width,
+            image.height,
+            resolution=options.resolution,
+            enable_buckets=options.buckets,
+            no_upscale=options.bucket_no_upscale,
+            step=options.bucket_reso_steps,
+            buckets=sizes,
+        )
+        for subset in info.subsets
+        for image in subset.images
+    }
 
 
 # --- summary for the GUI --------------------------------------------------------------------------

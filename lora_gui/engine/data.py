@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lora_gui.atomic import atomic_open
-from lora_gui.dataset.buckets import Bucket, BucketOptions, plan_buckets
+from lora_gui.dataset.buckets import Bucket, BucketOptions
 from lora_gui.dataset.captions import CaptionOptions, process_caption
 from lora_gui.dataset.images import load_image_array, random_hue_shift
 from lora_gui.dataset.scan import DatasetInfo, ImageEntry, Subset
@@ -33,6 +33,7 @@ from lora_gui.dataset.summary import (
     cycle_to_length,
     dataset_summary,
     derive_seed,
+    plan_buckets,
     split_validation,
 )
 

@@ -11,10 +11,10 @@ from typing import Any
 from PIL import Image
 from pydantic import ValidationError
 
-from lora_gui.dataset.buckets import BucketOptions, plan_buckets
+from lora_gui.dataset.buckets import BucketOptions
 from lora_gui.dataset.captions import sorted_tags, tag_frequency
 from lora_gui.dataset.scan import DatasetError, iter_images, scan_dataset
-from lora_gui.dataset.summary import dataset_summary
+from lora_gui.dataset.summary import dataset_summary, plan_buckets
 from lora_gui.settings.schema import GROUPS, TrainingSettings
 from lora_gui.ui.fields import SPEC_BY_KEY, values_to_document
 
