@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lora_gui import events as ev
 from lora_gui.dataset.summary import derive_seed
 from lora_gui.engine import checkpoint, evaluation, reporting, setup
-from lora_gui.engine.errors import Diverged, EngineError
+from lora_gui.engine.errors import Diverged, EngineError, explain
 from lora_gui.engine.families import family_for, stack_conditioning
 from lora_gui.engine.loader import make_loader
 from lora_gui.engine.noise import host_to, offset_noise, pyramid_noise
@@ -61,25 +61,6 @@ class RunPosition:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
-
-
-def explain(exc: BaseException) -> str:
-    """One sentence the user can act on."""
-    from lora_gui.dataset.scan import DatasetError
-    from lora_gui.engine.model_files import ModelLoadError
-    from lora_gui.engine.optim import OptimizerSettingError
-    from lora_gui.engine.sampling import PromptLineError
-
-    if isinstance(exc, (EngineError, Diverged, ModelLoadError, DatasetError, OptimizerSettingError,
-                        PromptLineError, FileExistsError)):
-        return str(exc)
-    if ev.is_gpu_out_of_memory(f"{type(exc).__name__}: {exc}"):
-        return ev.GPU_OOM
-    if isinstance(exc, FileNotFoundError):
-        return f"A file or folder is missing: {exc.filename or exc}. Check the paths in the settings."
-    if isinstance(exc, PermissionError):
-        return f"lora-gui may not write {exc.filename or exc}: choose a folder you can write to."
-    return f"Training failed: {type(exc).__name__}: {exc}"
 
 
 def run_training(settings: TrainingSettings, events: ev.EventSink,
