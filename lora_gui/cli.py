@@ -1,4 +1,5 @@
-"""Headless entry points: `lora-gui config ...`, `lora-gui demo`, `lora-gui train`, `lora-gui gui`.
+"""Headless entry points: `lora-gui config ...`, `lora-gui demo`, `lora-gui train`, `lora-gui tools ...`,
+`lora-gui gui`.
 
 Heavy modules (torch, gradio) are imported inside the commands that need them, so `config` stays
 fast and light.
@@ -92,6 +93,50 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return queue_main(args.queue_args)
 
 
+def cmd_tools(args: argparse.Namespace) -> int:
+    from lora_gui.settings.tools import parse_job
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command", "runs_dir", "tool")}
+    job = parse_job({"kind": args.tool, **{k: v for k, v in fields.items() if v is not None}})
+    from lora_gui.cli_terminal import tool_from_cli
+
+    return tool_from_cli(job, args.runs_dir)
+
+
+def _add_tool_parsers(sub) -> None:
+    """``lora-gui tools resize|merge|extract|inspect``: the options are the job's fields
+    (settings/tools.py), with their descriptions as help."""
+    from typing import Literal, get_args, get_origin
+
+    from lora_gui.settings.tools import ExtractJob, InspectJob, MergeJob, ResizeJob
+
+    tools = sub.add_parser("tools", help="resize, merge, extract and inspect LoRAs (in the background worker)")
+    tsub = tools.add_subparsers(dest="tool", required=True)
+    for model in (ResizeJob, MergeJob, ExtractJob, InspectJob):
+        kind = model.model_fields["kind"].default
+        p = tsub.add_parser(kind, help=(model.__doc__ or kind).splitlines()[0])
+        for name, field in model.model_fields.items():
+            if name == "kind":
+                continue
+            types = [t for t in (get_args(field.annotation) or (field.annotation,)) if t is not type(None)]
+            types = [c for t in types for c in (get_args(t) if get_origin(t) is Literal else (t,))]
+            kwargs: dict = {"help": field.description}
+            if field.annotation is bool:
+                kwargs.update(action="store_true", default=None)
+            elif getattr(field.annotation, "__origin__", None) is list:
+                kwargs.update(nargs="+", type=get_args(field.annotation)[0])
+            elif types and types[0] in (int, float):
+                kwargs["type"] = types[0]
+            elif all(isinstance(t, str) for t in types):
+                kwargs["choices"] = types
+            if field.is_required():
+                p.add_argument(name, **kwargs)
+            else:
+                p.add_argument("--" + name.replace("_", "-"), dest=name, **kwargs)
+        p.add_argument("--runs-dir", default="runs", help="where the tool's run folder goes (RUNS/tools/...)")
+        p.set_defaults(func=cmd_tools)
+
+
 def cmd_gui(args: argparse.Namespace) -> int:
     from lora_gui.ui.launch import main as gui_main
 
@@ -135,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("queue_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_queue)
+
+    _add_tool_parsers(sub)
 
     p = sub.add_parser("gui", help="open the browser GUI", add_help=False)
     p.add_argument("gui_args", nargs=argparse.REMAINDER)

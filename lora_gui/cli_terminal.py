@@ -95,3 +95,73 @@ def _report(result) -> int:
         if path != result.output_path:
             print(f"  wrote {path}")
     return 0
+
+
+# --- lora-gui tools ... ------------------------------------------------------------------------
+
+def tool_from_cli(job, runs_dir: str, timeout_s: float = 24 * 3600) -> int:
+    """Run a tool job in the background worker (a run folder under ``runs_dir/tools``), follow its
+    progress with a bar, Ctrl+C asks it to stop; then print what it did."""
+    import json
+    import time
+
+    from lora_gui.worker.client import WorkerClient
+
+    client = WorkerClient(runs_dir).tools_client()
+    run = client.start_tool(job)
+    stop_sent = []
+
+    def on_interrupt(signum, frame):
+        if stop_sent:
+            raise KeyboardInterrupt
+        print("\nStopping the tool (press Ctrl+C again to leave it running) ...", file=sys.stderr)
+        run.stop()
+        stop_sent.append(True)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    bar, since, deadline = None, 0, time.monotonic() + timeout_s
+    try:
+        while True:
+            events, since = run.poll(since)
+            for event in events:
+                if isinstance(event, ev.Progress):
+                    bar = bar or tqdm(total=event.total_steps, unit="module", desc=job.kind, dynamic_ncols=True)
+                    bar.total = event.total_steps
+                    bar.update(event.step - bar.n)
+            info = run.info()
+            if info.final or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if bar is not None:
+            bar.close()
+        client.close()
+    if not info.final:
+        print(f"error: the tool is still running after {timeout_s:g} s: see {run.run_dir}", file=sys.stderr)
+        return 1
+    if info.state is ev.RunState.FAILED:
+        print(f"error: {info.message}", file=sys.stderr)
+        return 1
+    result = json.loads(run.paths.result.read_text(encoding="utf-8")) if run.paths.result.is_file() else {}
+    print(tool_summary(result) if result else info.message)
+    return 0
+
+
+def tool_summary(result: dict) -> str:
+    """What a tool did, in a few lines (the inspect card in full)."""
+    kind = result.get("tool")
+    if kind == "inspect":
+        chart = [(b["block"], b["norm"]) for b in result.get("blocks", [])]
+        top = max((n for _, n in chart), default=0) or 1.0
+        bars = "\n".join(f"{label:>6} {'#' * round(40 * n / top):<40} {n:.4g}" for label, n in chart)
+        return result.get("card_text", "") + "\nBlock weights (||scale * up @ down||):\n" + bars
+    lines = [f"Wrote {result.get('output')} ({result.get('output_size', 0) / 1e6:.2f} MB)"]
+    if kind == "resize":
+        lines.append(f"Kept energy (Frobenius): mean {result['mean_fro_retained']:.1%}, "
+                     f"lowest {result['min_fro_retained']:.1%}; the input was {result['input_size'] / 1e6:.2f} MB")
+        lines += [f"  {m['name']}: rank {m['old_rank']} -> {m['new_rank']}, alpha {m['new_alpha']:g}, "
+                  f"kept {m['fro_retained']:.1%}" for m in result.get("modules", [])]
+    elif kind == "extract":
+        lines.append(f"{result['modules']} modules, mean kept energy {result['mean_fro_retained']:.1%}")
+    return "\n".join(lines)

@@ -47,6 +47,7 @@ from lora_gui.worker.protocol import (
 
 ENGINE_ENV = "LORA_GUI_WORKER_ENGINE"  # "module:function"; a test hook (tests/support)
 DEFAULT_ENGINE = "lora_gui.engine.train:run_training"
+TOOLS_ENGINE = "lora_gui.engine.lora_tools.runner"  # runs a folder's tool.json (LoRA tools)
 EXIT_ORPHANED = 3
 
 
@@ -222,6 +223,19 @@ def load_engine() -> Callable:
     return getattr(importlib.import_module(module), attr or "run_training")
 
 
+def _job(paths: RunPaths) -> tuple[Callable, object]:
+    """(the engine function, what it runs): a tool job when the folder has tool.json, else training."""
+    from lora_gui.settings.io import read_json, validate_document
+
+    if paths.tool.is_file():
+        from lora_gui.settings.tools import parse_job
+
+        job = parse_job(read_json(paths.tool))
+        run_tool = importlib.import_module(TOOLS_ENGINE).run_tool
+        return (lambda j, emit, commands: run_tool(j, emit, commands, paths.root)), job
+    return load_engine(), validate_document(read_json(paths.settings))
+
+
 def run(run_dir: str | os.PathLike) -> int:
     paths = RunPaths(Path(run_dir).resolve())
     if not paths.root.is_dir():
@@ -236,12 +250,9 @@ def run(run_dir: str | os.PathLike) -> int:
     reporter.begin()
     _install_signal_handlers(reporter)
     try:
-        from lora_gui.settings.io import read_json, validate_document
-
-        settings = validate_document(read_json(paths.settings))
-        engine = load_engine()
+        engine, job = _job(paths)
         reporter.set_state(RunState.RUNNING)
-        engine(settings, reporter.emit, InboxCommands(paths, reporter))
+        engine(job, reporter.emit, InboxCommands(paths, reporter))
         if not reporter.ended:
             reporter.fail("The trainer returned without reporting a result: see train.log in the "
                           "run folder.")

@@ -44,6 +44,7 @@ from lora_gui.worker.protocol import (
 )
 
 QUEUE_DIR = "queue"  # runs_root/queue/: the GUI's queue of settings files (queue_files.py)
+TOOLS_DIR = "tools"  # runs_root/tools/: the LoRA tools' run folders (one tool at a time, beside training)
 
 
 class RunActiveError(RuntimeError):
@@ -184,13 +185,42 @@ class WorkerClient:
         with self._start_lock:
             return self._spawn(settings, run_id, source)
 
-    def _spawn(self, settings: TrainingSettings, run_id: str, source: str) -> Run:
+    def start_tool(self, job, *, run_id: str | None = None) -> Run:
+        """Write a tool run folder (``tool.json``, a job of settings/tools.py) and spawn the worker
+        on it; returns at once. Its inputs must exist (SettingsError naming the field otherwise)."""
+        from lora_gui.atomic import write_json
+        from lora_gui.settings.tools import job_document
+
+        job.check_inputs()
+        run_id = check_run_id(run_id or new_run_id(job.kind))
+        with self._start_lock:
+            self._refuse_if_active()
+            paths = RunPaths(self.runs_root / run_id)
+            paths.root.mkdir(parents=True, exist_ok=False)
+            write_json(paths.tool, job_document(job), indent=1)
+            paths.events.touch()
+            paths.inbox.touch()
+            write_status(paths, Status(run_id=run_id, state=RunState.STARTING, created=time.time(),
+                                       output_name=job.kind))
+            return self._launch(paths)
+
+    def tools_client(self) -> WorkerClient:
+        """The client of the tools' run folders (``runs_root/tools``): a tool may run beside training."""
+        return WorkerClient(self.runs_root / TOOLS_DIR, self.python, stale_after_s=self.stale_after_s)
+
+    def _refuse_if_active(self) -> None:
         active = self.active_run()
         if active is not None:
             info = active.info()
             raise RunActiveError(f"The run {info.run_id} is still {info.state.value}: stop it or "
                                  "wait for it to end before starting another.")
-        paths = self._new_run_folder(settings, run_id, source)
+
+    def _spawn(self, settings: TrainingSettings, run_id: str, source: str) -> Run:
+        self._refuse_if_active()
+        return self._launch(self._new_run_folder(settings, run_id, source))
+
+    def _launch(self, paths: RunPaths) -> Run:
+        run_id = paths.run_id
         argv = launch_argv(paths.root, self.python, self.launch_prefix)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:

@@ -4,6 +4,8 @@ A run lives in ``runs/<run id>/`` and needs no live connection between the web p
 trainer, so a restarted GUI finds every run again and a trainer outlives the GUI::
 
     settings.json   the validated settings (full document), written once by the client
+    tool.json       instead of settings.json for a LoRA tool job (settings/tools.py), written once
+    result.json     a tool job's result (kept energy per module, file sizes, an inspect card)
     events.jsonl    one event per line (``lora_gui.events.to_json``), append-only, flushed per
                     line; written by the trainer only
     inbox.jsonl     commands, appended by clients; the trainer keeps a byte offset
@@ -57,6 +59,14 @@ class RunPaths:
     @property
     def settings(self) -> Path:
         return self.root / "settings.json"
+
+    @property
+    def tool(self) -> Path:
+        return self.root / "tool.json"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "result.json"
 
     @property
     def events(self) -> Path:
@@ -237,6 +247,8 @@ def read_events(path: Path, since: int = 0, cursor: LineCursor | None = None
 
 def finished_message(event: Finished) -> str:
     """The sentence a run's status carries when it ended with a LoRA."""
+    if event.stopped and not event.output_path:
+        return f"Stopped at step {event.step}; nothing was written."
     if event.stopped:
         return f"Stopped at step {event.step}; the LoRA of that step is {event.output_path}"
     return f"Finished: {event.output_path}"
