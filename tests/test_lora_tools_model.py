@@ -88,3 +88,38 @@ def test_extract_from_base_and_merged_reproduces_the_lora(demo, lora_and_images,
     assert np.abs(_with_lora(demo.single_file, extracted) - lora_images).max() < 1e-3
     without_conv, _ = extract_lora(base, merged, 4, conv=False)
     assert not any("resnets" in k for k in without_conv)
+
+
+def test_runner_merges_into_a_checkpoint_file_and_extracts_from_it(demo, lora_and_images, tmp_path):
+    from lora_gui.engine.lora_tools.runner import run_tool
+    from lora_gui.engine.model_files import read_state_dict
+    from lora_gui.engine.network import save_lora
+    from lora_gui.events import CommandQueue, Finished
+    from lora_gui.settings.tools import ExtractJob, MergeJob
+
+    sd, _, _ = lora_and_images
+    lora = save_lora(tmp_path / "l.safetensors", sd, None, "safetensors")
+    events: list = []
+    merged_path = tmp_path / "merged.safetensors"
+    run_tool(MergeJob(loras=[str(lora)], weights=[0.5], base=str(demo.single_file), output=str(merged_path)),
+             events.append, CommandQueue(), tmp_path)
+    assert isinstance(events[-1], Finished), events[-1]
+    assert events[-1].output_path == str(merged_path)
+    base = read_base(demo.single_file)
+    want, _ = apply_deltas(base.state, base.key_map, lora_deltas(sd, 0.5))
+    got = read_state_dict(merged_path)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    events.clear()
+    out = tmp_path / "x.safetensors"
+    run_tool(ExtractJob(base=str(demo.single_file), tuned=str(merged_path), rank=4, conv=True, conv_rank=2,
+                        save_precision="float", output=str(out)), events.append, CommandQueue(), tmp_path)
+    assert events[-1].output_path == str(out)
+    extracted = lora_deltas(load_lora_file_tensors(out))
+    half = lora_deltas(sd, 0.5)
+    assert max((extracted[n] - half[n]).abs().max().item() for n in half) < 1e-3
+
+
+def load_lora_file_tensors(path):
+    from lora_gui.engine.network import load_lora_file
+
+    return load_lora_file(path)[0]

@@ -22,6 +22,7 @@ from lora_gui.ui.presets_panel import build_preset_picker, wire_presets_panel
 from lora_gui.ui.run_control import RunController
 from lora_gui.ui.run_panel import build_panel, draw, on_load, panel_outputs, wire_panel
 from lora_gui.ui.runs_panel import build_runs_panel, list_outputs, refresh_lists, wire_runs_panel
+from lora_gui.ui.tools_tab import build_tools_tab, wire_tools_tab
 
 CSS = """
 #run-panel { position: sticky; top: 0.5rem; }
@@ -61,11 +62,12 @@ def build_app(config: UIConfig | None = None, client: Any = None) -> gr.Blocks:
                         "model": lambda: build_dataset_panel(ctx),
                         "runs": lambda: (build_files_panel(ctx), build_runs_panel(ctx)),
                     })
+                    build_tools_tab(ctx)
                 build_browser_panel(ctx)
             with gr.Column(scale=2, elem_id="run-panel"):
                 build_panel(ctx)
         for wire in (wire_panel, wire_presets_panel, wire_files_panel, wire_browser_panel,
-                     wire_dataset_panel, wire_runs_panel):
+                     wire_dataset_panel, wire_runs_panel, wire_tools_tab):
             wire(ctx)
         wire_load(ctx)
         wire_api(ctx)
