@@ -108,16 +108,15 @@ def _add_tool_parsers(sub) -> None:
     (settings/tools.py), with their descriptions as help."""
     from typing import Literal, get_args, get_origin
 
-    from lora_gui.settings.tools import ExtractJob, InspectJob, MergeJob, ResizeJob
+    from lora_gui.settings.tools import ExtractJob, InspectJob, MergeJob, ResizeJob, field_order
 
     tools = sub.add_parser("tools", help="resize, merge, extract and inspect LoRAs (in the background worker)")
     tsub = tools.add_subparsers(dest="tool", required=True)
     for model in (ResizeJob, MergeJob, ExtractJob, InspectJob):
         kind = model.model_fields["kind"].default
         p = tsub.add_parser(kind, help=(model.__doc__ or kind).splitlines()[0])
-        for name, field in model.model_fields.items():
-            if name == "kind":
-                continue
+        for name in field_order(model):
+            field = model.model_fields[name]
             types = [t for t in (get_args(field.annotation) or (field.annotation,)) if t is not type(None)]
             types = [c for t in types for c in (get_args(t) if get_origin(t) is Literal else (t,))]
             kwargs: dict = {"help": field.description}

@@ -147,6 +147,17 @@ def parse_job(data: dict) -> ResizeJob | MergeJob | ExtractJob | InspectJob:
         raise SettingsError(issues) from None
 
 
+def field_order(model) -> list[str]:
+    """A job's fields as forms and ``--help`` list them: inputs first, the dynamic-rank pair after the ranks."""
+    names = [n for n in model.model_fields if n != "kind"]
+    dynamic = [n for n in names if n.startswith("dynamic_")]
+    rest = [n for n in names if n not in dynamic]
+    required = [n for n in rest if model.model_fields[n].is_required()]
+    others = [n for n in rest if n not in required]
+    at = next((i + 1 for i, n in enumerate(others) if n == "conv_rank"), len(others))
+    return required + others[:at] + dynamic + others[at:]
+
+
 def job_document(job) -> dict:
     return job.model_dump(mode="json")
 

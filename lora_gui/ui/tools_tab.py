@@ -18,7 +18,7 @@ import pandas as pd
 
 from lora_gui.events import Progress, RunState
 from lora_gui.settings.errors import SettingsError
-from lora_gui.settings.tools import ExtractJob, InspectJob, MergeJob, ResizeJob, parse_job
+from lora_gui.settings.tools import ExtractJob, InspectJob, MergeJob, ResizeJob, field_order, parse_job
 from lora_gui.ui.context import Ctx
 
 TOOLS = (("resize", "Resize", ResizeJob), ("merge", "Merge", MergeJob), ("extract", "Extract", ExtractJob),
@@ -46,6 +46,8 @@ def _widget(kind: str, name: str, field):
     if all(isinstance(k, str) for k in kinds):
         choices = ([""] if default is None else []) + kinds
         return gr.Dropdown(choices=choices, value=default or ("" if default is None else kinds[0]), **common)
+    if kinds and kinds[0] in (int, float) and default is None:  # optional: an empty box means "not set"
+        return gr.Textbox(value="", placeholder="empty: not set", **common)
     if kinds and kinds[0] in (int, float):
         return gr.Number(value=default, precision=0 if kinds[0] is int else None, **common)
     return gr.Textbox(value=default or "", **common)
@@ -85,7 +87,7 @@ def build_tools_tab(ctx: Ctx) -> None:
             for kind, title, model in TOOLS:
                 with gr.Tab(title, id=f"tool-{kind}", elem_id=f"tool-tab-{kind}"):
                     gr.Markdown((model.__doc__ or "").strip())
-                    names = [n for n in model.model_fields if n != "kind"]
+                    names = field_order(model)
                     widgets = [_widget(kind, n, model.model_fields[n]) for n in names]
                     comp["tool_fields"][kind] = (names, widgets)
                     comp[f"tool_start_{kind}"] = gr.Button(f"{title}", variant="primary",
