@@ -108,7 +108,11 @@ def tool_from_cli(job, runs_dir: str, timeout_s: float = 24 * 3600) -> int:
     from lora_gui.worker.client import WorkerClient
 
     client = WorkerClient(runs_dir).tools_client()
-    run = client.start_tool(job)
+    try:
+        run = client.start_tool(job)
+    except RuntimeError as exc:  # RunActiveError: another tool is still running in runs_dir/tools
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     stop_sent = []
 
     def on_interrupt(signum, frame):

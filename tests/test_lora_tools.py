@@ -187,3 +187,23 @@ def test_metadata_card_never_fails_on_odd_values():
            "ss_training_finished_at": "yesterday", "ss_network_args": "[1]", "": ""}
     rows = {k: v for s in metadata_card(odd) for k, v in s["rows"]}
     assert rows["ss_training_finished_at"] == "yesterday" and rows["ss_dataset_dirs"] == "[1, 2]"
+
+
+def test_text_encoder_key_maps_for_clip_and_openclip():
+    from lora_gui.engine.lora_tools.checkpoint import text_encoder_key_map
+
+    clip = "cond_stage_model.transformer.text_model.encoder.layers.3.self_attn.q_proj.weight"
+    assert text_encoder_key_map([clip], {clip: (8, 8)}) == {
+        "lora_te_text_model_encoder_layers_3_self_attn_q_proj": (clip, None)}
+    fused = "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight"
+    fc1 = "cond_stage_model.model.transformer.resblocks.2.mlp.c_fc.weight"
+    got = text_encoder_key_map([fused, fc1, "cond_stage_model.model.ln_final.weight"],
+                               {fused: (3 * 16, 16), fc1: (64, 16)})
+    prefix = "lora_te_text_model_encoder_layers_2_"
+    assert got == {prefix + "self_attn_q_proj": (fused, slice(0, 16)),
+                   prefix + "self_attn_k_proj": (fused, slice(16, 32)),
+                   prefix + "self_attn_v_proj": (fused, slice(32, 48)),
+                   prefix + "mlp_fc1": (fc1, None)}
+    weights = {fused: torch.zeros(48, 16), fc1: torch.zeros(64, 16)}
+    merged, _ = apply_deltas(weights, got, {prefix + "self_attn_k_proj": torch.ones(16, 16)})
+    assert merged[fused][16:32].eq(1).all() and merged[fused][:16].eq(0).all() and merged[fused][32:].eq(0).all()
