@@ -1,0 +1,77 @@
+"""The Dataset tab in Debian's chromium: load a dataset, filter the images without captions and
+caption one, rename a tag in bulk and see the frequency chart change, undo it. Its own server (the
+fixtures of test_gui_browser), its own dataset folder; every process is reaped there."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+gui = pytest.importorskip("test_gui_browser")
+server, page = gui.server, gui.page  # fixtures: one server for this module, a fresh profile per test
+
+
+def make_dataset(root):
+    for folder, n, caption in (("3_dogs", 4, "dog, brown, sitting"), ("2_cats", 2, "cat, sitting")):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            # Seeded by i alone: cats0/dogs0 and cats1/dogs1 are byte-identical (the checks find them).
+            noise = np.random.default_rng(i).integers(0, 256, (96, 96 + 32 * i, 3))
+            Image.fromarray(noise.astype(np.uint8)).save(root / folder / f"{folder[2:]}{i}.png")
+            if not (folder == "3_dogs" and i == 3):
+                (root / folder / f"{folder[2:]}{i}.txt").write_text(caption + "\n")
+
+
+def chart(page) -> dict[str, int]:
+    bars = page.locator("#ds-chart .ds-bar")
+    return {bars.nth(i).get_attribute("data-tag"): int(bars.nth(i).get_attribute("data-count"))
+            for i in range(bars.count())}
+
+
+def test_filter_caption_rename_and_chart(page, server):
+    data = server["cwd"] / "tabdata"
+    make_dataset(data)
+    gui.open_tab(page, "model", "Model and folders")
+    gui.set_field(page, "model", "img_folder", str(data))
+    gui.open_tab(page, "dataset", "Dataset")
+    page.locator("#ds-load").click()
+    gui.wait_text(page, "#ds-status", r"6 of 6 images.*1 without a caption")
+    page.wait_for_function("() => document.querySelectorAll('#ds-chart .ds-bar').length > 0")
+    assert chart(page) == {"sitting": 5, "dog": 3, "brown": 3, "cat": 2}
+    # Filter the images without a caption, caption the one there is.
+    page.locator("#ds-no-caption input").check()
+    gui.wait_text(page, "#ds-status", r"1 of 6 images")
+    page.locator("#ds-gallery button.thumbnail-lg").first.click()
+    page.wait_for_function("() => document.querySelector('#ds-caption textarea').value === ''")
+    page.wait_for_selector("#ds-image img")
+    page.locator("#ds-caption textarea").fill("dog, lying")
+    page.locator("#ds-save").click()
+    gui.wait_text(page, "#ds-message", r"Changed 1 caption file")
+    gui.wait_text(page, "#ds-status", r"0 of 6 images.*0 without a caption")
+    assert (data / "3_dogs" / "dogs3.txt").read_text() == "dog, lying\n"
+    gui.shot(page, "20-dataset-captioned")
+    # Rename a tag in bulk: the chart follows.
+    page.locator("#ds-no-caption input").uncheck()
+    gui.wait_text(page, "#ds-status", r"6 of 6 images")
+    gui.choose(page, "ds-op", "rename tag everywhere")
+    page.locator("#ds-op-tag input").fill("sitting")
+    page.locator("#ds-op-new input").fill("seated")
+    page.locator("#ds-apply").click()
+    gui.wait_text(page, "#ds-message", r"Changed 5 caption file")
+    page.wait_for_function("() => !!document.querySelector('#ds-chart .ds-bar[data-tag=\"seated\"]')")
+    assert chart(page) == {"seated": 5, "dog": 4, "brown": 3, "cat": 2, "lying": 1}
+    assert (data / "2_cats" / "cats0.txt").read_text() == "cat, seated\n"
+    gui.shot(page, "21-dataset-renamed")
+    page.locator("#ds-undo").click()
+    gui.wait_text(page, "#ds-message", r"Undid rename tag everywhere")
+    page.wait_for_function("() => !!document.querySelector('#ds-chart .ds-bar[data-tag=\"sitting\"]')")
+    assert chart(page)["sitting"] == 5 and "seated" not in chart(page)
+    page.locator("#ds-checks-box button").first.click()
+    page.locator("#ds-check").click()
+    report = gui.wait_text(page, "#ds-report", r"Checked 6 images: 0 error\(s\), 2 warning\(s\)")
+    assert "same image byte for byte (cats0.png, dogs0.png)" in report
+    assert "same image byte for byte (cats1.png, dogs1.png)" in report
+    gui.no_error_toasts(page)
