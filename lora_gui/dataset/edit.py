@@ -204,13 +204,22 @@ class CaptionEditor:
             plan[path] = apply_ops(read_caption(path) or "", ops)
         return self._write(plan, what)
 
-    def _write(self, plan: dict[Path, str], what: str) -> EditResult:
+    def set_captions(self, captions: dict[Path, str], what: str, *, extend: bool = False) -> EditResult:
+        """Write several captions ({image: caption}) as one change. ``extend``: add to the last
+        change's undo (a long job writing in parts stays one undo)."""
+        plan = {caption_path(image, self.extension): " ".join(text.split())
+                for image, text in captions.items()}
+        return self._write(plan, what, extend=extend)
+
+    def _write(self, plan: dict[Path, str], what: str, extend: bool = False) -> EditResult:
         # Every new content is computed (and every file decoded) before the first write, so a file
         # that is not UTF-8 stops the whole operation with nothing changed.
         new = {path: data for path, line in plan.items() if (data := _new_bytes(path, line)) is not None}
         if not new:
             return EditResult([], f"Nothing changed: {what} leaves every caption as it was.")
         before = {str(p): _encode(p.read_bytes() if p.is_file() else None) for p in new}
+        if extend and self.undo_file.is_file():  # the first saved bytes of a file win
+            before = {**before, **json.loads(self.undo_file.read_text(encoding="utf-8"))["files"]}
         write_json(self.undo_file, {"what": what, "files": before})
         for path, data in new.items():
             write_bytes(path, data)

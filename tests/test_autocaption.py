@@ -1,0 +1,154 @@
+"""Auto-captioning with a tiny WD14-style tagger exported from torch to ONNX in the test (with its
+selected_tags.csv), loaded through the same code path as a real tagger folder: thresholds, rating
+tags left out, underscores, excluded tags, and the skip/prepend/append/overwrite rules per file
+(byte-checked), in process and as a background job that can be undone."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lora_gui.dataset.autocaption import CaptionJob, TagEntry, choose_tags, merge_caption
+from lora_gui.dataset.edit import CaptionEditor
+from lora_gui.dataset.scan import DatasetError
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")  # torch's ONNX exporter writes through it
+ort = pytest.importorskip("onnxruntime")
+
+CSV = """tag_id,name,category,count
+1,general,9,100
+2,sensitive,9,100
+3,blue_theme,0,50
+4,red_theme,0,50
+5,^_^,0,10
+6,hatsune_miku,4,5
+"""
+BLUE, RED = (40, 70, 220), (220, 40, 40)
+
+
+class TinyTagger(torch.nn.Module):
+    """Scores from the mean B, G, R (0..1) of the NHWC BGR input: blue_theme and the character
+    follow blue, red_theme follows red, '^_^' is always 0.95, the ratings are fixed."""
+
+    def forward(self, x):
+        bgr = x.mean(dim=(1, 2)) / 255.0
+        b, r = bgr[:, 0:1], bgr[:, 2:3]
+        ones = torch.ones_like(b)
+        logits = torch.cat([5 * ones, -5 * ones, 20 * (b - 0.5), 20 * (r - 0.5),
+                            math.log(0.95 / 0.05) * ones, 10 * (b - 0.5)], dim=1)
+        return torch.sigmoid(logits)
+
+
+@pytest.fixture(scope="module")
+def tagger_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("wd14")
+    torch.onnx.export(TinyTagger(), torch.zeros(1, 32, 32, 3), str(folder / "model.onnx"), dynamo=False,
+                      input_names=["input_1"], output_names=["predictions_sigmoid"],
+                      dynamic_axes={"input_1": {0: "batch"}, "predictions_sigmoid": {0: "batch"}})
+    (folder / "selected_tags.csv").write_text(CSV)
+    return folder
+
+
+def images(root: Path) -> dict[str, Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for name, colour, caption in (("a_blue", BLUE, None), ("b_blue", BLUE, b"old, blue theme\n"),
+                                  ("c_red", RED, b"old\r\n"), ("d_red", RED, None)):
+        Image.new("RGB", (40, 40), colour).save(root / f"{name}.png")
+        if caption is not None:
+            (root / f"{name}.txt").write_bytes(caption)
+        made[name] = root / f"{name}.png"
+    return made
+
+
+def job(tagger_dir: Path, paths, **kw) -> CaptionJob:
+    return CaptionJob(images=[str(p) for p in paths], tagger_dir=str(tagger_dir), batch_size=3, **kw)
+
+
+def run_in_process(j: CaptionJob):
+    from lora_gui.events import CommandQueue
+    from lora_gui.worker.caption_job import caption_images
+
+    events = []
+    caption_images(j.check(), events.append, CommandQueue())
+    return events
+
+
+def captions(root: Path) -> dict[str, bytes | None]:
+    return {p.stem: (p.with_suffix(".txt").read_bytes() if p.with_suffix(".txt").exists() else None)
+            for p in sorted(root.glob("*.png"))}
+
+
+BLUE_TAGS, RED_TAGS = "hatsune miku, blue theme, ^_^", "red theme, ^_^"
+
+
+@pytest.mark.parametrize("rule,expected", [
+    ("skip", {"a_blue": BLUE_TAGS, "b_blue": None, "c_red": None, "d_red": RED_TAGS}),
+    ("overwrite", {"a_blue": BLUE_TAGS, "b_blue": BLUE_TAGS, "c_red": RED_TAGS, "d_red": RED_TAGS}),
+    ("prepend", {"a_blue": BLUE_TAGS, "b_blue": BLUE_TAGS + ", old", "c_red": RED_TAGS + ", old",
+                 "d_red": RED_TAGS}),
+    ("append", {"a_blue": BLUE_TAGS, "b_blue": "old, blue theme, hatsune miku, ^_^",
+                "c_red": "old, " + RED_TAGS, "d_red": RED_TAGS}),
+])
+def test_rules_per_file(tagger_dir, tmp_path, rule, expected):
+    made = images(tmp_path / "data")
+    before = captions(tmp_path / "data")
+    events = run_in_process(job(tagger_dir, made.values(), rule=rule, undo_root=str(tmp_path / "data")))
+    after = captions(tmp_path / "data")
+    ending = {"c_red": b"\r\n"}  # an existing file keeps its line ending
+    for name, text in expected.items():
+        want = before[name] if text is None else (text.encode() + ending.get(name, b"\n"))
+        assert after[name] == want, (rule, name)
+    assert events[-1].kind == "finished" and not events[-1].stopped
+    assert [e.step for e in events if e.kind == "progress"] == [3, 4]
+    CaptionEditor(tmp_path / "data").undo()
+    assert captions(tmp_path / "data") == before
+
+
+def test_choices_thresholds_exclusions_underscores():
+    tags = [TagEntry("general", "9"), TagEntry("long_hair", "0"), TagEntry("^_^", "0"),
+            TagEntry("some_one", "4")]
+    base = dict(images=["x"], tagger_dir="t")
+    assert choose_tags([0.99, 0.5, 0.4, 0.9], tags, CaptionJob(**base)) == ["some one", "long hair", "^_^"]
+    assert choose_tags([0.99, 0.5, 0.4, 0.8], tags, CaptionJob(**base)) == ["long hair", "^_^"]
+    assert choose_tags([0.99, 0.5, 0.4, 0.9], tags, CaptionJob(**base, general_threshold=0.45,
+                       exclude=["some one"], underscores_to_spaces=False)) == ["long_hair"]
+    assert merge_caption("a, b", ["b", "c"], "prepend") == "b, c, a"
+    assert merge_caption("", ["x"], "skip") == "x"
+    with pytest.raises(DatasetError, match="different releases"):
+        choose_tags([0.5], tags, CaptionJob(**base))
+
+
+def test_missing_tagger_files_get_a_sentence(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"must hold model\.onnx and selected_tags\.csv.*missing: "
+                                           r"selected_tags\.csv"):
+        CaptionJob(images=["x.png"], tagger_dir=str(tmp_path)).check()
+    with pytest.raises(DatasetError, match="caption rule must be one of skip, prepend"):
+        CaptionJob(images=["x.png"], tagger_dir=str(tmp_path), rule="merge").check()
+
+
+@pytest.mark.slow
+def test_background_job_writes_captions_and_is_undone(tagger_dir, tmp_path):
+    from lora_gui.worker.caption_job import start_caption_job
+    from lora_gui.worker.client import WorkerClient
+
+    made = images(tmp_path / "data")
+    before = captions(tmp_path / "data")
+    paths = start_caption_job(tmp_path / "jobs", job(tagger_dir, made.values(), rule="skip",
+                                                     undo_root=str(tmp_path / "data")))
+    client = WorkerClient(tmp_path / "jobs")
+    try:
+        info = client.attach(paths.run_id).wait(120)
+        assert info.state.value == "finished", paths.log.read_text()
+    finally:
+        client.close()
+    after = captions(tmp_path / "data")
+    assert after["a_blue"] == (BLUE_TAGS + "\n").encode() and after["d_red"] == (RED_TAGS + "\n").encode()
+    assert after["b_blue"] == before["b_blue"] and after["c_red"] == before["c_red"]
+    assert "Undid auto-caption (skip)" in CaptionEditor(tmp_path / "data").undo().message
+    assert captions(tmp_path / "data") == before
