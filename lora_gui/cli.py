@@ -151,6 +151,40 @@ def cmd_dataset_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_caption(args: argparse.Namespace) -> int:
+    from lora_gui.dataset.browse import RowFilter
+    from lora_gui.worker.caption_job import start_caption_job
+    from lora_gui.worker.client import WorkerClient
+
+    job = _workbench(args).caption_job(
+        RowFilter(tag=args.tag_filter or "", no_caption=args.no_caption, folder=args.in_folder or ""),
+        args.tagger, rule=args.rule, general_threshold=args.general, character_threshold=args.character,
+        exclude=[t.strip() for t in (args.exclude or "").split(",") if t.strip()],
+        underscores_to_spaces=not args.keep_underscores, batch_size=args.batch_size)
+    paths, popen = start_caption_job(args.jobs_dir, job)
+    print(f"Captioning {len(job.images)} images in the background: job {paths.root}")
+    if args.no_wait:
+        return 0
+    client = WorkerClient(args.jobs_dir)
+    run = client.attach(paths.run_id)
+    info = run.info()
+    try:
+        info = run.wait(args.timeout)
+        if not info.final:
+            run.force_stop()
+            raise DatasetError(f"The captioning job did not end within {args.timeout} s and was "
+                               "stopped; the captions written so far are kept.")
+        for event in run.poll()[0]:
+            if event.kind == "log":
+                print(event.message)
+    finally:
+        client.close()
+        if popen.poll() is None and info.final:
+            popen.wait(30)  # it has reported its end: only the exit is left
+    print(f"{info.state.value}: {info.message or ''}")
+    return 0 if info.state.value == "finished" else 1
+
+
 def cmd_dataset_tags(args: argparse.Namespace) -> int:
     from lora_gui.dataset.browse import tag_counts
 
@@ -219,6 +253,23 @@ def add_dataset_parser(sub) -> None:
     p.add_argument("--caption", help="write this caption for --image")
     p.add_argument("--undo", action="store_true", help="undo the last caption change")
     p.set_defaults(func=cmd_dataset_edit)
+    p = dsub.add_parser("caption", help="auto-caption images with a local WD14 tagger (background job)")
+    _dataset_source_args(p)
+    p.add_argument("--tagger", required=True, help="folder with model.onnx and selected_tags.csv")
+    p.add_argument("--rule", default="skip", choices=["skip", "prepend", "append", "overwrite"],
+                   help="what to do with an existing caption (default: skip the image)")
+    p.add_argument("--general", type=float, default=0.35, help="general tag threshold")
+    p.add_argument("--character", type=float, default=0.85, help="character tag threshold")
+    p.add_argument("--exclude", help="comma-separated tags never written")
+    p.add_argument("--keep-underscores", action="store_true", help="keep long_hair, not long hair")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--tag-filter", help="only images whose caption has this tag")
+    p.add_argument("--no-caption", action="store_true", help="only images without a caption")
+    p.add_argument("--in-folder", help="only images of this folder, e.g. 10_cat")
+    p.add_argument("--jobs-dir", default="caption-jobs", help="where job folders go")
+    p.add_argument("--no-wait", action="store_true", help="start the job and return")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the job")
+    p.set_defaults(func=cmd_dataset_caption)
     p = dsub.add_parser("tags", help="tag frequency over the caption files")
     _dataset_source_args(p)
     p.add_argument("--top", type=int, default=0, help="only the N most frequent")

@@ -139,7 +139,7 @@ def test_background_job_writes_captions_and_is_undone(tagger_dir, tmp_path):
 
     made = images(tmp_path / "data")
     before = captions(tmp_path / "data")
-    paths = start_caption_job(tmp_path / "jobs", job(tagger_dir, made.values(), rule="skip",
+    paths, popen = start_caption_job(tmp_path / "jobs", job(tagger_dir, made.values(), rule="skip",
                                                      undo_root=str(tmp_path / "data")))
     client = WorkerClient(tmp_path / "jobs")
     try:
@@ -147,8 +147,30 @@ def test_background_job_writes_captions_and_is_undone(tagger_dir, tmp_path):
         assert info.state.value == "finished", paths.log.read_text()
     finally:
         client.close()
+        popen.wait(30)
+    assert popen.returncode == 0
     after = captions(tmp_path / "data")
     assert after["a_blue"] == (BLUE_TAGS + "\n").encode() and after["d_red"] == (RED_TAGS + "\n").encode()
     assert after["b_blue"] == before["b_blue"] and after["c_red"] == before["c_red"]
     assert "Undid auto-caption (skip)" in CaptionEditor(tmp_path / "data").undo().message
     assert captions(tmp_path / "data") == before
+
+
+@pytest.mark.slow
+def test_cli_captions_the_images_without_captions(tagger_dir, tmp_path, capsys):
+    from lora_gui.cli import main
+
+    root = tmp_path / "set" / "2_thing"
+    images(root)
+    before = captions(root)
+    code = main(["dataset", "caption", str(tmp_path / "set"), "--tagger", str(tagger_dir), "--no-caption",
+                 "--rule", "overwrite", "--exclude", "^_^", "--jobs-dir", str(tmp_path / "jobs"),
+                 "--timeout", "120"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "Captioning 2 images" in out and "Wrote 2 caption file(s) for 2 of 2 images." in out
+    after = captions(root)
+    assert after["a_blue"] == b"hatsune miku, blue theme\n" and after["d_red"] == b"red theme\n"
+    assert after["b_blue"] == before["b_blue"] and after["c_red"] == before["c_red"]  # filtered out
+    assert main(["dataset", "caption", str(tmp_path / "set"), "--tagger", str(tmp_path)]) == 2
+    assert "must hold model.onnx" in capsys.readouterr().err

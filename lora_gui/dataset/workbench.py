@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_gui.dataset.autocaption import CaptionJob
 from lora_gui.dataset.browse import Row, RowFilter, dataset_rows, filter_rows
 from lora_gui.dataset.buckets import BucketOptions
 from lora_gui.dataset.checks import CheckReport, check_dataset
@@ -111,3 +112,10 @@ class Workbench:
     def check(self) -> CheckReport:
         return check_dataset(self.img_folder, self.reg_folder, repeats=self.repeats,
                              caption_extension=self.caption_extension, buckets=self.buckets)
+
+    def caption_job(self, row_filter: RowFilter, tagger_dir: str, **options) -> CaptionJob:
+        """An auto-captioning job for the filtered images (``options``: CaptionJob's fields),
+        checked; DatasetError with a sentence when it cannot run."""
+        images = [str(r.path) for r in self.rows(row_filter)]
+        return CaptionJob(images=images, tagger_dir=tagger_dir, caption_extension=self.caption_extension,
+                          undo_root=str(self.img_folder), **options).check()

@@ -39,8 +39,10 @@ JOB_FILE = "caption.json"
 TAGGER = "lora_gui.engine.tagger:WD14Tagger"
 
 
-def start_caption_job(jobs_root: str | Path, job: CaptionJob, python: str = sys.executable) -> RunPaths:
-    """Check the job, write its folder and start its process; returns at once."""
+def start_caption_job(jobs_root: str | Path, job: CaptionJob,
+                      python: str = sys.executable) -> tuple[RunPaths, subprocess.Popen]:
+    """Check the job, write its folder and start its process; returns at once (the caller reaps
+    the process: ``popen.wait()`` once the job has ended)."""
     job.check()
     paths = RunPaths(Path(jobs_root).resolve() / new_run_id("caption"))
     paths.root.mkdir(parents=True)
@@ -55,7 +57,7 @@ def start_caption_job(jobs_root: str | Path, job: CaptionJob, python: str = sys.
                                  start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     write_process(paths, ProcessRecord(pid=popen.pid, argv=argv, spawned=time.time(),
                                        launcher_pid=os.getpid(), created=process_created(popen.pid)))
-    return paths
+    return paths, popen
 
 
 def _load_tagger(folder: str):
