@@ -5,7 +5,7 @@ tags left out, underscores, excluded tags, and the skip/prepend/append/overwrite
 
 from __future__ import annotations
 
-import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,42 +15,16 @@ from lora_gui.dataset.autocaption import CaptionJob, TagEntry, choose_tags, merg
 from lora_gui.dataset.edit import CaptionEditor
 from lora_gui.dataset.scan import DatasetError
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 pytest.importorskip("onnx")  # torch's ONNX exporter writes through it
-ort = pytest.importorskip("onnxruntime")
-
-CSV = """tag_id,name,category,count
-1,general,9,100
-2,sensitive,9,100
-3,blue_theme,0,50
-4,red_theme,0,50
-5,^_^,0,10
-6,hatsune_miku,4,5
-"""
-BLUE, RED = (40, 70, 220), (220, 40, 40)
-
-
-class TinyTagger(torch.nn.Module):
-    """Scores from the mean B, G, R (0..1) of the NHWC BGR input: blue_theme and the character
-    follow blue, red_theme follows red, '^_^' is always 0.95, the ratings are fixed."""
-
-    def forward(self, x):
-        bgr = x.mean(dim=(1, 2)) / 255.0
-        b, r = bgr[:, 0:1], bgr[:, 2:3]
-        ones = torch.ones_like(b)
-        logits = torch.cat([5 * ones, -5 * ones, 20 * (b - 0.5), 20 * (r - 0.5),
-                            math.log(0.95 / 0.05) * ones, 10 * (b - 0.5)], dim=1)
-        return torch.sigmoid(logits)
+pytest.importorskip("onnxruntime")
+sys.path.insert(0, str(Path(__file__).parent / "support"))
+from tiny_tagger import BLUE, BLUE_TAGS, RED, RED_TAGS, export_tiny_tagger  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tagger_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("wd14")
-    torch.onnx.export(TinyTagger(), torch.zeros(1, 32, 32, 3), str(folder / "model.onnx"), dynamo=False,
-                      input_names=["input_1"], output_names=["predictions_sigmoid"],
-                      dynamic_axes={"input_1": {0: "batch"}, "predictions_sigmoid": {0: "batch"}})
-    (folder / "selected_tags.csv").write_text(CSV)
-    return folder
+    return export_tiny_tagger(tmp_path_factory.mktemp("wd14"))
 
 
 def images(root: Path) -> dict[str, Path]:
@@ -81,9 +55,6 @@ def run_in_process(j: CaptionJob):
 def captions(root: Path) -> dict[str, bytes | None]:
     return {p.stem: (p.with_suffix(".txt").read_bytes() if p.with_suffix(".txt").exists() else None)
             for p in sorted(root.glob("*.png"))}
-
-
-BLUE_TAGS, RED_TAGS = "hatsune miku, blue theme, ^_^", "red theme, ^_^"
 
 
 @pytest.mark.parametrize("rule,expected", [

@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from lora_gui.dataset.autocaption import RULES
 from lora_gui.dataset.browse import RowFilter, bucket_labels, dataset_rows, filter_rows, page_of, tag_counts
 from lora_gui.dataset.images import open_rgb
 from lora_gui.dataset.scan import DatasetError
@@ -62,11 +63,36 @@ def build_dataset_tab(ctx: Ctx) -> None:
                 comp["ds_op_tag"] = gr.Textbox(label="Tag", max_lines=1, elem_id="ds-op-tag")
                 comp["ds_op_new"] = gr.Textbox(label="New tag", max_lines=1, elem_id="ds-op-new")
                 comp["ds_apply"] = gr.Button("Apply", size="sm", elem_id="ds-apply")
+        build_caption_box(comp)
         comp["ds_message"] = gr.Markdown("", elem_id="ds-message")
         comp["ds_chart"] = gr.HTML("", elem_id="ds-chart")
         with gr.Accordion("Checks before training", open=False, elem_id="ds-checks-box"):
             comp["ds_check"] = gr.Button("Run checks", size="sm", elem_id="ds-check")
             comp["ds_report"] = gr.Markdown("", elem_id="ds-report")
+
+
+def build_caption_box(comp: dict) -> None:
+    with gr.Accordion("Auto-caption the filtered images (WD14 tagger)", open=False, elem_id="ds-autocap"):
+        with gr.Row():
+            comp["ds_tagger"] = gr.Textbox(label="Tagger folder", max_lines=1, elem_id="ds-tagger",
+                                           info="A local folder with model.onnx and selected_tags.csv.")
+            comp["ds_rule"] = gr.Dropdown(list(RULES), value="skip", label="Existing captions",
+                                          elem_id="ds-rule", info="skip the image, prepend or append "
+                                          "the new tags, or overwrite the caption")
+        with gr.Row():
+            comp["ds_general"] = gr.Number(0.35, label="General threshold", elem_id="ds-general")
+            comp["ds_character"] = gr.Number(0.85, label="Character threshold", elem_id="ds-character")
+            comp["ds_exclude"] = gr.Textbox(label="Excluded tags", max_lines=1, elem_id="ds-exclude",
+                                            info="Comma-separated, never written.")
+            comp["ds_underscores"] = gr.Checkbox(True, label="Underscores to spaces",
+                                                 elem_id="ds-underscores")
+        with gr.Row():
+            comp["ds_caption_start"] = gr.Button("Caption", size="sm", variant="primary",
+                                                 elem_id="ds-caption-start")
+            comp["ds_caption_stop"] = gr.Button("Stop", size="sm", elem_id="ds-caption-stop")
+        comp["ds_job"] = gr.State("")
+        comp["ds_job_status"] = gr.Markdown("", elem_id="ds-job-status")
+        comp["ds_timer"] = gr.Timer(1.0, active=False)
 
 
 def workbench_of(values: dict[str, Any]) -> Workbench:
@@ -204,4 +230,64 @@ def wire_dataset_tab(ctx: Ctx) -> None:
 
     comp["ds_check"].click(reg.handler(run_checks), inputs=reg.inputs, outputs=[comp["ds_report"]],
                            api_visibility="private")
+    wire_captioning(ctx, view, filters, view_outs)
 
+
+def wire_captioning(ctx: Ctx, view, filters: set, view_outs: list) -> None:
+    """Start an auto-captioning job in the background worker, follow it with a timer, stop it,
+    and redraw the grid when it ends. The page only reads the job folder (like a training run)."""
+    from lora_gui.worker.caption_job import start_caption_job
+    from lora_gui.worker.client import WorkerClient
+
+    comp, reg = ctx.components, ctx.registry
+    jobs_root = ctx.config.data_dir / "caption-jobs"
+    client = WorkerClient(jobs_root)
+    popens: dict = {}  # job id -> Popen, reaped when the job has ended
+    options = {comp[k] for k in ("ds_tagger", "ds_rule", "ds_general", "ds_character", "ds_exclude",
+                                 "ds_underscores")}
+
+    def start(data: dict):
+        bench = workbench_of(reg.values(data))
+        try:
+            job = bench.caption_job(
+                _filter(data, comp), str(data[comp["ds_tagger"]] or "").strip(), rule=data[comp["ds_rule"]],
+                general_threshold=float(data[comp["ds_general"]] or 0),
+                character_threshold=float(data[comp["ds_character"]] or 0),
+                exclude=[t.strip() for t in (data[comp["ds_exclude"]] or "").split(",") if t.strip()],
+                underscores_to_spaces=bool(data[comp["ds_underscores"]]))
+        except DatasetError as exc:
+            raise gr.Error(str(exc)) from None
+        paths, popen = start_caption_job(jobs_root, job)
+        popens[paths.run_id] = popen
+        return {comp["ds_job"]: paths.run_id, comp["ds_timer"]: gr.Timer(active=True),
+                comp["ds_job_status"]: f"Captioning {len(job.images)} images in the background…"}
+
+    def tick(data: dict):
+        job_id = data[comp["ds_job"]]
+        if not job_id:
+            return {comp["ds_timer"]: gr.Timer(active=False)}
+        info = client.attach(job_id).info()
+        if not info.final:
+            done = f" {info.step} / {info.total_steps}" if info.total_steps else ""
+            return {comp["ds_job_status"]: f"Captioning…{done} ({info.state.value})"}
+        popen = popens.pop(job_id, None)
+        if popen is not None:
+            popen.wait(30)  # it has reported its end: only the exit is left
+        logs = [e.message for e in client.attach(job_id).poll()[0] if e.kind == "log"]
+        text = f"Captioning {info.state.value}. " + " ".join(logs)
+        return {**view(data, message=text), comp["ds_job_status"]: text, comp["ds_job"]: "",
+                comp["ds_timer"]: gr.Timer(active=False)}
+
+    def stop(data: dict):
+        job_id = data[comp["ds_job"]]
+        if job_id:
+            client.attach(job_id).stop()
+        return {comp["ds_job_status"]: "Stopping: the captions written so far are kept."}
+
+    job_outs = [comp["ds_job"], comp["ds_timer"], comp["ds_job_status"]]
+    comp["ds_caption_start"].click(start, inputs=reg.inputs | filters | options, outputs=job_outs,
+                                   api_visibility="private")
+    comp["ds_timer"].tick(tick, inputs=reg.inputs | filters | {comp["ds_job"]},
+                          outputs=[*view_outs, *job_outs], api_visibility="private")
+    comp["ds_caption_stop"].click(stop, inputs={comp["ds_job"]}, outputs=[comp["ds_job_status"]],
+                                  api_visibility="private")

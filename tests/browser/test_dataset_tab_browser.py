@@ -1,8 +1,12 @@
 """The Dataset tab in Debian's chromium: load a dataset, filter the images without captions and
-caption one, rename a tag in bulk and see the frequency chart change, undo it. Its own server (the
-fixtures of test_gui_browser), its own dataset folder; every process is reaped there."""
+caption them with a tiny WD14 tagger in the background worker, edit a caption, rename a tag in bulk
+and see the frequency chart change, undo it, run the checks. Its own server (the fixtures of
+test_gui_browser), its own dataset folder; every process is reaped there."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,9 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 gui = pytest.importorskip("test_gui_browser")
 server, page = gui.server, gui.page  # fixtures: one server for this module, a fresh profile per test
+pytest.importorskip("onnx")
+sys.path.insert(0, str(Path(__file__).parents[1] / "support"))
+from tiny_tagger import BLUE, BLUE_TAGS, export_tiny_tagger  # noqa: E402
 
 
 def make_dataset(root):
@@ -19,8 +26,9 @@ def make_dataset(root):
         (root / folder).mkdir(parents=True)
         for i in range(n):
             # Seeded by i alone: cats0/dogs0 and cats1/dogs1 are byte-identical (the checks find them).
-            noise = np.random.default_rng(i).integers(0, 256, (96, 96 + 32 * i, 3))
-            Image.fromarray(noise.astype(np.uint8)).save(root / folder / f"{folder[2:]}{i}.png")
+            noise = np.random.default_rng(i).integers(0, 256, (96, 96 + 32 * i, 3)).astype(np.uint8)
+            image = Image.new("RGB", (96, 96), BLUE) if folder == "3_dogs" and i == 3 else Image.fromarray(noise)
+            image.save(root / folder / f"{folder[2:]}{i}.png")
             if not (folder == "3_dogs" and i == 3):
                 (root / folder / f"{folder[2:]}{i}.txt").write_text(caption + "\n")
 
@@ -41,29 +49,36 @@ def test_filter_caption_rename_and_chart(page, server):
     gui.wait_text(page, "#ds-status", r"6 of 6 images.*1 without a caption")
     page.wait_for_function("() => document.querySelectorAll('#ds-chart .ds-bar').length > 0")
     assert chart(page) == {"sitting": 5, "dog": 3, "brown": 3, "cat": 2}
-    # Filter the images without a caption, caption the one there is.
+    # Filter the images without a caption and caption them with the tagger (a background job).
     page.locator("#ds-no-caption input").check()
     gui.wait_text(page, "#ds-status", r"1 of 6 images")
-    page.locator("#ds-gallery button.thumbnail-lg").first.click()
-    page.wait_for_function("() => document.querySelector('#ds-caption textarea').value === ''")
-    page.wait_for_selector("#ds-image img")
-    page.locator("#ds-caption textarea").fill("dog, lying")
-    page.locator("#ds-save").click()
-    gui.wait_text(page, "#ds-message", r"Changed 1 caption file")
+    page.locator("#ds-autocap button").first.click()
+    page.locator("#ds-tagger input").fill(str(export_tiny_tagger(server["cwd"] / "tagger")))
+    page.locator("#ds-caption-start").click()
+    gui.wait_text(page, "#ds-job-status", r"Captioning finished", timeout=90)
     gui.wait_text(page, "#ds-status", r"0 of 6 images.*0 without a caption")
-    assert (data / "3_dogs" / "dogs3.txt").read_text() == "dog, lying\n"
-    gui.shot(page, "20-dataset-captioned")
-    # Rename a tag in bulk: the chart follows.
+    assert (data / "3_dogs" / "dogs3.txt").read_text() == BLUE_TAGS + "\n"
+    gui.shot(page, "20-dataset-autocaptioned")
+    # Edit one caption by hand.
     page.locator("#ds-no-caption input").uncheck()
     gui.wait_text(page, "#ds-status", r"6 of 6 images")
+    page.locator("#ds-gallery button.thumbnail-lg").first.click()
+    page.wait_for_function("() => document.querySelector('#ds-caption textarea').value === 'cat, sitting'")
+    page.wait_for_selector("#ds-image img")
+    page.locator("#ds-caption textarea").fill("cat, sitting, lying")
+    page.locator("#ds-save").click()
+    gui.wait_text(page, "#ds-message", r"Changed 1 caption file")
+    assert (data / "2_cats" / "cats0.txt").read_text() == "cat, sitting, lying\n"
+    # Rename a tag in bulk: the chart follows.
     gui.choose(page, "ds-op", "rename tag everywhere")
     page.locator("#ds-op-tag input").fill("sitting")
     page.locator("#ds-op-new input").fill("seated")
     page.locator("#ds-apply").click()
     gui.wait_text(page, "#ds-message", r"Changed 5 caption file")
     page.wait_for_function("() => !!document.querySelector('#ds-chart .ds-bar[data-tag=\"seated\"]')")
-    assert chart(page) == {"seated": 5, "dog": 4, "brown": 3, "cat": 2, "lying": 1}
-    assert (data / "2_cats" / "cats0.txt").read_text() == "cat, seated\n"
+    assert chart(page) == {"seated": 5, "dog": 3, "brown": 3, "cat": 2, "lying": 1, "hatsune miku": 1,
+                           "blue theme": 1, "^_^": 1}
+    assert (data / "2_cats" / "cats1.txt").read_text() == "cat, seated\n"
     gui.shot(page, "21-dataset-renamed")
     page.locator("#ds-undo").click()
     gui.wait_text(page, "#ds-message", r"Undid rename tag everywhere")
