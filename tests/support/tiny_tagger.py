@@ -37,9 +37,10 @@ class TinyTagger(torch.nn.Module):
         return torch.sigmoid(logits)
 
 
-def export_tiny_tagger(folder: Path) -> Path:
+def export_tiny_tagger(folder: Path, side: int = 32) -> Path:
+    """Write the tagger's two files into ``folder``; ``side`` is its input size (448 for a real one)."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(TinyTagger(), torch.zeros(1, 32, 32, 3), str(folder / "model.onnx"), dynamo=False,
+    torch.onnx.export(TinyTagger(), torch.zeros(1, side, side, 3), str(folder / "model.onnx"), dynamo=False,
                       input_names=["input_1"], output_names=["predictions_sigmoid"],
                       dynamic_axes={"input_1": {0: "batch"}, "predictions_sigmoid": {0: "batch"}})
     (folder / "selected_tags.csv").write_text(CSV)
