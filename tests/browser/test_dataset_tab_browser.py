@@ -90,3 +90,51 @@ def test_filter_caption_rename_and_chart(page, server):
     assert "same image byte for byte (cats0.png, dogs0.png)" in report
     assert "same image byte for byte (cats1.png, dogs1.png)" in report
     gui.no_error_toasts(page)
+
+
+def test_import_and_export_a_dataset_config_toml(page, server):
+    raw = server["cwd"] / "toml-raw"
+    make_dataset(raw)  # 3_dogs and 2_cats, used as plain folders by the TOML
+    toml = server["cwd"] / "two subsets.toml"
+    toml.write_text(f"""[general]
+caption_extension = ".txt"
+keep_tokens = 1
+
+[[datasets]]
+resolution = [320, 256]
+batch_size = 2
+enable_bucket = true
+min_bucket_reso = 64
+max_bucket_reso = 512
+
+  [[datasets.subsets]]
+  image_dir = "{raw / '3_dogs'}"
+  num_repeats = 7
+  class_tokens = "mydog dog"
+
+  [[datasets.subsets]]
+  image_dir = "{raw / '2_cats'}"
+  num_repeats = 2
+  class_tokens = "cat"
+""")
+    gui.open_tab(page, "dataset", "Dataset")
+    page.locator("#ds-toml button").first.click()
+    gui.upload(page, "ds-toml-upload", toml)
+    gui.wait_text(page, "#ds-toml-notes", r"Imported into data/datasets/two_subsets")
+    page.locator("#ds-load").click()
+    gui.wait_text(page, "#ds-status", r"6 of 6 images")
+    gui.choose(page, "ds-folder", "7_mydog dog")
+    gui.wait_text(page, "#ds-status", r"4 of 6 images")
+    gui.open_tab(page, "model", "Model and folders")
+    assert gui.field(page, "model", "img_folder").input_value() == "data/datasets/two_subsets/img"
+    gui.open_tab(page, "images", "Image processing")
+    assert gui.field(page, "images", "resolution").input_value() == "320,256"
+    gui.open_tab(page, "dataset", "Dataset")
+    page.locator("#ds-toml-export").click()
+    gui.wait_text(page, "#ds-toml-notes", r"Wrote .*dataset_config\.toml")
+    page.wait_for_selector("#ds-toml-download", state="visible")
+    exported = (server["cwd"] / "data" / "exports" / "dataset_config.toml").read_text()
+    assert "num_repeats = 7" in exported and 'class_tokens = "mydog dog"' in exported
+    assert "resolution = [320, 256]" in exported and "keep_tokens = 1" in exported
+    gui.shot(page, "22-dataset-toml")
+    gui.no_error_toasts(page)
