@@ -200,6 +200,21 @@ def wire_dataset_tab(ctx: Ctx) -> None:
     comp["ds_gallery"].select(select, inputs=reg.inputs | {comp["ds_paths"]},
                               outputs=[comp["ds_selected"], comp["ds_image"], comp["ds_caption"]],
                               api_visibility="private")
+    wire_edits(ctx, view, filters, view_outs)
+
+    def run_checks(values: dict):
+        return workbench_of(values).check().to_markdown()
+
+    comp["ds_check"].click(reg.handler(run_checks), inputs=reg.inputs, outputs=[comp["ds_report"]],
+                           api_visibility="private")
+    wire_captioning(ctx, view, filters, view_outs)
+    wire_toml_box(ctx, workbench_of)
+
+
+def wire_edits(ctx: Ctx, view, filters: set, view_outs: list) -> None:
+    """Save the selected image's caption, undo the last change, apply a bulk operation; each
+    redraws the grid and the chart with the editor's sentence."""
+    comp, reg = ctx.components, ctx.registry
 
     def edit(data: dict, action):
         bench = workbench_of(reg.values(data))
@@ -226,14 +241,6 @@ def wire_dataset_tab(ctx: Ctx) -> None:
                                                            "ds_op_tag", "ds_op_new")}
     for key, fn in (("ds_save", save), ("ds_undo", undo), ("ds_apply", apply)):
         comp[key].click(fn, inputs=edit_inputs, outputs=view_outs, api_visibility="private")
-
-    def run_checks(values: dict):
-        return workbench_of(values).check().to_markdown()
-
-    comp["ds_check"].click(reg.handler(run_checks), inputs=reg.inputs, outputs=[comp["ds_report"]],
-                           api_visibility="private")
-    wire_captioning(ctx, view, filters, view_outs)
-    wire_toml_box(ctx, workbench_of)
 
 
 def wire_captioning(ctx: Ctx, view, filters: set, view_outs: list) -> None:
