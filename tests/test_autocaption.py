@@ -145,3 +145,24 @@ def test_cli_captions_the_images_without_captions(tagger_dir, tmp_path, capsys):
     assert after["b_blue"] == before["b_blue"] and after["c_red"] == before["c_red"]  # filtered out
     assert main(["dataset", "caption", str(tmp_path / "set"), "--tagger", str(tmp_path)]) == 2
     assert "must hold model.onnx" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_stopped_job_writes_nothing_more(tagger_dir, tmp_path):
+    from lora_gui.worker.caption_job import start_caption_job
+    from lora_gui.worker.client import WorkerClient
+
+    made = images(tmp_path / "data")
+    before = captions(tmp_path / "data")
+    paths, popen = start_caption_job(tmp_path / "jobs", job(tagger_dir, made.values(), rule="overwrite"))
+    client = WorkerClient(tmp_path / "jobs")
+    try:
+        run = client.attach(paths.run_id)
+        run.stop()  # in the inbox before the job reads it (after loading the tagger)
+        info = run.wait(120)
+    finally:
+        client.close()
+        popen.wait(30)
+    assert info.state.value == "stopped", paths.log.read_text()
+    assert info.message == "Stopped: wrote 0 caption file(s) for 0 of 4 images."
+    assert captions(tmp_path / "data") == before

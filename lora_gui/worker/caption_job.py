@@ -65,8 +65,9 @@ def _load_tagger(folder: str):
     return getattr(importlib.import_module(module), name)(folder)
 
 
-def caption_images(job: CaptionJob, emit, commands) -> None:
-    """Tag the job's images batch by batch; ends with a Finished event (stopped on a Stop)."""
+def caption_images(job: CaptionJob, emit, commands) -> str:
+    """Tag the job's images batch by batch; ends with a Finished event (stopped on a Stop).
+    Returns the sentence for the job's status."""
     tagger = _load_tagger(job.tagger_dir)
     images = [Path(p) for p in job.images]
     editor = CaptionEditor(job.undo_root or images[0].parent, job.caption_extension)
@@ -95,9 +96,12 @@ def caption_images(job: CaptionJob, emit, commands) -> None:
         rate = done / elapsed if elapsed > 0 else 0.0
         emit(Progress(step=done, total_steps=total, epoch=1, epochs=1, elapsed_s=elapsed,
                       steps_per_s=rate, eta_s=(total - done) / rate if rate else 0.0, phase="captioning"))
-    emit(Log(message=f"Wrote {len(changed)} caption file(s) for {done} of {total} images."))
+    sentence = (f"{'Stopped: wrote' if stopped else 'Wrote'} {len(changed)} caption file(s) for "
+                f"{done} of {total} images.")
+    emit(Log(message=sentence))
     emit(Finished(step=done, output_path=str(editor.root), stopped=stopped,
                   files=tuple(str(p) for p in changed)))
+    return sentence
 
 
 def run(job_dir: str) -> int:
@@ -112,7 +116,10 @@ def run(job_dir: str) -> int:
     try:
         job = CaptionJob.load(paths.root / JOB_FILE).check()
         reporter.set_state(RunState.RUNNING)
-        caption_images(job, reporter.emit, InboxCommands(paths, reporter))
+        sentence = caption_images(job, reporter.emit, InboxCommands(paths, reporter))
+        # The status message of a training run names a LoRA; a caption job's names its captions.
+        reporter.status = reporter.status.with_(message=sentence)
+        write_status(paths, reporter.status)
     except BaseException as exc:  # noqa: BLE001 - every way out ends the job with a sentence
         message = str(exc) if isinstance(exc, DatasetError) else explain_failure(exc, tail_text(paths.log))
         reporter.fail(message, traceback_tail(exc))
