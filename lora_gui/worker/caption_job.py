@@ -60,6 +60,23 @@ def start_caption_job(jobs_root: str | Path, job: CaptionJob,
     return paths, popen
 
 
+class CaptionReporter(Reporter):
+    """A training run's final status names its LoRA; a caption job's names the captions written:
+    the sentence of the job's last Log event, set in the same status write that ends the job."""
+
+    last_log = ""
+
+    def emit(self, event) -> None:
+        if isinstance(event, Log):
+            self.last_log = event.message
+        super().emit(event)
+
+    def _end(self, state: RunState, **changes) -> None:
+        if state in (RunState.FINISHED, RunState.STOPPED) and self.last_log:
+            changes["message"] = self.last_log
+        super()._end(state, **changes)
+
+
 def _load_tagger(folder: str):
     module, _, name = TAGGER.partition(":")
     return getattr(importlib.import_module(module), name)(folder)
@@ -110,16 +127,13 @@ def run(job_dir: str) -> int:
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
-    reporter = Reporter(paths)
+    reporter = CaptionReporter(paths)
     reporter.begin()
     _install_signal_handlers(reporter)
     try:
         job = CaptionJob.load(paths.root / JOB_FILE).check()
         reporter.set_state(RunState.RUNNING)
-        sentence = caption_images(job, reporter.emit, InboxCommands(paths, reporter))
-        # The status message of a training run names a LoRA; a caption job's names its captions.
-        reporter.status = reporter.status.with_(message=sentence)
-        write_status(paths, reporter.status)
+        caption_images(job, reporter.emit, InboxCommands(paths, reporter))
     except BaseException as exc:  # noqa: BLE001 - every way out ends the job with a sentence
         message = str(exc) if isinstance(exc, DatasetError) else explain_failure(exc, tail_text(paths.log))
         reporter.fail(message, traceback_tail(exc))
