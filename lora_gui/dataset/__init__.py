@@ -12,4 +12,14 @@ trainer both plan from these modules, so the preview shows what training will do
   ``CaptionOptions.from_settings``.
 - ``summary``: planning shared with training (buckets of every image, validation split,
   regularisation cycling, batches per epoch) and the summary the page shows.
+
+The dataset workbench (the page's Dataset tab and ``lora-gui dataset ...``):
+
+- ``workbench``: the one entry point: folders and options from the settings, bulk ops by name.
+- ``browse``: every image as a row (folder, repeats, caption, size, bucket), filters, pages.
+- ``edit``: caption edits in place (atomic, only the caption line), bulk tag ops, undo journal.
+- ``checks`` and ``dedupe``: checks before training, exact and perceptual-hash duplicates.
+- ``kohya_toml``: sd-scripts' dataset_config TOML, read, written, mapped to ``N_name`` folders.
+- ``autocaption``: auto-caption jobs without the model (tag choice, skip/prepend/append/overwrite);
+  the tagger runs in ``lora_gui.engine.tagger`` inside ``lora_gui.worker.caption_job``.
 """

@@ -15,6 +15,7 @@ from lora_gui.ui.browser_panel import build_browser_panel, wire_browser_panel
 from lora_gui.ui.config import UIConfig
 from lora_gui.ui.context import Ctx, PageState
 from lora_gui.ui.dataset_panel import build_dataset_panel, wire_dataset_panel
+from lora_gui.ui.dataset_tab import build_dataset_tab, wire_dataset_tab
 from lora_gui.ui.fields import settings_to_values
 from lora_gui.ui.files_panel import build_files_panel, wire_files_panel
 from lora_gui.ui.form import build_tabs
@@ -63,11 +64,12 @@ def build_app(config: UIConfig | None = None, client: Any = None) -> gr.Blocks:
                         "runs": lambda: (build_files_panel(ctx), build_runs_panel(ctx)),
                     })
                     build_tools_tab(ctx)
+                    build_dataset_tab(ctx)
                 build_browser_panel(ctx)
             with gr.Column(scale=2, elem_id="run-panel"):
                 build_panel(ctx)
         for wire in (wire_panel, wire_presets_panel, wire_files_panel, wire_browser_panel,
-                     wire_dataset_panel, wire_runs_panel, wire_tools_tab):
+                     wire_dataset_panel, wire_dataset_tab, wire_runs_panel, wire_tools_tab):
             wire(ctx)
         wire_load(ctx)
         wire_api(ctx)
