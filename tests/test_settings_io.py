@@ -160,7 +160,7 @@ def test_kohya_ss_config_imports_with_expected_values_and_ignored_keys():
     assert sorted(report.ignored) == ["additional_parameters", "stop_text_encoder_training",
                                       "use_wandb", "wandb_api_key"]
     assert report.mapped["use_8bit_adam"] == "training.optimizer"
-    assert report.mapped["LoRA_type"] == "advanced.conv_dim"
+    assert report.mapped["LoRA_type"] == "advanced.network_type" and s.advanced.network_type == "LoRA"
 
 
 def test_seed_001_config_imports_with_expected_values_and_ignored_keys():

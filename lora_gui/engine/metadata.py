@@ -51,14 +51,25 @@ def network_args(s: TrainingSettings) -> dict[str, str]:
     return args
 
 
+def network_metadata(s: TrainingSettings) -> tuple[str, dict[str, str]]:
+    """(ss_network_module, ss_network_args): kohya's networks.lora, or lycoris.kohya with its algo."""
+    from lora_gui.engine.network_lycoris import NETWORK_MODULE as LYCORIS_MODULE
+    from lora_gui.engine.network_lycoris import LycorisSpec, uses_lycoris
+
+    if uses_lycoris(s):
+        return LYCORIS_MODULE, LycorisSpec.from_settings(s).network_args()
+    return NETWORK_MODULE, network_args(s)
+
+
 def build_metadata(s: TrainingSettings, facts: RunFacts, *, epoch: int, step: int,
                    final: bool) -> dict[str, str]:
     m, tr, img, lab, adv = s.model, s.training, s.images, s.labels, s.advanced
+    module, args = network_metadata(s)
     minimal = {
-        "ss_network_module": NETWORK_MODULE,
+        "ss_network_module": module,
         "ss_network_dim": _s(tr.network_dim),
         "ss_network_alpha": _s(facts.network_alpha),
-        "ss_network_args": json.dumps(network_args(s)) if network_args(s) else "None",
+        "ss_network_args": json.dumps(args) if args else "None",
         "ss_v2": facts.versions["ss_v2"],
         "ss_base_model_version": facts.versions["ss_base_model_version"],
     }

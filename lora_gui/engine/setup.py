@@ -139,14 +139,17 @@ def _cache_latents(t) -> None:
 
 
 def _build_network(t) -> None:
-    from lora_gui.engine.network import NetworkSpec, load_lora_file
+    from lora_gui.engine.network import load_lora_file
+    from lora_gui.engine.network_lycoris import check_file_type, network_spec, spec_label
 
     s, m = t.settings, t.settings.model
-    t.network = t.family.apply_network(t.model, NetworkSpec.from_settings(s))
+    spec = network_spec(s)
+    t.network = t.family.apply_network(t.model, spec)
     t.network_alpha = s.training.network_alpha
     if m.lora_model_for_resume.strip():
         tensors, _ = load_lora_file(m.lora_model_for_resume)
         try:
+            check_file_type(spec, tensors, f"The file {m.lora_model_for_resume}")
             t.network.load_state_dict_kohya(tensors)
         except ValueError as exc:
             raise EngineError(f"model.lora_model_for_resume: {exc}") from None
@@ -155,7 +158,7 @@ def _build_network(t) -> None:
             t.network_alpha = max(set(alphas), key=alphas.count)
         t.log(f"Starting from the LoRA weights of {m.lora_model_for_resume}")
     names = t.network.module_names()
-    t.log(f"LoRA on {len(names.get('unet', []))} U-Net and {len(names.get('text_encoder', []))} "
+    t.log(f"{spec_label(spec)} on {len(names.get('unet', []))} U-Net and {len(names.get('text_encoder', []))} "
           "text-encoder modules")
     if s.training.gradient_checkpointing:
         t.unet.enable_gradient_checkpointing()

@@ -30,18 +30,25 @@ ALIASES: dict[str, str] = {
     "gradient_acc_steps": "gradient_accumulation_steps", "max_data_loader_n_workers": "num_workers",
     "persistent_data_loader_workers": "persistent_workers", "shuffle_captions": "shuffle_caption",
     "max_clip_token_length": "max_token_length", "xformers": "attention", "sample_every_n_epoch":
-    "sample_every_n_epochs",
+    "sample_every_n_epochs", "LyCORIS_preset": "lycoris_preset", "use_cp": "use_tucker",
+    "constraint": "constrain",
 }
 # Keys whose value we read while converting others (not settings of their own).
 _HELPERS = {"use_8bit_adam", "LoRA_type", "lr_warmup"}
-_NEVER = {"json_load_skip_list": "the skip-list is never loaded from a file (your current one is kept)"}
+_NEVER = {"json_load_skip_list": "the skip-list is never loaded from a file (your current one is kept)",
+          "train_on_input": "lycoris.kohya does not pass it on (only its ia3 preset sets it per layer)"}
 
 _OPTIMIZER_NAMES = {o.lower(): o for o in OPTIMIZERS} | {
     "dadaptation": "DAdaptAdam", "adamw_8bit": "AdamW8bit", "pagedadamw8bit": "AdamW8bit",
     "lion8bit": "Lion", "pagedlion8bit": "Lion", "sgdnesterov8bit": "SGDNesterov",
     "adamw8bit": "AdamW8bit", "dadaptadam": "DAdaptAdam",
 }
-_LOCON_TYPES = {"kohya locon", "locon", "lycoris/locon", "lora-c3lier", "kohya lora-c3lier"}
+_LOCON_TYPES = {"kohya locon", "lora-c3lier", "kohya lora-c3lier"}  # kohya's LoRA with conv_dim
+# kohya_ss LoRA_type (lowercase) -> our network_type (kohya_ss/lora_gui.py: algo=... of lycoris.kohya)
+_LYCORIS_TYPES = {"locon": "LoCon", "lycoris/locon": "LoCon", "lycoris/loha": "LoHa",
+                  "lycoris/lokr": "LoKr", "lycoris/ia3": "IA3", "lycoris/glora": "GLoRA",
+                  "lycoris/native fine-tuning": "Full", "lycoris/diag-oft": "Diag-OFT",
+                  "lycoris/boft": "BOFT"}
 
 
 @dataclass
@@ -199,17 +206,7 @@ def _post(doc: dict[str, Any], out: ForeignImport, warmup_pct: Any) -> None:
     elif "use_8bit_adam" in doc:
         out.mapped["use_8bit_adam"] = "training.optimizer"
     if "LoRA_type" in doc:
-        kind = str(doc["LoRA_type"]).strip().lower()
-        if kind in _LOCON_TYPES:
-            out.mapped["LoRA_type"] = "advanced.conv_dim"
-        else:
-            if kind != "standard":
-                out.notes.append(f"LoRA_type {doc['LoRA_type']!r} is not supported: importing it as "
-                                 "a standard LoRA")
-            if _get(out, "conv_dim", 0):
-                out.notes.append("conv_dim ignored: the file's LoRA_type has no convolution LoRA")
-            _set(out, "conv_dim", 0)
-            out.mapped["LoRA_type"] = "advanced.conv_dim"
+        _network_type(doc, out)
     if warmup_pct not in (None, "") and not _get(out, "lr_warmup_steps"):
         pct = _number(warmup_pct, float)
         if isinstance(pct, (int, float)) and 0 <= pct < 100:
@@ -232,6 +229,37 @@ def _post(doc: dict[str, Any], out: ForeignImport, warmup_pct: Any) -> None:
     if _get(out, "max_steps", 0) and ("epoch" in doc or "num_epochs" in doc):
         out.notes.append(f"max steps = {_get(out, 'max_steps')} overrides the epoch count; set it to "
                          "0 to train by epochs")
+
+
+def _network_type(doc: dict[str, Any], out: ForeignImport) -> None:
+    """kohya_ss's LoRA_type: kohya's LoRA (Standard; with conv_dim: Kohya LoCon) or a LyCORIS algo."""
+    kind = str(doc["LoRA_type"]).strip().lower()
+    out.mapped["LoRA_type"] = "advanced.network_type"
+    lycoris = _LYCORIS_TYPES.get(kind)
+    _set(out, "network_type", lycoris or "LoRA")
+    if lycoris is None:
+        if kind not in _LOCON_TYPES:
+            if kind != "standard":
+                out.notes.append(f"LoRA_type {doc['LoRA_type']!r} is not supported: importing it as "
+                                 "a standard LoRA")
+            if _get(out, "conv_dim", 0):
+                out.notes.append("conv_dim ignored: the file's LoRA_type has no convolution LoRA")
+            _set(out, "conv_dim", 0)
+        return
+    if any(_bool(doc.get(k)) is True for k in ("use_cp", "use_tucker")):
+        _set(out, "use_tucker", True)  # lycoris.kohya: use_tucker = use_cp or use_tucker
+    dim = _get(out, "network_dim", TrainingSettings().training.network_dim)
+    if lycoris == "Full" or not _get(out, "conv_dim", 0):
+        # lycoris.kohya: a conv_dim that is absent or 0 means conv_dim = network_dim (conv layers on).
+        _set(out, "conv_dim", dim)
+        _set(out, "conv_alpha", _get(out, "network_alpha", TrainingSettings().training.network_alpha))
+    if lycoris == "LoKr":
+        for name in ("network_dim", "conv_dim"):
+            value = _get(out, name, 0)
+            if isinstance(value, int) and value > 1024:
+                _set(out, name, 1024)
+                out.notes.append(f"{name} {value} imported as 1024: LoKr at that rank already uses "
+                                 "the full matrix (LyCORIS' full-matrix mode) for SD and SDXL layers")
 
 
 def convert(doc: dict[str, Any], current: TrainingSettings | None = None):

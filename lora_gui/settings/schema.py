@@ -23,6 +23,11 @@ LR_SCHEDULERS = (
     "adafactor",
 )
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "SGDNesterov", "Prodigy", "DAdaptAdam", "Adafactor")
+# network_type: "LoRA" is kohya's networks.lora (peft here); the others are LyCORIS algorithms.
+NETWORK_TYPES = ("LoRA", "LoCon", "LoHa", "LoKr", "IA3", "GLoRA", "Full", "Diag-OFT", "BOFT")
+# lycoris-lora's built-in presets (lycoris/config.py PRESET).
+LYCORIS_PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-transformer-only",
+                   "unet-convblock-only", "ia3")
 SAMPLERS = (
     "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
 )
@@ -373,6 +378,52 @@ class AdvancedSettings(Group):
     network_dropout: float = setting(
         0.0, "Dropout on the LoRA layers while training (regularises; 0 = off).", widget="number",
         ge=0, lt=1, step=0.05)
+    # --- the network type (LyCORIS; kohya_ss's LoRA_type and its LyCORIS options) ---------------
+    network_type: Literal[NETWORK_TYPES] = setting(  # type: ignore[valid-type]
+        "LoRA", "The kind of network. LoRA: kohya's LoRA (with conv rank > 0: kohya LoCon). The "
+        "others are LyCORIS algorithms (the lycoris-lora package, as kohya_ss trains them): LoCon "
+        "(LoRA on linear and conv layers), LoHa (Hadamard product of two low-rank pairs), LoKr "
+        "(Kronecker product; see factor), IA3 (a learned scale per channel), GLoRA, Full (native "
+        "fine-tuning: the full weight difference), Diag-OFT and BOFT (orthogonal fine-tuning). "
+        "DoRA is the 'DoRA' switch on LoRA, LoCon, LoHa or LoKr.", widget="dropdown",
+        label="Network type")
+    lycoris_preset: Literal[LYCORIS_PRESETS] = setting(  # type: ignore[valid-type]
+        "full", "LyCORIS: which layers get the network (lycoris-lora's presets): full = attention, "
+        "MLP, ResNet and sampler layers of the U-Net and the text encoder's attention and MLP; "
+        "full-lin without convolutions; attn-mlp / attn-only; unet-only; unet-transformer-only; "
+        "unet-convblock-only; ia3 (k, v and the MLP output, for IA3).", widget="dropdown",
+        advanced=True, label="LyCORIS preset")
+    dora_wd: bool = setting(
+        False, "DoRA (Liu et al. 2024): decompose each weight into magnitude and direction and "
+        "train the magnitude too (LyCORIS 'dora_wd'). Works with LoRA, LoCon, LoHa and LoKr.",
+        widget="checkbox", advanced=True, label="DoRA")
+    factor: int = setting(
+        -1, "LoKr: the Kronecker factor (the first matrix is factor x factor); -1 = the most "
+        "balanced split.", widget="number", advanced=True, ge=-1, le=1024)
+    decompose_both: bool = setting(
+        False, "LoKr: also decompose the first (small) Kronecker factor into a low-rank pair.",
+        widget="checkbox", advanced=True)
+    use_tucker: bool = setting(
+        False, "LyCORIS: Tucker decomposition of kxk convolutions (kohya_ss 'use_cp' / "
+        "'use_tucker'): fewer parameters for 3x3 convs.", widget="checkbox", advanced=True)
+    use_scalar: bool = setting(
+        False, "LyCORIS: train an extra scalar per module (starts at 0, so both factors can start "
+        "random).", widget="checkbox", advanced=True)
+    rank_dropout_scale: bool = setting(
+        False, "LyCORIS: rescale the kept ranks by 1/(1 - rank dropout) while training.",
+        widget="checkbox", advanced=True)
+    train_norm: bool = setting(
+        False, "LyCORIS: also train the LayerNorm/GroupNorm weights of the targeted blocks.",
+        widget="checkbox", advanced=True)
+    bypass_mode: bool = setting(
+        False, "LyCORIS: compute W x + delta(x) instead of (W + delta W) x (for quantised bases; "
+        "the same result in float32).", widget="checkbox", advanced=True)
+    constrain: float = setting(
+        0.0, "Diag-OFT: bound the norm of the rotation (LyCORIS 'constraint'); 0 = unbounded.",
+        widget="number", advanced=True, ge=0, le=100, step=0.01)
+    rescaled: bool = setting(
+        False, "Diag-OFT: learn a rescale per output channel besides the rotation.",
+        widget="checkbox", advanced=True)
     prior_loss_weight: float = setting(
         1.0, "Loss weight of the regularisation images.", widget="number", ge=0, le=100)
     attention: Literal["sdpa", "xformers"] = setting(
@@ -615,6 +666,11 @@ def cross_field_issues(s: TrainingSettings) -> list[tuple[str, str]]:
                 issues.append((f"images.{name}",
                                f"{what} changes the pixels every epoch, so latents cannot be cached: "
                                f"turn off {name} or cache_latents"))
+    adv = s.advanced
+    if adv.dora_wd and adv.network_type not in ("LoRA", "LoCon", "LoHa", "LoKr"):
+        issues.append(("advanced.dora_wd",
+                       f"DoRA works with LoRA, LoCon, LoHa and LoKr, not {adv.network_type}: turn "
+                       "DoRA off or choose one of those network types"))
     if tr.unet_only and tr.text_only:
         issues.append(("training.text_only",
                        "cannot be combined with 'train U-Net only': choose one of them (or neither "

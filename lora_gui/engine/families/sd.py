@@ -64,10 +64,10 @@ class StableDiffusion(ModelFamily):
         return min_snr_weights(snr, gamma, scheduler.config.prediction_type == "v_prediction")
 
     def apply_network(self, model, spec):
-        from lora_gui.engine.network import LoraNetwork
+        from lora_gui.engine.network_lycoris import apply_network
 
-        return LoraNetwork.apply(model.unet if spec.train_unet else None,
-                                 model.text_encoder if spec.train_text_encoder else None, spec)
+        return apply_network(model.unet if spec.train_unet else None,
+                             model.text_encoder if spec.train_text_encoder else None, spec)
 
     def generate_samples(self, model, prompts, settings, *, encode, out_dir: Path, stem: str, device,
                          dtype) -> list[tuple[Path, str]]:
