@@ -1,0 +1,263 @@
+"""The LyCORIS network types (issue 16): LoCon, LoHa, LoKr, IA3, GLoRA, Full, Diag-OFT, BOFT and
+DoRA, trained on the tiny demo model through lycoris-lora, saved in the LyCORIS key format, loaded
+back by an independent loader, resumed bit-identically, and imported from kohya_ss presets."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lora_gui import events as ev
+from lora_gui.engine import reporting
+from lora_gui.engine.network_lycoris import file_network_type
+from lora_gui.engine.train import Trainer, run_training
+from lora_gui.settings import io
+from lora_gui.settings.errors import SettingsError
+from lora_gui.settings.foreign import convert
+
+PRESETS = Path(__file__).parent / "fixtures" / "kohya_ss_presets"
+
+# The tensor names of each algorithm (lycoris/modules/*.py, what A1111/Forge/ComfyUI read).
+SUFFIXES = {
+    "LoCon": {"lora_down.weight", "lora_up.weight", "alpha"},
+    "LoHa": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+    "LoKr": {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"},
+    "IA3": {"weight", "on_input"},
+    "GLoRA": {"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"},
+    "Full": {"diff", "diff_b"},
+    "Diag-OFT": {"oft_blocks", "alpha"},
+    "BOFT": {"oft_blocks", "alpha"},
+}
+ALGO = {"LoCon": "locon", "LoHa": "loha", "LoKr": "lokr", "IA3": "ia3", "GLoRA": "glora",
+        "Full": "full", "Diag-OFT": "diag-oft", "BOFT": "boft"}
+FAST = {("LoHa", False), ("LoRA", True)}
+
+
+def _case(network_type: str, dora: bool = False):
+    marks = () if (network_type, dora) in FAST else (pytest.mark.slow,)
+    return pytest.param(network_type, dora, marks=marks, id=network_type + ("+DoRA" if dora else ""))
+
+
+CASES = [_case(t) for t in SUFFIXES] + [_case("LoRA", True), _case("LoCon", True)]
+
+
+def demo_settings(demo, out: Path, network_type: str, dora: bool, *extra: str):
+    s = io.load_preset("demo-tiny-cpu")
+    return io.apply_overrides(s, [
+        f"model.base_model={demo.model_dir}", f"model.img_folder={demo.dataset_dir}",
+        f"model.output_folder={out}", "samples.sample_every_n_epochs=0", "images.save_every_n_epochs=0",
+        "training.validation_split=0", "training.validation_every_n_steps=0",
+        f"advanced.network_type={network_type}", f"advanced.dora_wd={dora}", "advanced.conv_dim=2",
+        "training.network_dim=4", "training.network_alpha=2", "training.learning_rate=0.01", *extra])
+
+
+def _pipeline(demo):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(demo.model_dir, local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image(pipe) -> np.ndarray:
+    return pipe("demoshape, red circle, blue background", num_inference_steps=3, height=64, width=64,
+                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+
+def _load_with_lycoris(pipe, path: Path) -> None:
+    """lycoris-lora's own loader (create_network_from_weights, module by module): it tells each
+    module's algorithm from the file's key names, builds it from the tensors and hooks it into the
+    fresh model. Not through its network class, which first builds a default network that
+    lycoris 4.1.3 cannot build on a diffusers U-Net ("duplicated lora name:
+    lora_unet_time_embedding_linear_1"); and not merged, because 4.1.3's LoHa merge applies
+    alpha / dim twice (test_loha_file_is_the_hadamard_formula checks the file against the formula)."""
+    from lycoris.modules import get_module, make_module
+
+    sd = load_file(str(path))
+    models = {"lora_unet": pipe.unet, "lora_te_text_model": pipe.text_encoder}
+    names = {k.split(".")[0] for k in sd}
+    loaded = []
+    for prefix, model in models.items():
+        for module_path, module in model.named_modules():
+            name = f"{prefix}_{module_path}".replace(".", "_")
+            if name in names:
+                kind, params = get_module(sd, name)
+                loaded.append(make_module(kind, params, name, module).eval())
+    for module in loaded:
+        module.apply_to()
+    assert len(loaded) == len(names)
+
+
+def _expected_suffixes(network_type: str, dora: bool) -> set[str]:
+    suffixes = set(SUFFIXES["LoCon" if network_type == "LoRA" else network_type])
+    return suffixes | {"dora_scale"} if dora else suffixes
+
+
+@pytest.mark.parametrize("network_type,dora", CASES)
+def test_trains_saves_lycoris_keys_and_reloads_with_identical_images(demo, tmp_path, network_type, dora):
+    s = demo_settings(demo, tmp_path, network_type, dora, "images.max_steps=2")
+    trainer = Trainer(s, lambda e: None, ev.CommandQueue())
+    result = trainer.run()
+    assert result.status == "finished", result.message
+    path = result.output_path
+    tensors = load_file(str(path))
+    # key names: lora_unet_<path> / lora_te_text_model_<path>, then the algorithm's tensor names
+    assert {k.split(".", 1)[1] for k in tensors} == _expected_suffixes(network_type, dora)
+    assert all(re.fullmatch(r"lora_(unet|te_text_model)_[a-z0-9_]+\.[a-z0-9_.]+", k) for k in tensors)
+    q_proj = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    to_q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert {k.split(".")[0] for k in tensors} >= {q_proj, to_q}
+    if network_type != "IA3":  # IA3's full preset is linear-only for 3x3 convs (no conv rank)
+        assert any(k.startswith("lora_unet_down_blocks_0_resnets_0_conv1.") for k in tensors)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    args = json.loads(meta["ss_network_args"])
+    assert args["algo"] == ALGO.get(network_type, "locon") and args["preset"] == "full"
+    assert args.get("dora_wd", "False") == str(dora)
+    assert file_network_type(tensors) == {"LoCon": "LoRA", "Diag-OFT": "OFT", "BOFT": "OFT"}.get(
+        network_type, network_type) + (" with DoRA" if dora else "")
+
+    trainer.unet.eval()
+    trainer.model.text_encoder.eval()
+    trained_pipe = _pipeline(demo)
+    trained_pipe.unet, trained_pipe.text_encoder = trainer.unet, trainer.model.text_encoder
+    trained = _image(trained_pipe)
+    base = _image(_pipeline(demo))
+    loaded_pipe = _pipeline(demo)
+    _load_with_lycoris(loaded_pipe, path)
+    loaded = _image(loaded_pipe)
+    assert np.abs(loaded - trained).max() < 1e-4
+    assert np.abs(trained - base).max() > 1e-4  # the network changed the images
+
+
+@pytest.mark.slow
+def test_lycoris_locon_file_loads_in_diffusers(demo, tmp_path):
+    """LyCORIS LoCon (no DoRA) is lora_down/lora_up: diffusers' kohya converter loads it."""
+    s = demo_settings(demo, tmp_path, "LoCon", False, "images.max_steps=2")
+    trainer = Trainer(s, lambda e: None, ev.CommandQueue())
+    result = trainer.run()
+    trainer.unet.eval()
+    trainer.model.text_encoder.eval()
+    trained_pipe = _pipeline(demo)
+    trained_pipe.unet, trained_pipe.text_encoder = trainer.unet, trainer.model.text_encoder
+    loaded_pipe = _pipeline(demo)
+    loaded_pipe.load_lora_weights(str(result.output_path))
+    assert np.abs(_image(loaded_pipe) - _image(trained_pipe)).max() < 1e-4
+
+
+def _stop_at(step: int, commands: ev.CommandQueue):
+    def sink(event):
+        if isinstance(event, ev.LossReported) and event.step == step:
+            commands.put(ev.Stop())
+
+    return sink
+
+
+@pytest.mark.parametrize("network_type,dora", CASES)
+def test_stop_and_resume_is_bit_identical(demo, tmp_path, monkeypatch, network_type, dora):
+    monkeypatch.setattr(reporting, "REPORT_INTERVAL_S", 0.0)
+    common = ["images.max_steps=4", "model.save_state=true"]
+    full = run_training(demo_settings(demo, tmp_path / "full", network_type, dora, *common), lambda e: None)
+    assert full.status == "finished", full.message
+    out = tmp_path / "resumed"
+    commands = ev.CommandQueue()
+    first = run_training(demo_settings(demo, out, network_type, dora, *common), _stop_at(2, commands),
+                         commands)
+    assert first.status == "stopped" and first.step == 2
+    second = run_training(demo_settings(demo, out, network_type, dora, *common,
+                                        f"model.load_previous_save_state={first.state_dir}"), lambda e: None)
+    assert second.status == "finished", second.message
+    a, b = load_file(str(full.output_path)), load_file(str(second.output_path))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], load_file(str(first.output_path))[k]) for k in a)
+
+
+def test_start_from_a_file_of_the_same_type_and_a_sentence_for_another(demo, tmp_path):
+    first = run_training(demo_settings(demo, tmp_path / "a", "LoHa", False, "images.max_steps=1"),
+                         lambda e: None)
+    assert first.status == "finished", first.message
+    start = f"model.lora_model_for_resume={first.output_path}"
+    trainer = Trainer(demo_settings(demo, tmp_path / "b", "LoHa", False, "images.max_steps=1", start),
+                      lambda e: None, ev.CommandQueue())
+    trainer._setup()
+    loaded, original = trainer.network.state_dict_kohya(), load_file(str(first.output_path))
+    assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in original)
+    for network_type, dora, wanted in (("LoKr", False, "LoKr"), ("LoRA", False, "LoRA"),
+                                       ("LoHa", True, "LoHa with DoRA")):
+        result = run_training(demo_settings(demo, tmp_path / f"c{network_type}{dora}", network_type, dora,
+                                            "images.max_steps=1", start), lambda e: None)
+        assert result.status == "failed"
+        assert result.message.startswith("model.lora_model_for_resume: ")
+        assert f"holds a LoHa network but these settings train a {wanted} network" in result.message
+
+
+def test_file_network_type_reads_the_key_format():
+    t = torch.zeros(1)
+    assert file_network_type({"lora_unet_x.lora_down.weight": t, "lora_unet_x.alpha": t}) == "LoRA"
+    assert file_network_type({"lora_unet_x.lora_down.weight": t, "lora_unet_x.dora_scale": t}) == \
+        "LoRA with DoRA"
+    assert file_network_type({"lora_te_x.hada_w1_a": t}) == "LoHa"
+    assert file_network_type({"lora_te_x.lokr_w1_a": t, "lora_te_x.dora_scale": t}) == "LoKr with DoRA"
+    assert file_network_type({"lora_unet_x.weight": t, "lora_unet_x.on_input": t}) == "IA3"
+    assert file_network_type({"lora_unet_x.diff": t}) == "Full"
+    assert file_network_type({"lora_unet_x.oft_blocks": t}) == "OFT"
+    assert file_network_type({"something": t}) == "unknown"
+
+
+def test_dora_needs_a_decomposable_type():
+    with pytest.raises(SettingsError) as info:
+        io.apply_overrides(io.load_preset("demo-tiny-cpu"), ["advanced.network_type=IA3",
+                                                             "advanced.dora_wd=true"])
+    assert "advanced.dora_wd" in str(info.value) and "IA3" in str(info.value)
+
+
+# kohya_ss presets/lora/*.json (bmaltais/kohya_ss): type and LyCORIS arguments as imported.
+# (network_dim, network_alpha, conv_dim, conv_alpha, use_tucker, factor, network_dropout)
+PRESET_EXPECTED = {
+    "loha-sd15.json": ("LoHa", 32, 16, 8, 4, True, -1, 0.0),
+    "lokr-sd15.json": ("LoKr", 64, 64, 64, 64, False, -1, 0.0),
+    "ia3-sd15.json": ("IA3", 64, 64, 64, 64, False, -1, 0.0),
+    # no conv_dim in the file: lycoris.kohya uses network_dim / network_alpha for the convs
+    "iA3-Prodigy-sd15.json": ("IA3", 1024, 1024, 1024, 1024, False, -1, 0.3),
+    "sd15-EDG_LoConOptiSettings.json": ("LoCon", 64, 64, 32, 1, False, -1, 0.0),
+    "sd15-EDG_LoHaOptiSettings.json": ("LoHa", 32, 32, 32, 1, False, -1, 0.0),
+    # dim 100000 (the full-matrix trick) becomes our maximum, which is full-matrix LoKr too
+    "sd15-LoKr_v20.json": ("LoKr", 1024, 1, 1024, 1, False, 6, 0.0),
+    "SDXL-LoHA_AI_Characters_v10.json": ("LoHa", 32, 32, 16, 16, False, -1, 0.0),
+    "SDXL-LoKR_v10.json": ("LoKr", 64, 64, 64, 64, True, -1, 0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_EXPECTED))
+def test_kohya_ss_lycoris_presets_import_with_type_and_arguments(name):
+    s, report = convert(json.loads((PRESETS / name).read_text()))
+    adv, tr = s.advanced, s.training
+    got = (adv.network_type, tr.network_dim, tr.network_alpha, adv.conv_dim, adv.conv_alpha,
+           adv.use_tucker, adv.factor, adv.network_dropout)
+    assert got == PRESET_EXPECTED[name]
+    assert report.mapped["LoRA_type"] == "advanced.network_type"
+    assert adv.lycoris_preset == "full" and not adv.dora_wd
+    for key in ("factor", "decompose_both", "use_scalar", "rescaled", "train_norm", "LyCORIS_preset"):
+        assert key not in report.ignored
+
+
+def test_kohya_lora_types_keep_their_meaning():
+    assert convert({"LoRA_type": "Standard", "conv_dim": 8})[0].advanced.conv_dim == 0
+    s, _ = convert({"LoRA_type": "Kohya LoCon", "conv_dim": 8})
+    assert (s.advanced.network_type, s.advanced.conv_dim) == ("LoRA", 8)
+    s, report = convert({"LoRA_type": "LyCORIS/Diag-OFT", "constrain": 0.5, "rescaled": True,
+                         "train_on_input": True})
+    assert (s.advanced.network_type, s.advanced.constrain, s.advanced.rescaled) == ("Diag-OFT", 0.5, True)
+    assert "train_on_input" in report.ignored
+    s, report = convert({"LoRA_type": "LyCORIS/DyLoRA"})
+    assert s.advanced.network_type == "LoRA" and any("DyLoRA" in n for n in report.notes)
