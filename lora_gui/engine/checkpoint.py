@@ -96,12 +96,20 @@ def register_state(t) -> None:
     and the LoRA weights (the base model is read again from its file)."""
     from safetensors.torch import load_file, save_file
 
+    # A network whose file is not its exact training state (LyCORIS Full) saves what resuming needs.
+    exact = hasattr(t.network, "state_dict_exact")
+
     def save_hook(models, weights, output_dir) -> None:
-        save_file(t.network.state_dict_kohya(torch.float32), str(Path(output_dir) / STATE_LORA))
+        tensors = t.network.state_dict_exact() if exact else t.network.state_dict_kohya(torch.float32)
+        save_file(tensors, str(Path(output_dir) / STATE_LORA))
         weights.clear()
 
     def load_hook(models, input_dir) -> None:
-        t.network.load_state_dict_kohya(load_file(str(Path(input_dir) / STATE_LORA)))
+        tensors = load_file(str(Path(input_dir) / STATE_LORA))
+        if exact:
+            t.network.load_state_dict_exact(tensors)
+        else:
+            t.network.load_state_dict_kohya(tensors)
         models.clear()
 
     t.acc.register_for_checkpointing(t.progress)

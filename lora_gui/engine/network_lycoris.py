@@ -288,6 +288,30 @@ class LycorisNetwork:
         self.net.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
 
 
+    # --- the state folder (resume) ---------------------------------------------------------------
+    # LyCORIS Full trains the whole weight W and writes W - W0 to the file; W0 + (W - W0) is not W to
+    # the last bit, so the state folder also keeps W itself, and resuming is bit-identical.
+    _EXACT = ".exact_weight", ".exact_bias"
+
+    def state_dict_exact(self) -> dict[str, torch.Tensor]:
+        """The file's tensors plus what they do not hold exactly (a Full module's trained weight)."""
+        sd = self.state_dict_kohya(torch.float32)
+        for lora in self.net.loras:
+            if lora.__class__.__name__ == "FullModule":
+                for suffix, param in zip(self._EXACT, (lora.weight, lora.bias)):
+                    if param is not None:
+                        sd[lora.lora_name + suffix] = param.detach().to("cpu", copy=True).contiguous()
+        return sd
+
+    def load_state_dict_exact(self, sd: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict_kohya({k: v for k, v in sd.items() if not k.endswith(self._EXACT)})
+        with torch.no_grad():
+            for lora in self.net.loras:
+                for suffix, param in zip(self._EXACT, (getattr(lora, "weight", None), getattr(lora, "bias", None))):
+                    if lora.lora_name + suffix in sd and isinstance(param, nn.Parameter):
+                        param.copy_(sd[lora.lora_name + suffix])
+
+
 def _lycoris_kwargs(spec: LycorisSpec) -> dict:
     """LycorisNetworkKohya's arguments, as lycoris.kohya.create_network derives them from kohya's
     network_args (except conv_dim 0, which means no convolutions here, not conv_dim = network_dim)."""
