@@ -235,7 +235,7 @@ class LycorisNetwork:
 
     def _follow_train_mode(self, unet, encoders) -> None:
         # The LyCORIS modules are not submodules of the models they patch: dropout must follow the
-        # model's train()/eval(), as peft's layers (inside the model) do.
+        # model's train and eval modes, as peft's layers (inside the model) do.
         def follow(loras):
             def hook(module, args):
                 for lora in loras:
