@@ -221,9 +221,13 @@ def test_stop_and_resume_is_bit_identical(demo, tmp_path, monkeypatch, network_t
 
 
 def test_start_from_a_file_of_the_same_type_and_a_sentence_for_another(demo, tmp_path):
-    first = run_training(demo_settings(demo, tmp_path / "a", "LoHa", False, "images.max_steps=1"),
-                         lambda e: None)
+    first = run_training(demo_settings(demo, tmp_path / "a", "LoHa", False, "images.max_steps=1",
+                                       "model.save_state=true"), lambda e: None)
     assert first.status == "finished", first.message
+    resumed = run_training(demo_settings(demo, tmp_path / "a", "LoKr", False, "images.max_steps=2",
+                                         f"model.load_previous_save_state={first.state_dir}"), lambda e: None)
+    assert resumed.status == "failed" and resumed.message.startswith("model.load_previous_save_state: ")
+    assert "holds a LoHa network but these settings train a LoKr network" in resumed.message
     start = f"model.lora_model_for_resume={first.output_path}"
     trainer = Trainer(demo_settings(demo, tmp_path / "b", "LoHa", False, "images.max_steps=1", start),
                       lambda e: None, ev.CommandQueue())
