@@ -1,10 +1,16 @@
-"""Auto-captioning without the model: the job (which images, which tagger folder, thresholds,
-excluded tags, what to do with an existing caption), the WD14 tag list, choosing tags from the
-tagger's probabilities, and merging them with a caption that is already there.
+"""Auto-captioning without the model: the job (which images, which captioner and model folder,
+thresholds, excluded tags, the prompt, what to do with an existing caption), the files each
+captioner's folder must hold, the WD14 tag list, choosing tags from the tagger's probabilities,
+and merging new tags or a sentence with a caption that is already there.
 
-The model itself runs in the background worker (:mod:`lora_gui.engine.tagger`,
+The models run in the background worker (:mod:`lora_gui.engine.captioners`,
 ``python -m lora_gui.worker.caption_job``); this module is torch- and onnxruntime-free so the
 page and the command line can build and check a job.
+
+Captioners (``CAPTIONERS``): ``wd14`` (an ONNX tagger, tags), ``blip``, ``florence2`` and
+``qwen2vl`` (transformers folders as ``save_pretrained`` writes them, read with the native
+classes, a sentence). Weights are read from ``*.safetensors`` only: a ``pytorch_model.bin`` is a
+pickle, which lora-gui never loads from a folder a user supplies.
 
 WD14 taggers (SmilingWolf's ``wd-*-tagger`` releases, used by kohya-ss/sd-scripts
 ``finetune/tag_images_by_wd14_tagger.py``) ship ``model.onnx`` and ``selected_tags.csv`` with the
@@ -26,6 +32,19 @@ from lora_gui.dataset.scan import DatasetError
 
 RULES = ("skip", "prepend", "append", "overwrite")
 TAGGER_FILES = ("model.onnx", "selected_tags.csv")
+# name -> (what it is, an example release to download beforehand, the default prompt)
+CAPTIONERS = {
+    "wd14": ("WD14 tagger (ONNX, tags)", "SmilingWolf/wd-vit-tagger-v3", ""),
+    "blip": ("BLIP (transformers, a sentence)", "Salesforce/blip-image-captioning-large", ""),
+    "florence2": ("Florence-2 (transformers native, a sentence)", "florence-community/Florence-2-base",
+                  "<CAPTION>"),
+    "qwen2vl": ("Qwen2-VL / Qwen2.5-VL (transformers, a sentence)", "Qwen/Qwen2-VL-2B-Instruct",
+                "Describe this image in one sentence."),
+}
+# The files of a transformers folder: each entry is satisfied by any one of its names.
+TRANSFORMERS_FILES = (("config.json",), ("model.safetensors", "model.safetensors.index.json"),
+                      ("tokenizer.json", "tokenizer_config.json"),
+                      ("preprocessor_config.json", "processor_config.json"))
 GENERAL, CHARACTER, RATING = "0", "4", "9"
 
 
@@ -40,7 +59,7 @@ class CaptionJob:
     """One auto-captioning job: written to ``caption.json`` in its job folder."""
 
     images: list[str]
-    tagger_dir: str
+    tagger_dir: str  # the captioner's model folder (the name is kept from the first, WD14-only, jobs)
     caption_extension: str = ".txt"
     rule: str = "skip"  # what to do with an image that already has a caption: one of RULES
     general_threshold: float = 0.35
@@ -49,19 +68,31 @@ class CaptionJob:
     underscores_to_spaces: bool = True
     batch_size: int = 4
     undo_root: str = ""  # the folder whose undo journal records the change (the image folder)
+    captioner: str = "wd14"  # one of CAPTIONERS
+    prompt: str = ""  # Florence-2: a task token such as <CAPTION>; Qwen2-VL: the instruction; BLIP: a prefix
+    max_new_tokens: int = 60
 
     def check(self) -> CaptionJob:
+        if self.captioner not in CAPTIONERS:
+            raise DatasetError(f"The captioner must be one of {', '.join(CAPTIONERS)}, not {self.captioner!r}.")
         if self.rule not in RULES:
             raise DatasetError(f"The caption rule must be one of {', '.join(RULES)}, not {self.rule!r}.")
         for name in ("general_threshold", "character_threshold"):
             if not 0 < getattr(self, name) <= 1:
                 raise DatasetError(f"{name} must be above 0 and at most 1 (got {getattr(self, name)}).")
-        if self.batch_size < 1:
-            raise DatasetError(f"batch_size must be at least 1 (got {self.batch_size}).")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise DatasetError(f"batch_size and max_new_tokens must be at least 1 (got {self.batch_size} "
+                               f"and {self.max_new_tokens}).")
         if not self.images:
             raise DatasetError("There are no images to caption: check the folder and the filter.")
-        missing_tagger_files(Path(self.tagger_dir), raise_error=True)
+        if not str(self.tagger_dir).strip():
+            raise DatasetError(f"Choose the model folder of the {CAPTIONERS[self.captioner][0]} captioner.")
+        missing_model_files(self.captioner, Path(self.tagger_dir), raise_error=True)
         return self
+
+    @property
+    def prompt_or_default(self) -> str:
+        return self.prompt.strip() or CAPTIONERS[self.captioner][2]
 
     def save(self, path: Path) -> Path:
         return write_json(path, asdict(self))
@@ -80,6 +111,29 @@ def missing_tagger_files(folder: Path, raise_error: bool = False) -> list[str]:
             f"release, e.g. SmilingWolf/wd-vit-tagger-v3, downloaded beforehand); missing: "
             f"{', '.join(missing)}.")
     return missing
+
+
+def missing_model_files(captioner: str, folder: Path, raise_error: bool = False) -> list[str]:
+    """The files the ``captioner``'s folder lacks (a sentence as DatasetError when ``raise_error``)."""
+    if captioner == "wd14":
+        return missing_tagger_files(folder, raise_error)
+    missing = [" or ".join(names) for names in TRANSFORMERS_FILES
+               if not any((folder / name).is_file() for name in names)]
+    if missing and raise_error:
+        what, example, _ = CAPTIONERS[captioner]
+        pickle = (" (a pytorch_model.bin is a pickle and is not read: convert it to model.safetensors)"
+                  if (folder / "pytorch_model.bin").is_file() else "")
+        needed = ", ".join(" or ".join(names) for names in TRANSFORMERS_FILES)
+        raise DatasetError(
+            f"The {what} folder {folder} must hold {needed} (the files save_pretrained writes, e.g. "
+            f"{example} downloaded beforehand); missing: {'; '.join(missing)}{pickle}.")
+    return missing
+
+
+def sentence_caption(text: str) -> list[str]:
+    """A captioner's sentence as the one "tag" merged with a caption (commas kept inside it)."""
+    text = " ".join(text.split()).strip(" ,")
+    return [text] if text else []
 
 
 def read_tags_csv(path: Path) -> list[TagEntry]:

@@ -14,15 +14,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lora_gui.dataset.autocaption import TagEntry, missing_tagger_files, read_tags_csv
+from lora_gui.dataset.autocaption import CaptionJob, TagEntry, choose_tags, missing_tagger_files, read_tags_csv
 from lora_gui.dataset.images import open_rgb
 
 
 class WD14Tagger:
-    def __init__(self, folder: str | Path):
+    """A captioner (:mod:`lora_gui.engine.captioners`): ``caption(paths)`` gives each image's tags
+    chosen with ``job``'s thresholds and exclusions."""
+
+    def __init__(self, folder: str | Path, job: CaptionJob | None = None):
         import onnxruntime as ort
 
         self.folder = Path(folder)
+        self.job = job or CaptionJob(images=[], tagger_dir=str(folder))
         missing_tagger_files(self.folder, raise_error=True)
         self.tags: list[TagEntry] = read_tags_csv(self.folder / "selected_tags.csv")
         wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -45,3 +49,6 @@ class WD14Tagger:
         """Probabilities, one row per image, in the tag list's order."""
         batch = np.stack([self.prepare(p) for p in paths])
         return self.session.run(None, {self.input_name: batch})[0]
+
+    def caption(self, paths: list[Path]) -> list[list[str]]:
+        return [choose_tags(probs, self.tags, self.job) for probs in self.predict(paths)]

@@ -6,7 +6,8 @@ status.json, process.json, train.log) whose ``caption.json`` holds the
 ``WorkerClient(jobs_root).attach(job_id)`` watches, waits for and stops it like a training run.
 The job writes captions batch by batch (a Stop keeps what is written) as one undoable change.
 
-The tagger (onnxruntime) is imported by name in the job process only, like the trainer's engine.
+The captioner (:mod:`lora_gui.engine.captioners`: onnxruntime or transformers) is imported by
+name in the job process only, like the trainer's engine.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from lora_gui.dataset.autocaption import CaptionJob, choose_tags, merge_caption
+from lora_gui.dataset.autocaption import CaptionJob, merge_caption
 from lora_gui.dataset.edit import CaptionEditor
 from lora_gui.dataset.scan import DatasetError
 from lora_gui.events import Finished, Log, Progress, RunState, Started, Stop
@@ -36,7 +37,7 @@ from lora_gui.worker.protocol import (
 )
 
 JOB_FILE = "caption.json"
-TAGGER = "lora_gui.engine.tagger:WD14Tagger"
+CAPTIONERS = "lora_gui.engine.captioners:load_captioner"
 
 
 def start_caption_job(jobs_root: str | Path, job: CaptionJob,
@@ -77,15 +78,15 @@ class CaptionReporter(Reporter):
         super()._end(state, **changes)
 
 
-def _load_tagger(folder: str):
-    module, _, name = TAGGER.partition(":")
-    return getattr(importlib.import_module(module), name)(folder)
+def _load_captioner(job: CaptionJob):
+    module, _, name = CAPTIONERS.partition(":")
+    return getattr(importlib.import_module(module), name)(job)
 
 
 def caption_images(job: CaptionJob, emit, commands) -> str:
-    """Tag the job's images batch by batch; ends with a Finished event (stopped on a Stop).
+    """Caption the job's images batch by batch; ends with a Finished event (stopped on a Stop).
     Returns the sentence for the job's status."""
-    tagger = _load_tagger(job.tagger_dir)
+    captioner = _load_captioner(job)
     images = [Path(p) for p in job.images]
     editor = CaptionEditor(job.undo_root or images[0].parent, job.caption_extension)
     total, done, changed, start = len(images), 0, [], time.monotonic()
@@ -98,9 +99,9 @@ def caption_images(job: CaptionJob, emit, commands) -> str:
             break
         batch = images[first:first + job.batch_size]
         plan = {}
-        for path, probs in zip(batch, tagger.predict(batch), strict=True):
+        for path, new in zip(batch, captioner.caption(batch), strict=True):
             try:
-                caption = merge_caption(editor.caption_of(path), choose_tags(probs, tagger.tags, job), job.rule)
+                caption = merge_caption(editor.caption_of(path), new, job.rule)
             except DatasetError as exc:  # a caption file that is not UTF-8: left alone, said
                 emit(Log(message=str(exc), level="warning"))
                 continue
