@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lora_gui.dataset.autocaption import CaptionJob, TagEntry, choose_tags, missing_tagger_files, read_tags_csv
+from lora_gui.dataset.autocaption import (
+    CaptionJob,
+    TagEntry,
+    choose_tags,
+    missing_tagger_files,
+    read_tags_csv,
+)
 from lora_gui.dataset.images import open_rgb
 
 

@@ -59,7 +59,12 @@ def build_blip(folder: Path) -> Path:
 
 
 def build_florence2(folder: Path) -> Path:
-    from transformers import CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+    from transformers import (
+        CLIPImageProcessor,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+    )
 
     specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
     tokenizer, vocab = _tokenizer(specials, FLORENCE_EXTRA, pad_token="<pad>", unk_token="<unk>",
