@@ -203,7 +203,8 @@ def cmd_dataset_caption(args: argparse.Namespace) -> int:
         RowFilter(tag=args.tag_filter or "", no_caption=args.no_caption, folder=args.in_folder or ""),
         args.tagger, rule=args.rule, general_threshold=args.general, character_threshold=args.character,
         exclude=[t.strip() for t in (args.exclude or "").split(",") if t.strip()],
-        underscores_to_spaces=not args.keep_underscores, batch_size=args.batch_size)
+        underscores_to_spaces=not args.keep_underscores, batch_size=args.batch_size,
+        captioner=args.captioner, prompt=args.prompt or "", max_new_tokens=args.max_new_tokens)
     paths, popen = start_caption_job(args.jobs_dir, job)
     print(f"Captioning {len(job.images)} images in the background: job {paths.root}")
     if args.no_wait:
@@ -276,6 +277,7 @@ def _dataset_source_args(p: argparse.ArgumentParser, folder: bool = True) -> Non
 
 
 def add_dataset_parser(sub) -> None:
+    from lora_gui.dataset.autocaption import CAPTIONERS
     from lora_gui.dataset.workbench import BULK_OPS
 
     dataset = sub.add_parser("dataset", help="check, caption-edit and convert a dataset")
@@ -296,9 +298,15 @@ def add_dataset_parser(sub) -> None:
     p.add_argument("--caption", help="write this caption for --image")
     p.add_argument("--undo", action="store_true", help="undo the last caption change")
     p.set_defaults(func=cmd_dataset_edit)
-    p = dsub.add_parser("caption", help="auto-caption images with a local WD14 tagger (background job)")
+    p = dsub.add_parser("caption", help="auto-caption images with a local WD14 tagger, BLIP, Florence-2 or "
+                                        "Qwen2-VL model (background job)")
     _dataset_source_args(p)
-    p.add_argument("--tagger", required=True, help="folder with model.onnx and selected_tags.csv")
+    p.add_argument("--tagger", "--model", dest="tagger", required=True,
+                   help="the model folder: model.onnx and selected_tags.csv (wd14), or a save_pretrained folder")
+    p.add_argument("--captioner", default="wd14", choices=list(CAPTIONERS),
+                   help="; ".join(f"{k}: {v[0]}" for k, v in CAPTIONERS.items()))
+    p.add_argument("--prompt", help="Florence-2 task (<CAPTION>...), Qwen2-VL instruction, BLIP sentence start")
+    p.add_argument("--max-new-tokens", type=int, default=60, help="longest sentence, in tokens")
     p.add_argument("--rule", default="skip", choices=["skip", "prepend", "append", "overwrite"],
                    help="what to do with an existing caption (default: skip the image)")
     p.add_argument("--general", type=float, default=0.35, help="general tag threshold")

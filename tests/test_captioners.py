@@ -142,3 +142,23 @@ def test_qwen_folder_of_another_model_gets_a_sentence(folders, tmp_path):
     made = images(tmp_path / "set")
     with pytest.raises(DatasetError, match="holds a 'blip' model, not Qwen2-VL"):
         load_captioner(make_job("qwen2vl", folders["blip"], made.values()).check())
+
+
+@pytest.mark.slow
+def test_cli_background_job_with_florence2(folders, tmp_path, capsys):
+    """``lora-gui dataset caption --captioner florence2``: the job process loads the folder and
+    writes the sentences the captioner gives, under the rule (the filter leaves b and c alone)."""
+    from lora_gui.cli import main
+
+    made = images(tmp_path / "set" / "3_thing")
+    alone = one_by_one("florence2", folders["florence2"], list(made.values()))
+    before = captions(made["a"].parent)
+    code = main(["dataset", "caption", str(tmp_path / "set"), "--captioner", "florence2", "--model",
+                 str(folders["florence2"]), "--prompt", "<CAPTION>", "--max-new-tokens", str(MAX_WORDS),
+                 "--no-caption", "--rule", "overwrite", "--jobs-dir", str(tmp_path / "jobs"), "--timeout", "300"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "Wrote 2 caption file(s) for 2 of 2 images." in out
+    after = captions(made["a"].parent)
+    assert after["a"] == (alone["a"] + "\n").encode() and after["d"] == (alone["d"] + "\n").encode()
+    assert after["b"] == before["b"] and after["c"] == before["c"]

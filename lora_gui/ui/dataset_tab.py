@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from lora_gui.dataset.autocaption import RULES
+from lora_gui.dataset.autocaption import CAPTIONERS, RULES
 from lora_gui.dataset.browse import RowFilter, bucket_labels, dataset_rows, filter_rows, page_of, tag_counts
 from lora_gui.dataset.images import open_rgb
 from lora_gui.dataset.scan import DatasetError
@@ -74,13 +74,20 @@ def build_dataset_tab(ctx: Ctx) -> None:
 
 
 def build_caption_box(comp: dict) -> None:
-    with gr.Accordion("Auto-caption the filtered images (WD14 tagger)", open=False, elem_id="ds-autocap"):
+    with gr.Accordion("Auto-caption the filtered images", open=False, elem_id="ds-autocap"):
         with gr.Row():
-            comp["ds_tagger"] = gr.Textbox(label="Tagger folder", max_lines=1, elem_id="ds-tagger",
-                                           info="A local folder with model.onnx and selected_tags.csv.")
+            comp["ds_captioner"] = gr.Dropdown([(v[0], k) for k, v in CAPTIONERS.items()], value="wd14",
+                                               label="Captioner", elem_id="ds-captioner")
+            comp["ds_tagger"] = gr.Textbox(label="Model folder", max_lines=1, elem_id="ds-tagger",
+                                           info="A local folder: model.onnx and selected_tags.csv (WD14), "
+                                                "or what save_pretrained writes (BLIP, Florence-2, Qwen2-VL).")
             comp["ds_rule"] = gr.Dropdown(list(RULES), value="skip", label="Existing captions",
                                           elem_id="ds-rule", info="skip the image, prepend or append "
                                           "the new tags, or overwrite the caption")
+        comp["ds_prompt"] = gr.Textbox(label="Prompt", max_lines=1, elem_id="ds-prompt",
+                                       info="Florence-2: a task (<CAPTION>, <DETAILED_CAPTION>, "
+                                            "<MORE_DETAILED_CAPTION>); Qwen2-VL: the instruction; BLIP: the "
+                                            "start of the sentence. Empty: the captioner's default.")
         with gr.Row():
             comp["ds_general"] = gr.Number(0.35, label="General threshold", elem_id="ds-general")
             comp["ds_character"] = gr.Number(0.85, label="Character threshold", elem_id="ds-character")
@@ -254,7 +261,7 @@ def wire_captioning(ctx: Ctx, view, filters: set, view_outs: list) -> None:
     client = WorkerClient(jobs_root)
     popens: dict = {}  # job id -> Popen, reaped when the job has ended
     options = {comp[k] for k in ("ds_tagger", "ds_rule", "ds_general", "ds_character", "ds_exclude",
-                                 "ds_underscores")}
+                                 "ds_underscores", "ds_captioner", "ds_prompt")}
 
     def start(data: dict):
         bench = workbench_of(reg.values(data))
@@ -264,7 +271,8 @@ def wire_captioning(ctx: Ctx, view, filters: set, view_outs: list) -> None:
                 general_threshold=float(data[comp["ds_general"]] or 0),
                 character_threshold=float(data[comp["ds_character"]] or 0),
                 exclude=[t.strip() for t in (data[comp["ds_exclude"]] or "").split(",") if t.strip()],
-                underscores_to_spaces=bool(data[comp["ds_underscores"]]))
+                underscores_to_spaces=bool(data[comp["ds_underscores"]]),
+                captioner=data[comp["ds_captioner"]] or "wd14", prompt=str(data[comp["ds_prompt"]] or ""))
         except DatasetError as exc:
             raise gr.Error(str(exc)) from None
         paths, popen = start_caption_job(jobs_root, job)
