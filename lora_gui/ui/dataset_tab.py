@@ -18,6 +18,7 @@ from PIL import Image
 from lora_gui.dataset.autocaption import CAPTIONERS, RULES
 from lora_gui.dataset.browse import RowFilter, bucket_labels, dataset_rows, filter_rows, page_of, tag_counts
 from lora_gui.dataset.images import open_rgb
+from lora_gui.dataset.masks import mask_preview
 from lora_gui.dataset.scan import DatasetError
 from lora_gui.dataset.workbench import BULK_OPS, Workbench
 from lora_gui.settings.schema import TrainingSettings
@@ -48,8 +49,16 @@ def build_dataset_tab(ctx: Ctx) -> None:
         comp["ds_paths"] = gr.State([])  # the image paths of the page shown, in gallery order
         comp["ds_selected"] = gr.State("")
         with gr.Row():
-            comp["ds_image"] = gr.Image(label="Selected image", type="pil", interactive=False,
-                                        height=320, elem_id="ds-image")
+            with gr.Column():
+                comp["ds_image"] = gr.Image(label="Selected image", type="pil", interactive=False,
+                                            height=320, elem_id="ds-image")
+                with gr.Row():
+                    comp["ds_show_mask"] = gr.Checkbox(label="Show the loss mask (masked_loss)",
+                                                       elem_id="ds-show-mask")
+                    comp["ds_mask_folder"] = gr.Textbox(
+                        label="Mask folder", max_lines=1, elem_id="ds-mask-folder",
+                        info="Masks laid out like the image folder; empty: the image's alpha channel.")
+                comp["ds_mask_note"] = gr.Markdown("", elem_id="ds-mask-note")
             with gr.Column():
                 comp["ds_caption"] = gr.Textbox(label="Caption", lines=3, elem_id="ds-caption",
                                                 info="Comma-separated tags; saved to the caption file "
@@ -191,22 +200,44 @@ def wire_dataset_tab(ctx: Ctx) -> None:
     for key in ("ds_no_caption", "ds_bucket", "ds_folder"):
         comp[key].input(first_page, **listen)
 
+    def shown(data: dict, path: str):
+        """The selected image large: with its loss mask tinted in when asked."""
+        if not data[comp["ds_show_mask"]]:
+            return _thumb(Path(path), "", 1024)[0], ""
+        values = reg.values(data)
+        folder = str(data[comp["ds_mask_folder"]] or values.get("advanced.mask_folder") or "").strip()
+        try:
+            preview = mask_preview(Path(path), Path(folder) if folder else None,
+                                   Path(values.get("model.img_folder") or Path(path).parent), 1024)
+        except (DatasetError, OSError, ValueError) as exc:
+            return _thumb(Path(path), "", 1024)[0], str(exc)
+        return preview.image, preview.message
+
     def select(data: dict, evt: gr.SelectData):
         paths = data[comp["ds_paths"]] or []
         if evt.index is None or evt.index >= len(paths):
-            return gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         path = paths[evt.index]
         try:
             caption = workbench_of(reg.values(data)).editor().caption_of(path) or ""
         except DatasetError as exc:
             gr.Warning(str(exc))
             caption = ""
-        big, _ = _thumb(Path(path), "", 1024)
-        return path, big, caption
+        big, note = shown(data, path)
+        return path, big, caption, note
 
-    comp["ds_gallery"].select(select, inputs=reg.inputs | {comp["ds_paths"]},
-                              outputs=[comp["ds_selected"], comp["ds_image"], comp["ds_caption"]],
-                              api_visibility="private")
+    def reshow(data: dict):
+        path = data[comp["ds_selected"]]
+        return shown(data, path) if path else (gr.skip(), "Click an image in the grid to see its mask.")
+
+    mask_inputs = {comp[k] for k in ("ds_show_mask", "ds_mask_folder", "ds_selected")}
+    comp["ds_gallery"].select(select, inputs=reg.inputs | mask_inputs | {comp["ds_paths"]},
+                              outputs=[comp["ds_selected"], comp["ds_image"], comp["ds_caption"],
+                                       comp["ds_mask_note"]], api_visibility="private")
+    comp["ds_show_mask"].input(reshow, inputs=reg.inputs | mask_inputs,
+                               outputs=[comp["ds_image"], comp["ds_mask_note"]], api_visibility="private")
+    comp["ds_mask_folder"].submit(reshow, inputs=reg.inputs | mask_inputs,
+                                  outputs=[comp["ds_image"], comp["ds_mask_note"]], api_visibility="private")
     wire_edits(ctx, view, filters, view_outs)
 
     def run_checks(values: dict):
