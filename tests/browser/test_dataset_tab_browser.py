@@ -1,6 +1,7 @@
 """The Dataset tab in Debian's chromium: load a dataset, filter the images without captions and
 caption them with a tiny WD14 tagger in the background worker, edit a caption, rename a tag in bulk
-and see the frequency chart change, undo it, run the checks. Its own server (the fixtures of
+and see the frequency chart change, undo it, see an image's loss mask, run the checks, then start
+training on the dataset and see a loss point. Its own server (the fixtures of
 test_gui_browser), its own dataset folder; every process is reaped there."""
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ def test_filter_caption_rename_and_chart(page, server):
     page.locator("#ds-save").click()
     gui.wait_text(page, "#ds-message", r"Changed 1 caption file")
     assert (data / "2_cats" / "cats0.txt").read_text() == "cat, sitting, lying\n"
+    # Its loss mask (masked_loss): these images have no alpha channel, so all of it is trained.
+    page.locator("#ds-show-mask input").check()
+    gui.wait_text(page, "#ds-mask-note", r"cats0\.png has no alpha channel: with masked_loss the whole image")
     # Rename a tag in bulk: the chart follows.
     gui.choose(page, "ds-op", "rename tag everywhere")
     page.locator("#ds-op-tag input").fill("sitting")
@@ -90,6 +94,22 @@ def test_filter_caption_rename_and_chart(page, server):
     assert "same image byte for byte (cats0.png, dogs0.png)" in report
     assert "same image byte for byte (cats1.png, dogs1.png)" in report
     gui.no_error_toasts(page)
+    start_training_and_see_a_loss_point(page, server)
+
+
+def start_training_and_see_a_loss_point(page, server) -> None:
+    """The dataset just fixed trains (the demo model): a loss point is drawn, then the run stops."""
+    gui.open_tab(page, "model", "Model and folders")
+    gui.set_field(page, "model", "output_folder", "outputs/dataset-tab")
+    gui.open_tab(page, "images", "Image processing")
+    gui.set_field(page, "images", "max_steps", 200)
+    page.locator("#run-start").click()
+    gui.wait_text(page, "#run-progress", r"Step \d+ / 200", 240)
+    page.wait_for_selector("#run-plot", state="visible", timeout=60_000)  # shown with its first loss point
+    assert gui.step_of(page) >= 1
+    gui.shot(page, "23-dataset-trains")
+    page.locator("#run-stop").click()
+    gui.wait_text(page, "#run-result", "LoRA ready", 120)
 
 
 def test_import_and_export_a_dataset_config_toml(page, server):
