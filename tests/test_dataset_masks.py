@@ -3,8 +3,6 @@ same sub-folder and name, any image format), the ignored parts tinted; pixels co
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
