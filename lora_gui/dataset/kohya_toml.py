@@ -288,20 +288,26 @@ def _fill(folder: Path, subset: TomlSubset, extension: str) -> int:
     return count
 
 
-def to_folder_layout(config: DatasetConfig, dest: str | Path) -> FolderLayout:
+def link_subsets(subsets: list[TomlSubset], dest: str | Path, extension: str) -> tuple[Path, Path | None]:
     """Build ``dest/img/N_name`` (and ``dest/reg/N_name``) folders of links to the subsets' images
-    and captions; ``dest`` must be new or empty. Edits through the links change the originals."""
+    and captions (captions renamed to ``extension``); ``dest`` must be new or empty. Returns the
+    image folder and the regularisation folder (None without regularisation subsets)."""
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
-        raise DatasetError(f"{dest} is not empty: choose a new folder for the imported dataset.")
+        raise DatasetError(f"{dest} is not empty: choose a new folder for the dataset.")
+    for subset in subsets:
+        _fill(dest / ("reg" if subset.is_reg else "img") / _folder_name(subset), subset, extension)
+    return dest / "img", (dest / "reg" if any(s.is_reg for s in subsets) else None)
+
+
+def to_folder_layout(config: DatasetConfig, dest: str | Path) -> FolderLayout:
+    """The first dataset of ``config`` as ``N_name`` folders of links in ``dest``
+    (:func:`link_subsets`) and its settings. Edits through the links change the originals."""
     notes = list(config.notes)
     if len(config.datasets) > 1:
         notes.append(f"The config has {len(config.datasets)} [[datasets]]: lora-gui trains one, the "
                      "first is imported; import the others separately.")
     dataset = config.datasets[0]
     values = _shared_settings(dataset, notes)
-    extension = values["labels.caption_extension"]
-    for subset in dataset.subsets:
-        _fill(dest / ("reg" if subset.is_reg else "img") / _folder_name(subset), subset, extension)
-    reg = dest / "reg" if any(s.is_reg for s in dataset.subsets) else None
-    return FolderLayout(dest / "img", reg, values, notes)
+    img, reg = link_subsets(dataset.subsets, dest, values["labels.caption_extension"])
+    return FolderLayout(img, reg, values, notes)
