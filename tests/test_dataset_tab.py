@@ -44,3 +44,29 @@ def test_grid_pages_filters_and_chart(bench):
     top = sorted(by_hand.items(), key=lambda kv: (-kv[1], kv[0]))[:25]
     assert list(counts.items()) == top
     assert "No tags yet" in chart_html({}, 3)
+
+
+def test_folder_table_builds_the_layout_and_points_the_form_at_it(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from lora_gui.dataset.scan import DatasetError, scan_dataset
+    from lora_gui.ui.dataset_folders import build_from_rows
+
+    monkeypatch.chdir(tmp_path)
+    for name, n in (("dogs", 2), ("cats", 1)):
+        (tmp_path / "raw" / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(tmp_path / "raw" / name / f"{name}{i}.png")
+            (tmp_path / "raw" / name / f"{name}{i}.caption").write_text(f"a {name}")
+    rows = [["raw/dogs", 6, "sks dog", False], ["raw/cats", 2, "cat", False], ["", None, "", False]]
+    values, note = build_from_rows(rows, "my set", {"labels.caption_extension": ".caption"},
+                                   tmp_path / "data" / "datasets")
+    assert values == {"model.img_folder": "data/datasets/my_set/img", "model.reg_img_folder": ""}
+    assert note.startswith("Built `data/datasets/my_set`: `2_cat`, `6_sks dog`.")
+    info = scan_dataset(Path(values["model.img_folder"]), None, repeats=1, caption_extension=".caption")
+    assert {s.folder.name: (s.repeats, s.class_tokens, len(s.images)) for s in info.subsets} == {
+        "6_sks dog": (6, "sks dog", 2), "2_cat": (2, "cat", 1)}
+    again, _ = build_from_rows(rows, "my set", {}, tmp_path / "data" / "datasets")  # never into a used folder
+    assert again["model.img_folder"] == "data/datasets/my_set-2/img"
+    with pytest.raises(DatasetError, match="Folder row 1: raw/birds is not a folder"):
+        build_from_rows([["raw/birds", 1, "", False]], "x", {}, tmp_path / "data" / "datasets")

@@ -23,6 +23,7 @@ from lora_gui.dataset.scan import DatasetError
 from lora_gui.dataset.workbench import BULK_OPS, Workbench
 from lora_gui.settings.schema import TrainingSettings
 from lora_gui.ui.context import Ctx
+from lora_gui.ui.dataset_folders import build_folders_box, wire_folders_box
 from lora_gui.ui.dataset_toml import build_toml_box, wire_toml_box
 from lora_gui.ui.preview import _groups as form_groups
 
@@ -76,6 +77,7 @@ def build_dataset_tab(ctx: Ctx) -> None:
         build_caption_box(comp)
         comp["ds_message"] = gr.Markdown("", elem_id="ds-message")
         comp["ds_chart"] = gr.HTML("", elem_id="ds-chart")
+        build_folders_box(comp)
         build_toml_box(comp)
         with gr.Accordion("Checks before training", open=False, elem_id="ds-checks-box"):
             comp["ds_check"] = gr.Button("Run checks", size="sm", elem_id="ds-check")
@@ -247,6 +249,7 @@ def wire_dataset_tab(ctx: Ctx) -> None:
                            api_visibility="private")
     wire_captioning(ctx, view, filters, view_outs)
     wire_toml_box(ctx, workbench_of)
+    wire_folders_box(ctx)
 
 
 def wire_edits(ctx: Ctx, view, filters: set, view_outs: list) -> None:
