@@ -62,7 +62,7 @@ def test_folder_table_builds_the_layout_and_points_the_form_at_it(tmp_path, monk
     values, note = build_from_rows(rows, "my set", {"labels.caption_extension": ".caption"},
                                    tmp_path / "data" / "datasets")
     assert values == {"model.img_folder": "data/datasets/my_set/img", "model.reg_img_folder": ""}
-    assert note.startswith("Built `data/datasets/my_set`: `2_cat`, `6_sks dog`.")
+    assert note == "Built `data/datasets/my_set`: `2_cat`, `6_sks dog`. The Image folder now points there."
     info = scan_dataset(Path(values["model.img_folder"]), None, repeats=1, caption_extension=".caption")
     assert {s.folder.name: (s.repeats, s.class_tokens, len(s.images)) for s in info.subsets} == {
         "6_sks dog": (6, "sks dog", 2), "2_cat": (2, "cat", 1)}

@@ -26,7 +26,7 @@ def build_folders_box(comp: dict) -> None:
                     "folder and sets the Image and Regularisation folders; the originals are "
                     "not moved, and caption edits go to them.")
         comp["ds_folder_rows"] = gr.Dataframe(
-            value=[["", 1, "", False]], headers=HEADERS, datatype=["str", "number", "str", "bool"],
+            value=[["", 1, "", False], ["", 1, "", False]], headers=HEADERS, datatype=["str", "number", "str", "bool"],
             type="array", row_count=2, column_count=4, interactive=True, elem_id="ds-folder-rows")
         with gr.Row():
             comp["ds_folders_name"] = gr.Textbox("multi-concept", label="Dataset name", max_lines=1,
@@ -42,8 +42,8 @@ def build_from_rows(rows: list, name: str, values: dict[str, Any], datasets_dir:
     dest = _new_folder(datasets_dir, name or "multi-concept")
     img, reg = build_folders(entries, dest, values.get("labels.caption_extension") or ".txt")
     folders = sorted(p.name for p in img.iterdir()) + (sorted(p.name for p in reg.iterdir()) if reg else [])
-    note = (f"Built `{display_path(dest)}`: {', '.join(f'`{f}`' for f in folders)}. The Image folder"
-            + (" and the Regularisation folder" if reg else "") + " now point there.")
+    which = "The Image and Regularisation folders now point" if reg else "The Image folder now points"
+    note = f"Built `{display_path(dest)}`: {', '.join(f'`{f}`' for f in folders)}. {which} there."
     return {"model.img_folder": display_path(img), "model.reg_img_folder": display_path(reg) if reg else ""}, note
 
 

@@ -158,3 +158,42 @@ max_bucket_reso = 512
     assert "resolution = [320, 256]" in exported and "keep_tokens = 1" in exported
     gui.shot(page, "22-dataset-toml")
     gui.no_error_toasts(page)
+
+
+def fill_cell(page, row: int, column: int, text: str) -> None:
+    """Type into a cell of the folder table (0-based row and column): a double click edits it."""
+    cell = page.locator(f'#ds-folder-rows [data-testid="cell-{row}-{column}"]')
+    cell.dblclick()
+    editor = cell.locator("input, textarea").first
+    editor.wait_for(timeout=10_000)
+    editor.fill(text)
+    editor.press("Enter")
+    page.wait_for_function("([sel, text]) => document.querySelector(sel)?.innerText.trim() === text",
+                           arg=[f'#ds-folder-rows [data-testid="cell-{row}-{column}"] span[data-editable]', text],
+                           timeout=10_000)
+
+
+def test_folder_table_builds_a_multi_concept_dataset(page, server):
+    raw = server["cwd"] / "concepts"
+    make_dataset(raw)  # 3_dogs and 2_cats, used as plain folders with new repeats and tokens
+    gui.open_tab(page, "dataset", "Dataset")
+    page.locator("#ds-folders button").first.click()
+    page.wait_for_selector('#ds-folder-rows [data-testid="cell-1-2"]')
+    for row, (folder, repeats, tokens) in enumerate(((raw / "3_dogs", "4", "mydog dog"),
+                                                      (raw / "2_cats", "9", "cat"))):
+        fill_cell(page, row, 0, str(folder))
+        fill_cell(page, row, 1, repeats)
+        fill_cell(page, row, 2, tokens)
+    page.locator("#ds-folders-name input").fill("concepts")
+    page.locator("#ds-folders-build").click()
+    gui.wait_text(page, "#ds-folders-note", r"Built data/datasets/concepts: 4_mydog dog, 9_cat\. The Image folder now points there")
+    page.locator("#ds-load").click()
+    gui.wait_text(page, "#ds-status", r"6 of 6 images")
+    gui.choose(page, "ds-folder", "9_cat")
+    gui.wait_text(page, "#ds-status", r"2 of 6 images")
+    gui.open_tab(page, "model", "Model and folders")
+    assert gui.field(page, "model", "img_folder").input_value() == "data/datasets/concepts/img"
+    built = server["cwd"] / "data" / "datasets" / "concepts" / "img"
+    assert sorted(p.name for p in (built / "4_mydog dog").iterdir())[:2] == ["dogs0.png", "dogs0.txt"]
+    gui.shot(page, "24-dataset-folders")
+    gui.no_error_toasts(page)
