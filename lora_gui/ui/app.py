@@ -17,6 +17,7 @@ from lora_gui.ui.context import Ctx, PageState
 from lora_gui.ui.dataset_panel import build_dataset_panel, wire_dataset_panel
 from lora_gui.ui.dataset_tab import build_dataset_tab, wire_dataset_tab
 from lora_gui.ui.fields import settings_to_values
+from lora_gui.ui.files import ServedFiles
 from lora_gui.ui.files_panel import build_files_panel, wire_files_panel
 from lora_gui.ui.form import build_tabs
 from lora_gui.ui.presets_panel import build_preset_picker, wire_presets_panel
@@ -45,7 +46,7 @@ def build_app(config: UIConfig | None = None, client: Any = None) -> gr.Blocks:
     (tests pass a fake). The parts are reachable as ``blocks.lora_gui`` (a ``Ctx``)."""
     config = config or UIConfig()
     ctx = Ctx(config=config, runs=RunController(client if client is not None else make_client(config)))
-    ctx.allow(config.runs_dir)
+    ctx.stage = ServedFiles(config.browse_roots)
     settings, note = config.initial_settings()
     values = settings_to_values(settings)
     comp = ctx.components

@@ -148,7 +148,7 @@ def serve(args: argparse.Namespace, logins: list[tuple[str, str]]) -> int:
     blocks.queue(default_concurrency_limit=4)
     try:
         blocks.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                      root_path=args.root_path, allowed_paths=[str(p) for p in ctx.allowed],
+                      root_path=args.root_path,  # no allowed_paths: see ui.files.ServedFiles
                       prevent_thread_lock=True, quiet=True, css=CSS, footer_links=["gradio"],
                       show_error=True, inbrowser=False)
         url = blocks.local_url
@@ -169,6 +169,7 @@ def serve(args: argparse.Namespace, logins: list[tuple[str, str]]) -> int:
             runner.stop()
         blocks.close()
         ctx.runs.close()
+        ctx.stage.close()
         client.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
