@@ -3,6 +3,8 @@ errno text; every fault is reproduced first (each test fails on the code before 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -55,3 +57,33 @@ def test_zip_of_a_folder_holding_its_own_name_is_unwrapped(tmp_path):
     dest = extract_dataset_zip(z, tmp_path / "datasets", "set.zip")
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == [
         "10_cat", "10_cat/b.txt", "set", "set/a.txt"]
+
+
+# --- item 9: deeply nested JSON ----------------------------------------------------------------------
+
+def _deep(path: Path, levels: int) -> Path:
+    path.write_text('{"model": ' * levels + "1" + "}" * levels)
+    return path
+
+
+@pytest.mark.parametrize("levels", [40, 5000])
+@pytest.mark.parametrize("command", [["config", "validate"], ["train"]])
+def test_deeply_nested_json_gets_a_sentence_on_the_command_line(tmp_path, command, levels):
+    deep = _deep(tmp_path / "deep.json", levels)
+    proc = subprocess.run([sys.executable, "-m", "lora_gui.cli", *command, str(deep)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "RecursionError" not in proc.stderr
+    assert f"{deep} nests lists or objects" in proc.stderr and "levels deep" in proc.stderr
+
+
+def test_json_depth_is_measured_without_recursion():
+    from lora_gui.settings.io import json_depth, loads_bounded
+
+    assert json_depth(1) == 0 and json_depth([]) == 1 and json_depth({"a": [1, {"b": []}]}) == 4
+    value = []
+    for _ in range(100_000):  # deeper than any recursion limit
+        value = [value]
+    assert json_depth(value) == 100_001
+    with pytest.raises(ValueError, match="the queue file nests lists or objects 33 levels deep"):
+        loads_bounded("[" * 33 + "]" * 33, "the queue file")
