@@ -208,4 +208,3 @@ def _build_optimizer(t) -> None:
     prepared = t.acc.prepare(*trained, optimizer, scheduler)
     t.trained_models = list(prepared[:len(trained)])
     t.optimizer, t.lr_scheduler = prepared[len(trained):]
-    checkpoint.register_state(t)
