@@ -17,7 +17,6 @@ A folder in accelerate's pickle format (``optimizer.bin``, ``*.pkl``) is refused
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lora_gui.atomic import atomic_path, write_json
 from lora_gui.engine.errors import EngineError
-from lora_gui.settings.io import atomic_write_text, loads_bounded
+from lora_gui.settings.io import loads_bounded
 
 FORMAT = "lora-gui-state"
 VERSION = 1
@@ -151,22 +151,27 @@ def _set_rng_state(tree: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 def save_state(t, folder: Path) -> None:
     """Write the state of run ``t`` into ``folder`` (every process its RNG, the main one the rest)."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     t.acc.wait_for_everyone()
     rng_tree, rng_tensors = _rng_state()
     index = t.acc.process_index
-    save_file(rng_tensors, str(folder / f"rng_{index}.safetensors"))
-    atomic_write_text(folder / f"rng_{index}.json", json.dumps(rng_tree))
+    _save_tensors(rng_tensors, folder / f"rng_{index}.safetensors")
+    write_json(folder / f"rng_{index}.json", rng_tree, indent=None)
     if t.is_main:
         tensors: dict[str, torch.Tensor] = {}
         parts = {name: pack(obj.state_dict(), tensors, name) for name, obj in _stateful(t).items()}
-        save_file(t.network.state_dict_kohya(torch.float32), str(folder / STATE_LORA))
-        save_file(_unshared(tensors), str(folder / STATE_TENSORS))
+        _save_tensors(t.network.state_dict_kohya(torch.float32), folder / STATE_LORA)
+        _save_tensors(_unshared(tensors), folder / STATE_TENSORS)
         doc = {"format": FORMAT, "version": VERSION, "accelerator_step": t.acc.step, **parts}
-        atomic_write_text(folder / STATE_JSON, json.dumps(doc))  # last: marks the folder complete
+        write_json(folder / STATE_JSON, doc, indent=None)  # last: marks the folder complete
     t.acc.wait_for_everyone()
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def load_state(t, folder: Path) -> None:
