@@ -116,11 +116,14 @@ def wire_api(ctx: Ctx) -> None:
 
     def run_status(run_id: str) -> str:
         """The run's state, step, losses so far and output as JSON text."""
-        view = ctx.runs.attach_view(run_id)
-        info = ctx.runs.run(run_id).info()
-        state = view.state if view.state is not RunState.STARTING else RunState.of(info.state)
+        try:
+            view = ctx.runs.attach_view(run_id)
+            info = ctx.runs.run(run_id).info()
+        except (FileNotFoundError, ValueError) as exc:  # no such run, or not a run id
+            raise gr.Error(str(exc)) from None
+        # The state is the run folder's, reconciled with the process (the page shows the same).
         return json.dumps({
-            "run_id": run_id, "state": state.value,
+            "run_id": run_id, "state": "damaged" if info.damaged else RunState.of(info.state).value,
             "step": view.progress.step if view.progress else info.step,
             "total_steps": view.progress.total_steps if view.progress else info.total_steps,
             "losses": view.losses, "validation": view.validation,

@@ -148,14 +148,14 @@ class RunController:
         return view
 
     def poll(self, view: RunView) -> bool:
-        """Fold new events into ``view``; True when something arrived. When the events say the run
-        is still going but the worker has ended (killed, crashed), the view fails with the
-        worker's sentence."""
+        """Fold new events into ``view``; True when something arrived. The run folder's reconciled
+        status is the one source of truth for whether a run goes on: when the events say it does
+        but the worker has ended (killed, crashed), the view fails with the worker's sentence."""
         if not view.run_id:
             return False
         run = self.run(view.run_id)
         events = self._read(run, view)
-        if not events and view.active:
+        if view.active:  # also after new events: a fresh view reads a killed run's whole history
             self._check_worker(run, view)
         return bool(events)
 

@@ -119,13 +119,29 @@ class Page:
         dep = self.dependency(elem_id, trigger)
         overrides = {self.component_id(k): v for k, v in (values or {}).items()}
         data = [overrides.get(i, self.by_id[i]["props"].get("value")) for i in dep["inputs"]]
-        body = json.dumps({"data": data, "fn_index": dep["id"], "session_hash": self.session,
-                           "trigger_id": self.component_id(elem_id), "event_data": None}).encode()
+        outputs = self._join(dep["id"], data, self.component_id(elem_id), timeout)
+        return dict(zip(dep["outputs"], outputs, strict=False))
+
+    def load(self, timeout: float = 60) -> dict[int, object]:
+        """The page's load event (what opening the page runs); outputs by component id."""
+        dep = next(d for d in self.config["dependencies"]
+                   if any(t[1] == "load" for t in d["targets"]))
+        data = [self.by_id[i]["props"].get("value") for i in dep["inputs"]]
+        return dict(zip(dep["outputs"], self._join(dep["id"], data, None, timeout), strict=False))
+
+    def api(self, name: str, *args, timeout: float = 60):
+        """Call a public ``gr.api`` endpoint (what gradio_client does); its single result."""
+        dep = next(d for d in self.config["dependencies"] if d.get("api_name") == name)
+        return self._join(dep["id"], list(args), None, timeout)[0]
+
+    def _join(self, fn_index: int, data: list, trigger_id: int | None, timeout: float) -> list:
+        body = json.dumps({"data": data, "fn_index": fn_index, "session_hash": self.session,
+                           "trigger_id": trigger_id, "event_data": None}).encode()
         request = urllib.request.Request(self.server.url + self.prefix + "/queue/join", data=body,
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as resp:
             event_id = json.loads(resp.read())["event_id"]
-        return dict(zip(dep["outputs"], self._result(event_id, timeout), strict=False))
+        return self._result(event_id, timeout)
 
     def _result(self, event_id: str, timeout: float) -> list:
         url = f"{self.server.url}{self.prefix}/queue/data?session_hash={self.session}"
