@@ -52,17 +52,81 @@ def exif_orientation(image: Image.Image) -> int:
     return value if value in _ORIENTATION_TRANSPOSE else 1
 
 
-def read_image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF rotation applied), from the file header only."""
+class ImageReadError(ValueError):
+    """An image that cannot be decoded, as a sentence that names the file."""
+
+
+def inspect_image(path: str | Path) -> tuple[int, int, bool]:
+    """(width, height) as displayed (EXIF rotation applied) and whether it is animated (only its
+    first frame would be trained on), from the file header only."""
     with Image.open(path) as image:
         width, height = image.size
         if exif_orientation(image) in (5, 6, 7, 8):
             width, height = height, width
+        animated = bool(getattr(image, "is_animated", False))
+    return width, height, animated
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF rotation applied), from the file header only."""
+    width, height, _ = inspect_image(path)
     return width, height
 
 
+# Where each format ends (the last bytes of a complete file hold the marker; a cut-short file does
+# not): JPEG EOI (ITU T.81 B.2.1), PNG IEND (PNG spec 11.2.5), GIF trailer 0x3B (GIF89a 27).
+_END_MARKERS = {b"\xff\xd8\xff": b"\xff\xd9", b"\x89PNG\r\n\x1a\n": b"IEND", b"GIF8": b"\x3b"}
+_TAIL_BYTES = 4096
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why the image cannot be trained on (cut short, damaged), or None.
+
+    Cheap for the usual file: its last bytes are checked for the format's end marker (and the
+    declared length of WebP and BMP against the file's). Only a file that fails this is decoded, to
+    tell a truncated file from one with data after the image (phone "motion photos")."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+            fh.seek(max(0, size - _TAIL_BYTES))
+            tail = fh.read()
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if _looks_complete(head, tail, size):
+        return None
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for damaged files
+        return f"it is cut short or damaged ({exc})"
+    return None
+
+
+def _looks_complete(head: bytes, tail: bytes, size: int) -> bool:
+    for magic, end in _END_MARKERS.items():
+        if head.startswith(magic):
+            return end in tail
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":  # RIFF size counts the bytes after 8
+        return size >= int.from_bytes(head[4:8], "little") + 8
+    if head[:2] == b"BM":  # BITMAPFILEHEADER bfSize (0 is allowed by some writers)
+        return size >= int.from_bytes(head[2:6], "little")
+    return True
+
+
 def open_rgb(path: str | Path) -> Image.Image:
-    """Decode an image upright and as RGB; transparency is composited onto white."""
+    """Decode an image upright and as RGB; transparency is composited onto white. An image that
+    cannot be decoded (it changed after the scan, or is damaged past its end marker) raises an
+    ``ImageReadError`` that names it."""
+    try:
+        return _open_rgb(path)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"The image {path} cannot be read ({exc}): replace or remove it and "
+                             "start again.") from None
+
+
+def _open_rgb(path: str | Path) -> Image.Image:
     with Image.open(path) as image:
         orientation = exif_orientation(image)
         image.load()

@@ -106,7 +106,7 @@ def _load_data(t) -> None:
     s, m = t.settings, t.settings.model
     t.info = scan_dataset(m.img_folder, m.reg_img_folder.strip() or None, repeats=s.images.repeats,
                           caption_extension=s.labels.caption_extension,
-                          trigger_words=s.triggers.trigger_words)
+                          trigger_words=s.triggers.trigger_words, strict=s.images.strict_dataset)
     for warning in t.info.warnings:
         t.log(warning, "warning")
     t.dataset = TrainDataset(t.info, DataOptions.from_settings(s))

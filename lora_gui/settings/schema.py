@@ -176,6 +176,10 @@ class ImageSettings(Group):
     cache_latents: bool = setting(
         True, "Encode every image with the VAE once before training and keep the result; training is "
         "faster and the VAE leaves the GPU.", widget="checkbox")
+    strict_dataset: bool = setting(
+        False, "Stop before training when an image cannot be read (cut short, damaged) or a caption "
+        "file is not UTF-8. Off: such an image is skipped and such a caption is read as "
+        "Windows-1252, each with a warning that names the file.", widget="checkbox", advanced=True)
     cache_latents_to_disk: bool = setting(
         False, "Also keep the cached latents on disk next to the images, so the next run skips "
         "encoding (recomputed when an image or the resolution changes).", widget="checkbox",

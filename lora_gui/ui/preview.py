@@ -66,7 +66,8 @@ def build_preview(values: dict[str, Any]) -> Preview:
     try:
         info = scan_dataset(model.img_folder, model.reg_img_folder or None, repeats=images.repeats,
                             caption_extension=labels.caption_extension,
-                            trigger_words=groups["triggers"].trigger_words)
+                            trigger_words=groups["triggers"].trigger_words,
+                            strict=images.strict_dataset)
     except (DatasetError, OSError) as exc:
         return Preview(f"**The dataset cannot be used:** {exc}", ok=False)
     settings = TrainingSettings.model_construct(images=images, training=training)
