@@ -8,6 +8,7 @@ web process must never import torch. Every type is a frozen dataclass with a cla
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -226,14 +227,23 @@ def checked_fields(cls: type, data: Any, *, finite: bool = False) -> dict[str, A
     first bad field. ``finite`` refuses NaN and infinities in float fields (times, not losses)."""
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, not {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
+    hints, kwargs = _hints(cls), {}
+    for f in _fields(cls):
         if f.name in data:
             kwargs[f.name] = _checked(f.name, data[f.name], hints[f.name], finite)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ValueError(f"{f.name} is missing")
     return kwargs
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # evaluates the string annotations: once per class
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(cls)
 
 
 def _checked(name: str, value: Any, hint: Any, finite: bool) -> Any:

@@ -16,6 +16,11 @@ import threading
 from pathlib import Path
 
 EXIT_USAGE = 2
+# gradio keeps a SessionState per session id (every page, every API client), holding a copy of the
+# config of every component: about 0.4 MB each here, up to 10000 sessions by default (4 GB). The
+# oldest are dropped beyond this; a dropped page that still polls gets a fresh state and attaches to
+# the active run again (run_panel's tick).
+SESSION_CAPACITY = 64
 LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
 
@@ -102,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {refusal}", file=sys.stderr)
         return EXIT_USAGE
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    # gradio's queue keeps a record of every event for its monitoring page, 10000 by default
+    # (about 1 KB each): bounded like the sessions (SESSION_CAPACITY).
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "200")
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return serve(args, logins)
@@ -149,6 +157,7 @@ def serve(args: argparse.Namespace, logins: list[tuple[str, str]]) -> int:
     try:
         blocks.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                       root_path=args.root_path,  # no allowed_paths: see ui.files.ServedFiles
+                      state_session_capacity=SESSION_CAPACITY,
                       prevent_thread_lock=True, quiet=True, css=CSS, footer_links=["gradio"],
                       show_error=True, inbrowser=False)
         url = blocks.local_url

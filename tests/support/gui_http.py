@@ -146,6 +146,7 @@ class Page:
     def _result(self, event_id: str, timeout: float) -> list:
         url = f"{self.server.url}{self.prefix}/queue/data?session_hash={self.session}"
         deadline = time.monotonic() + timeout
+        result = None
         with urllib.request.urlopen(url, timeout=timeout) as stream:
             for raw in stream:
                 if time.monotonic() > deadline:
@@ -154,13 +155,17 @@ class Page:
                 if not line.startswith("data:"):
                     continue
                 msg = json.loads(line[5:])
+                if msg.get("msg") == "close_stream" and result is not None:
+                    break  # read to the end, as gradio's clients do: the server frees the session
                 if msg.get("event_id") != event_id or msg.get("msg") != "process_completed":
                     continue
-                output = msg.get("output") or {}
-                if not msg.get("success", False):
-                    raise EventError(str(output.get("error") or output))
-                return output.get("data", [])
-        raise AssertionError(f"no answer to the event in {timeout:.0f} s")
+                result = msg
+        if result is None:
+            raise AssertionError(f"no answer to the event in {timeout:.0f} s")
+        output = result.get("output") or {}
+        if not result.get("success", False):
+            raise EventError(str(output.get("error") or output))
+        return output.get("data", [])
 
 
 def upload(server: GuiServer, path: Path, prefix: str = "/gradio_api") -> dict:
