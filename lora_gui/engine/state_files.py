@@ -160,11 +160,17 @@ def save_state(t, folder: Path) -> None:
     if t.is_main:
         tensors: dict[str, torch.Tensor] = {}
         parts = {name: pack(obj.state_dict(), tensors, name) for name, obj in _stateful(t).items()}
-        _save_tensors(t.network.state_dict_kohya(torch.float32), folder / STATE_LORA)
+        _save_tensors(_network_tensors(t.network), folder / STATE_LORA)
         _save_tensors(_unshared(tensors), folder / STATE_TENSORS)
         doc = {"format": FORMAT, "version": VERSION, "accelerator_step": t.acc.step, **parts}
         write_json(folder / STATE_JSON, doc, indent=None)  # last: marks the folder complete
     t.acc.wait_for_everyone()
+
+
+def _network_tensors(network) -> dict[str, torch.Tensor]:
+    if hasattr(network, "state_dict_exact"):
+        return network.state_dict_exact()
+    return network.state_dict_kohya(torch.float32)
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -183,7 +189,12 @@ def load_state(t, folder: Path) -> None:
     rng_tree = _read_json(rng_json)
     rng_tensors = _read_tensors(folder, rng_json.with_suffix(".safetensors").name)
     try:
-        t.network.load_state_dict_kohya(lora)
+        # A network whose file is not its exact training state (LyCORIS Full) keeps what resuming
+        # needs besides (network_lycoris.state_dict_exact).
+        if hasattr(t.network, "load_state_dict_exact"):
+            t.network.load_state_dict_exact(lora)
+        else:
+            t.network.load_state_dict_kohya(lora)
     except (KeyError, ValueError, RuntimeError) as exc:
         raise StateFileError(f"{SETTING}: the LoRA in {folder / STATE_LORA} does not match these "
                              f"settings ({exc}): use the network settings of the run that saved it."
