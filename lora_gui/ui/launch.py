@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace, logins: list[tuple[str, str]]) -> int:
     from lora_gui.settings import SettingsError
-    from lora_gui.ui.app import CSS, build_app, make_client
+    from lora_gui.ui.app import build_app, make_client
     from lora_gui.ui.config import UIConfig, default_data_dir
 
     config = UIConfig(data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
@@ -150,25 +150,9 @@ def serve(args: argparse.Namespace, logins: list[tuple[str, str]]) -> int:
         done.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    auth = None
-    if logins:
-        auth = logins[0] if len(logins) == 1 else logins
-    blocks.queue(default_concurrency_limit=4)
     try:
-        blocks.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                      root_path=args.root_path,  # no allowed_paths: see ui.files.ServedFiles
-                      state_session_capacity=SESSION_CAPACITY,
-                      prevent_thread_lock=True, quiet=True, css=CSS, footer_links=["gradio"],
-                      show_error=True, inbrowser=False)
-        url = blocks.local_url
-        print(f"lora-gui is serving at {url} (data folder {config.data_dir}, runs in "
-              f"{config.runs_dir}). Stop it with Ctrl+C.", flush=True)
-        if args.share:
-            if blocks.share_url:
-                print(f"Share link: {blocks.share_url}", flush=True)
-            else:
-                print("No share link: this machine cannot reach the internet (gradio could not fetch "
-                      f"its tunnel); the GUI is still served locally at {url}", flush=True)
+        _launch(blocks, args, logins)
+        _announce(blocks, args, config)
         while not done.wait(0.5):
             pass
         print("lora-gui: shutting down (running trainers keep going; the next start reattaches).",
@@ -183,6 +167,30 @@ def serve(args: argparse.Namespace, logins: list[tuple[str, str]]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _launch(blocks, args: argparse.Namespace, logins: list[tuple[str, str]]) -> None:
+    from lora_gui.ui.app import CSS
+
+    auth = (logins[0] if len(logins) == 1 else logins) if logins else None
+    blocks.queue(default_concurrency_limit=4)
+    blocks.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                  root_path=args.root_path,  # no allowed_paths: see ui.files.ServedFiles
+                  state_session_capacity=SESSION_CAPACITY,
+                  prevent_thread_lock=True, quiet=True, css=CSS, footer_links=["gradio"],
+                  show_error=True, inbrowser=False)
+
+
+def _announce(blocks, args: argparse.Namespace, config) -> None:
+    url = blocks.local_url
+    print(f"lora-gui is serving at {url} (data folder {config.data_dir}, runs in "
+          f"{config.runs_dir}). Stop it with Ctrl+C.", flush=True)
+    if args.share:
+        if blocks.share_url:
+            print(f"Share link: {blocks.share_url}", flush=True)
+        else:
+            print("No share link: this machine cannot reach the internet (gradio could not fetch "
+                  f"its tunnel); the GUI is still served locally at {url}", flush=True)
 
 
 if __name__ == "__main__":
