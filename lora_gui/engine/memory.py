@@ -1,0 +1,113 @@
+"""The pre-run memory estimate with the real model: exact parameter counts, and the activations of
+one training step traced on the meta device (no memory, no arithmetic: only shapes).
+
+Activations: every tensor autograd saves for the backward pass during the U-Net's forward is
+counted (parameters and views of them excluded: they are the weights). Attention is counted as
+the fused kernels on a GPU keep it (q, k, v, output and the row log-sum-exp), not as the N x N
+matrix of the reference implementation. With gradient checkpointing only the checkpointed
+blocks' inputs stay, and during the backward pass one block at a time is recomputed: the peak is
+what the checkpointed forward saves plus the largest block's own activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lora_gui.dataset.memory import MemoryEstimate, trainable_bytes
+
+# The modules diffusers' gradient checkpointing wraps one by one in a U-Net.
+_CHECKPOINT_UNITS = ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D")
+
+
+def parameter_bytes(*modules: torch.nn.Module | None) -> int:
+    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+
+
+class _Counter:
+    def __init__(self, params: set[int]):
+        self.params, self.total, self.unit, self.largest = params, 0, 0, 0
+
+    def pack(self, t: torch.Tensor):
+        base = t._base if t._base is not None else t
+        if id(t) not in self.params and id(base) not in self.params:
+            self.total += t.numel() * t.element_size()
+            self.unit += t.numel() * t.element_size()
+        return t
+
+
+def _flash_like_sdpa(counter: _Counter):
+    """SDPA that counts what a fused attention kernel saves, instead of the N x N weights."""
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        with torch.no_grad():
+            out = torch.empty(query.shape[:-1] + value.shape[-1:], dtype=query.dtype, device=query.device)
+        lse = query.shape[0] * query.shape[1] * query.shape[2] * 4  # float32 per query row
+        saved = sum(t.numel() * t.element_size() for t in (query, key, value, out)) + lse
+        counter.total += saved
+        counter.unit += saved
+        return out.requires_grad_(query.requires_grad or key.requires_grad or value.requires_grad)
+
+    return sdpa
+
+
+def _unit_hooks(unet: torch.nn.Module, counter: _Counter) -> list:
+    """Track the largest checkpoint unit (outermost only: a unit inside a unit is not separate)."""
+    depth = [0]
+    handles = []
+
+    def pre(module, args):
+        if depth[0] == 0:
+            counter.unit = 0
+        depth[0] += 1
+
+    def post(module, args, out):
+        depth[0] -= 1
+        if depth[0] == 0:
+            counter.largest = max(counter.largest, counter.unit)
+
+    for module in unet.modules():
+        if type(module).__name__ in _CHECKPOINT_UNITS:
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return handles
+
+
+def traced_activation_bytes(meta_unet: torch.nn.Module, call: Callable[[torch.nn.Module], object],
+                            checkpointing: bool) -> int:
+    """Peak activation bytes of one forward + backward of ``call(meta_unet)`` (a meta-device U-Net
+    with the run's LoRA applied and the run's dtype; ``call`` feeds it meta inputs)."""
+    counter = _Counter({id(p) for p in meta_unet.parameters()})
+    handles = _unit_hooks(meta_unet, counter)
+    meta_unet.train()
+    original = F.scaled_dot_product_attention
+    try:
+        F.scaled_dot_product_attention = _flash_like_sdpa(counter)
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), torch.enable_grad():
+            call(meta_unet)
+        full, largest = counter.total, counter.largest
+        if not checkpointing:
+            return full
+        counter.total = 0
+        with contextlib.ExitStack() as stack:
+            meta_unet.enable_gradient_checkpointing()
+            stack.callback(meta_unet.disable_gradient_checkpointing)
+            for h in handles:  # the checkpointed pass counts its saved inputs only
+                h.remove()
+            handles = []
+            with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), torch.enable_grad():
+                call(meta_unet)
+        return counter.total + largest
+    finally:
+        F.scaled_dot_product_attention = original
+        for h in handles:
+            h.remove()
+
+
+def run_estimate(*, frozen: list[torch.nn.Module | None], lora_params: int, optimizer: str,
+                 activations: int) -> MemoryEstimate:
+    """The estimate for a loaded model: ``frozen`` are the modules that stay on the device."""
+    return MemoryEstimate(parameter_bytes(*frozen) - lora_params * 4, trainable_bytes(lora_params, optimizer),
+                          activations)
