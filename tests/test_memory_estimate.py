@@ -32,7 +32,7 @@ def test_sdxl_estimate_at_1024_by_hand():
 def _meta(family_dir: str):
     from diffusers import UNet2DConditionModel
 
-    from lora_gui.engine.model import CONFIGS_DIR
+    from lora_gui.engine.model_detect import CONFIGS_DIR
 
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lora_gui.engine.families import sdxl_convert as conv
-from lora_gui.engine.model import CONFIGS_DIR
+from lora_gui.engine.model_detect import CONFIGS_DIR
 
 SDXL = CONFIGS_DIR / "sdxl"
 

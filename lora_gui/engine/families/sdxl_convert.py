@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import torch
 
-from lora_gui.engine.model import clip_to_ldm, unet_to_ldm, vae_to_ldm
+from lora_gui.engine.ldm_keys import clip_to_ldm, unet_to_ldm, vae_to_ldm
 
 UNET_PREFIX = "model.diffusion_model."
 TE1_PREFIX = "conditioner.embedders.0."
