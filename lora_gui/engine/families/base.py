@@ -14,6 +14,7 @@ its shape.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -68,6 +69,14 @@ class ModelFamily(ABC):
     def batch_conditioning(self, model, batch, device: torch.device) -> Conditioning | None:
         """Conditioning a batch carries besides its captions (SDXL: sizes and crops); none here."""
         return None
+
+    def meta_extra(self, batch_size: int) -> Conditioning | None:
+        """``batch_conditioning``'s shapes on the meta device (for the memory estimate's trace)."""
+        return None
+
+    def with_unet(self, model, unet):
+        """The loaded model with another U-Net (the memory estimate traces a meta-device copy)."""
+        return dataclasses.replace(model, unet=unet)
 
     # --- objective -------------------------------------------------------------------------------
 
