@@ -22,7 +22,7 @@ OPTIMIZER_STATE_BYTES = {
     "AdamW": 8, "AdamW8bit": 2, "Lion": 4, "SGDNesterov": 4, "Prodigy": 16, "DAdaptAdam": 12, "Adafactor": 1,
 }  # fmt: skip
 WEIGHT_BYTES = {"float32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-FRAMEWORK_BYTES = int(0.75 * GIB)  # CUDA context + allocator reserve seen beside a training loop
+FRAMEWORK_BYTES = int(0.75 * GIB)  # CUDA context + allocator reserve seen beside a training loop (GPU only)
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,9 @@ class MemoryEstimate:
         return self.weights + self.trainable + self.activations + self.framework
 
     def sentence(self) -> str:
-        gib = lambda b: f"{b / GIB:.1f} GB"  # noqa: E731
+        def gib(b: int) -> str:
+            return f"{b / GIB:.1f} GB" if b >= GIB / 10 else f"{b / 2**20:.1f} MB"
+
         return (
             f"Estimated peak memory: {gib(self.total)} (frozen weights {gib(self.weights)}, LoRA with gradients "
             f"and optimizer state {gib(self.trainable)}, activations {gib(self.activations)}, "

@@ -126,7 +126,7 @@ def _tiny_components(seed: int):
     return tokenizer, text_encoder, unet, vae, scheduler
 
 
-def _write_model(model_dir: Path, single_file: Path, seed: int) -> None:
+def write_tiny_sd(model_dir: Path, single_file: Path, seed: int) -> None:
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
@@ -201,7 +201,7 @@ def _write_images(
 # --------------------------------------------------------------------------------------------
 
 
-def build_demo(out_dir: str | Path, seed: int = 0) -> DemoPaths:
+def build_demo(out_dir: str | Path, seed: int = 0, family: str = "sd") -> DemoPaths:
     """Write the demo model, its single-file twin, a dataset and regularisation images.
 
     Deterministic: two builds with the same seed give bit-identical files. ``out_dir`` must be
@@ -225,10 +225,12 @@ def build_demo(out_dir: str | Path, seed: int = 0) -> DemoPaths:
             shutil.rmtree(old)
     paths.single_file.unlink(missing_ok=True)
 
-    _write_model(paths.model_dir, paths.single_file, seed)
+    from lora_gui.engine.families import FAMILIES
+
+    FAMILIES[family].write_demo_model(paths.model_dir, paths.single_file, seed)
     rng = np.random.default_rng(seed)
     _write_images(paths.dataset_dir / "5_shapes", rng, 12, SHAPES)
     _write_images(paths.dataset_dir / "3_circles", rng, 6, ("circle",), skip_caption=5)
     _write_images(paths.reg_dir / "1_shape", rng, 4, SHAPES, captions=False)
-    (root / _MARKER).write_text(json.dumps({"seed": seed, "prompts": list(DEMO_PROMPTS)}, indent=1) + "\n")
+    (root / _MARKER).write_text(json.dumps({"seed": seed, "family": family, "prompts": list(DEMO_PROMPTS)}, indent=1) + "\n")
     return paths

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lora_gui.dataset.memory import MemoryEstimate, trainable_bytes
+from lora_gui.dataset.memory import FRAMEWORK_BYTES, MemoryEstimate, trainable_bytes
 
 # The modules diffusers' gradient checkpointing wraps one by one in a U-Net.
 _CHECKPOINT_UNITS = ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D")
@@ -107,7 +107,46 @@ def traced_activation_bytes(meta_unet: torch.nn.Module, call: Callable[[torch.nn
 
 
 def run_estimate(*, frozen: list[torch.nn.Module | None], lora_params: int, optimizer: str,
-                 activations: int) -> MemoryEstimate:
+                 activations: int, gpu: bool) -> MemoryEstimate:
     """The estimate for a loaded model: ``frozen`` are the modules that stay on the device."""
     return MemoryEstimate(parameter_bytes(*frozen) - lora_params * 4, trainable_bytes(lora_params, optimizer),
-                          activations)
+                          activations, FRAMEWORK_BYTES if gpu else 0)
+
+
+def estimate_for_run(family, model, settings, network, text_encoders, buckets, device) -> MemoryEstimate:
+    """The estimate of a set-up run: its frozen modules as they sit on the device, its LoRA, and the
+    activations of its U-Net traced at the largest bucket and the batch size (text-encoder
+    activations, when they are trained, are not traced: they are small beside the U-Net's)."""
+    import dataclasses
+
+    from diffusers import UNet2DConditionModel
+
+    from lora_gui.engine.network import LoraNetwork
+
+    s, unet = settings, model.unet
+    width, height = max(buckets, key=lambda b: b[0] * b[1])
+    batch = s.training.batch_size
+    dtype = next(p.dtype for p in unet.parameters() if not p.requires_grad)
+    with torch.device("meta"):
+        meta_unet = UNet2DConditionModel.from_config(unet.config)
+    meta_unet.requires_grad_(False)
+    LoraNetwork.apply(meta_unet, None, dataclasses.replace(network.spec, train_unet=True, train_text_encoder=False))
+    if dtype in (torch.float16, torch.bfloat16):
+        meta_unet.to(dtype)
+    with torch.no_grad():
+        text = family.encode_text(model, [""], settings, device)
+    as_meta = lambda t: torch.empty((batch, *t.shape[1:]), device="meta", dtype=t.dtype)  # noqa: E731
+    text = tuple(map(as_meta, text)) if isinstance(text, tuple) else as_meta(text)
+    extra = family.meta_extra(batch)
+    latents = torch.empty(batch, unet.config.in_channels, height // 8, width // 8, device="meta")
+    timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
+    meta_model = family.with_unet(model, meta_unet)
+
+    def call(_):
+        return family.predict(meta_model, latents, timesteps, text, extra, meta_unet.dtype)
+
+    activations = traced_activation_bytes(meta_unet, call, s.training.gradient_checkpointing)
+    lora = sum(p.numel() for p in network.unet_parameters() + network.text_encoder_parameters())
+    on_device = [m for m in (unet, *text_encoders, model.vae) if next(m.parameters()).device.type == device.type]
+    return run_estimate(frozen=on_device, lora_params=lora, optimizer=s.training.optimizer, activations=activations,
+                        gpu=device.type == "cuda")

@@ -118,5 +118,9 @@ class ModelFamily(ABC):
         """Render the sample prompts with the family's pipeline; (path, prompt) per image written."""
 
     @abstractmethod
+    def write_demo_model(self, model_dir: Path, single_file: Path, seed: int) -> None:
+        """Save the family's tiny random demo model as a diffusers folder and as a single file."""
+
+    @abstractmethod
     def metadata_versions(self, model, settings: TrainingSettings) -> dict[str, str]:
         """The LoRA file's version strings: ss_v2, ss_base_model_version, modelspec.architecture."""

@@ -85,6 +85,11 @@ class StableDiffusion(ModelFamily):
             sampler=settings.samples.sample_sampler, seed=settings.samples.test_seed, out_dir=out_dir,
             stem=stem, encode=encode, device=device, dtype=dtype)
 
+    def write_demo_model(self, model_dir: Path, single_file: Path, seed: int) -> None:
+        from lora_gui.engine.demo import write_tiny_sd
+
+        write_tiny_sd(model_dir, single_file, seed)
+
     def metadata_versions(self, model, settings) -> dict[str, str]:
         return {"ss_v2": "False" if model.version == "sd_v1" else "True",
                 "ss_base_model_version": model_version(model.version, settings.model.v_parameterization),

@@ -282,5 +282,10 @@ class StableDiffusionXL(StableDiffusion):
         return render_samples(pipe, prompts, embeds, sampler=settings.samples.sample_sampler,
                               seed=settings.samples.test_seed, out_dir=out_dir, stem=stem)
 
+    def write_demo_model(self, model_dir: Path, single_file: Path, seed: int) -> None:
+        from lora_gui.engine.families.sdxl_demo import write_tiny_sdxl
+
+        write_tiny_sdxl(model_dir, single_file, seed)
+
     def metadata_versions(self, model, settings) -> dict[str, str]:
         return {"ss_v2": "False", "ss_base_model_version": VERSION, "modelspec.architecture": ARCHITECTURE}
