@@ -86,7 +86,7 @@ class StableDiffusion(ModelFamily):
             stem=stem, encode=encode, device=device, dtype=dtype)
 
     def write_demo_model(self, model_dir: Path, single_file: Path, seed: int) -> None:
-        from lora_gui.engine.demo import write_tiny_sd
+        from lora_gui.engine.families.sd_demo import write_tiny_sd
 
         write_tiny_sd(model_dir, single_file, seed)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lora_gui.engine.families.sd_demo import DEMO_MERGES
 from lora_gui.engine.families.sdxl_convert import to_sdxl_single_file_state_dict
 
-DEMO_MERGES = 2000  # the SD demo's tokenizer size: 512 + 2000 + 2 tokens
 TE1_WIDTH, TE2_WIDTH = 32, 64
 TIME_EMBED_DIM = 8  # per size/crop number; SDXL uses 256
 SCALING_FACTOR = 0.13025  # SDXL's VAE latent scale (SD 1.x: 0.18215)
