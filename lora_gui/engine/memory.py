@@ -113,28 +113,24 @@ def run_estimate(*, frozen: list[torch.nn.Module | None], lora_params: int, opti
                           activations, FRAMEWORK_BYTES if gpu else 0)
 
 
-def estimate_for_run(family, model, settings, network, text_encoders, buckets, device) -> MemoryEstimate:
-    """The estimate of a set-up run: its frozen modules as they sit on the device, its LoRA, and the
-    activations of its U-Net traced at the largest bucket and the batch size (text-encoder
-    activations, when they are trained, are not traced: they are small beside the U-Net's)."""
+def unet_activation_bytes(family, model, spec, text, *, batch: int, width: int, height: int,
+                          checkpointing: bool) -> int:
+    """Activations of one training step of ``model``'s U-Net with a LoRA of ``spec``, traced on a
+    meta-device copy: ``text`` is one caption's conditioning (its shapes are used, batch-expanded)."""
     import dataclasses
 
     from diffusers import UNet2DConditionModel
 
     from lora_gui.engine.network import LoraNetwork
 
-    s, unet = settings, model.unet
-    width, height = max(buckets, key=lambda b: b[0] * b[1])
-    batch = s.training.batch_size
+    unet = model.unet
     dtype = next(p.dtype for p in unet.parameters() if not p.requires_grad)
     with torch.device("meta"):
         meta_unet = UNet2DConditionModel.from_config(unet.config)
     meta_unet.requires_grad_(False)
-    LoraNetwork.apply(meta_unet, None, dataclasses.replace(network.spec, train_unet=True, train_text_encoder=False))
+    LoraNetwork.apply(meta_unet, None, dataclasses.replace(spec, train_unet=True, train_text_encoder=False))
     if dtype in (torch.float16, torch.bfloat16):
         meta_unet.to(dtype)
-    with torch.no_grad():
-        text = family.encode_text(model, [""], settings, device)
     as_meta = lambda t: torch.empty((batch, *t.shape[1:]), device="meta", dtype=t.dtype)  # noqa: E731
     text = tuple(map(as_meta, text)) if isinstance(text, tuple) else as_meta(text)
     extra = family.meta_extra(batch)
@@ -145,8 +141,21 @@ def estimate_for_run(family, model, settings, network, text_encoders, buckets, d
     def call(_):
         return family.predict(meta_model, latents, timesteps, text, extra, meta_unet.dtype)
 
-    activations = traced_activation_bytes(meta_unet, call, s.training.gradient_checkpointing)
+    return traced_activation_bytes(meta_unet, call, checkpointing)
+
+
+def estimate_for_run(family, model, settings, network, text_encoders, buckets, device) -> MemoryEstimate:
+    """The estimate of a set-up run: its frozen modules as they sit on the device, its LoRA, and the
+    activations of its U-Net traced at the largest bucket and the batch size (text-encoder
+    activations, when they are trained, are not traced: they are small beside the U-Net's)."""
+    s = settings
+    width, height = max(buckets, key=lambda b: b[0] * b[1])
+    with torch.no_grad():
+        text = family.encode_text(model, [""], settings, device)
+    activations = unet_activation_bytes(family, model, network.spec, text, batch=s.training.batch_size,
+                                        width=width, height=height, checkpointing=s.training.gradient_checkpointing)
     lora = sum(p.numel() for p in network.unet_parameters() + network.text_encoder_parameters())
-    on_device = [m for m in (unet, *text_encoders, model.vae) if next(m.parameters()).device.type == device.type]
+    on_device = [m for m in (model.unet, *text_encoders, model.vae)
+                 if next(m.parameters()).device.type == device.type]
     return run_estimate(frozen=on_device, lora_params=lora, optimizer=s.training.optimizer, activations=activations,
                         gpu=device.type == "cuda")
