@@ -10,7 +10,9 @@ peak = frozen weights (in their storage precision)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 GIB = 2**30
 
@@ -92,3 +94,46 @@ FOOTPRINTS = {
     "sd2": Footprint(865_910_724, 340_387_840, 83_653_863, 432_128, 423_936, 95_452, 255_935),
     "sdxl": Footprint(2_567_463_684, 817_720_320, 83_653_863, 2_659_840, 903_168, 167_832, 471_877),
 }
+
+
+def guess_family(base_model: str) -> str | None:
+    """"sd" or "sdxl" from a diffusers folder's ``model_index.json`` or a safetensors file's header
+    (JSON, read without torch); None when it cannot be told this cheaply (a .ckpt, a missing path)."""
+    path = Path(base_model.strip()).expanduser()
+    try:
+        if path.is_dir():
+            index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+            return "sdxl" if "text_encoder_2" in index else "sd"
+        if path.is_file() and path.suffix.lower() in (".safetensors", ".sft"):
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                keys = json.loads(f.read(min(size, 100_000_000)).decode("utf-8")) if size < 2**27 else {}
+            if any(k.startswith("conditioner.embedders.") for k in keys):
+                return "sdxl"
+            if any(k.startswith(("model.diffusion_model.", "cond_stage_model.")) for k in keys):
+                return "sd"
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def effective_family(family: str, base_model: str) -> str | None:
+    """The family a run will use: the explicit choice, or with "auto" the guessed one."""
+    return family if family != "auto" else guess_family(base_model)
+
+
+def preview_estimate(settings, largest_bucket: tuple[int, int]) -> MemoryEstimate | None:
+    """The page's estimate for the form's settings (None when the family cannot be told)."""
+    m, tr, adv = settings.model, settings.training, settings.advanced
+    family = effective_family(m.family, m.base_model)
+    if family is None:
+        return None
+    fp = FOOTPRINTS["sdxl" if family == "sdxl" else ("sd2" if m.v2 else "sd1")]
+    lab = settings.labels
+    static = not (lab.shuffle_caption or lab.caption_dropout_rate or lab.caption_tag_dropout_rate
+                  or lab.caption_dropout_every_n_epochs)
+    precision = {"no": "float32", "bf16": "bf16", "fp16": "fp16"}[tr.mixed_precision]
+    return estimate(fp, width=largest_bucket[0], height=largest_bucket[1], batch=tr.batch_size,
+                    rank=tr.network_dim, optimizer=tr.optimizer, precision=precision,
+                    unet_precision="fp8" if adv.fp8_base else None, checkpointing=tr.gradient_checkpointing,
+                    train_te=settings.train_text_encoder, te_cached=static)
