@@ -73,3 +73,20 @@ def test_the_dataset_preview_shows_the_estimated_peak_memory(tmp_path):
     assert f"Estimated peak GPU memory at 1024x1024: {expected.total / GIB:.1f} GB" in md
     unknown = build_preview({**values, "model.base_model": ""}).markdown
     assert "choose a base model (or its family) to see the estimated peak GPU memory" in unknown
+
+
+def test_a_kohya_ss_sdxl_preset_imports_as_sdxl():
+    """kohya_ss's presets/lora/"SDXL - LoRA AI_characters standard v1.1.json", as published."""
+    from pathlib import Path
+
+    from lora_gui.settings.foreign import convert
+
+    doc = json.loads((Path(__file__).parent / "fixtures" / "kohya_ss_sdxl_lora.json").read_text())
+    settings, report = convert(doc)
+    assert settings.model.family == "sdxl" and report.mapped["sdxl"] == "model.family"
+    assert settings.images.resolution == "1024,1024" and settings.training.network_dim == 32
+    assert settings.training.gradient_checkpointing and settings.advanced.min_snr_gamma == 5
+    assert "float32" in report.ignored["sdxl_no_half_vae"]
+    assert "cached" in report.ignored["sdxl_cache_text_encoder_outputs"]
+    sd, _ = convert({**doc, "sdxl": False})
+    assert sd.model.family == "auto"
