@@ -90,3 +90,14 @@ def test_a_kohya_ss_sdxl_preset_imports_as_sdxl():
     assert "cached" in report.ignored["sdxl_cache_text_encoder_outputs"]
     sd, _ = convert({**doc, "sdxl": False})
     assert sd.model.family == "auto"
+
+
+def test_the_sdxl_presets_fit_a_24_gb_gpu_at_1024_px():
+    from lora_gui.dataset.memory import preview_estimate
+    from lora_gui.settings import io
+
+    for name in ("sdxl-character", "sdxl-style"):
+        settings = io.load_preset(name)
+        assert settings.model.family == "sdxl" and settings.images.resolution == "1024"
+        est = preview_estimate(settings, (1024, 1024))
+        assert est is not None and est.total < 20 * GIB, (name, est.sentence())
