@@ -222,8 +222,23 @@ def load_sdxl(settings) -> SDXLModel:
     if base_prediction != prediction:
         notes.append(f"The base model's scheduler uses {base_prediction} but v_parameterization is "
                      f"{'on' if m.v_parameterization else 'off'}: training with {prediction} as set.")
+    notes += _setting_notes(settings)
     return SDXLModel(tok1, tok2, te1, te2, unet, vae, _training_scheduler(cfg, prediction), prediction,
                      notes, cfg)
+
+
+def _setting_notes(settings) -> list[str]:
+    """Sentences for settings that do not apply to SDXL as set."""
+    notes = []
+    if settings.training.clip_skip != 1:
+        notes.append("training.clip_skip is for SD 1.x/2.x: SDXL uses the penultimate layers of both text "
+                     "encoders, as it was trained, whatever clip_skip says.")
+    if settings.model.v2:
+        notes.append("model.v2 is for SD 2.x models and is ignored for SDXL.")
+    if settings.training.mixed_precision == "fp16":
+        notes.append("The VAE stays in float32: the stock SDXL VAE overflows in fp16 (an fp16-fixed VAE would "
+                     "not, but float32 is always safe).")
+    return notes
 
 
 # --- the family -----------------------------------------------------------------------------------
