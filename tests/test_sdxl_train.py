@@ -235,3 +235,31 @@ def test_a_replacement_vae_is_used(xl, tmp_path):
                                        f"model.base_model={xl.single_file}"))
     assert result.status == "finished", result.message
     assert any(isinstance(e, ev.Log) and "Using the VAE from" in e.message for e in events)
+
+
+def test_unet_only_caches_both_encoders_text_conditioning(xl, tmp_path):
+    s = xl_settings(xl, tmp_path, "images.max_steps=2", "training.unet_only=true", "labels.shuffle_caption=false")
+    trainer = Trainer(s, lambda e: None, ev.CommandQueue())
+    result = trainer.run()
+    assert result.status == "finished", result.message
+    caption = next(iter(trainer.text_cache))
+    states, pooled = trainer.text_cache[caption]
+    assert states.shape == (77, 32 + 64) and pooled.shape == (64,)  # CLIP-L + bigG widths, bigG's pooled
+    with torch.no_grad():
+        fresh_states, fresh_pooled = trainer.family.encode_text(trainer.model, [caption], s, trainer.device)
+    assert torch.equal(states, fresh_states[0]) and torch.equal(pooled, fresh_pooled[0])
+    keys = load_file(str(result.output_path)).keys()
+    assert keys and not any(k.startswith("lora_te") for k in keys)
+
+
+def test_the_advanced_settings_of_sd_work_for_sdxl(xl, tmp_path):
+    result, events = train(xl_settings(
+        xl, tmp_path, "images.max_steps=3", f"model.reg_img_folder={xl.reg_dir}", "advanced.prior_loss_weight=0.5",
+        "advanced.noise_offset=0.05", "advanced.multires_noise_iterations=3", "advanced.min_snr_gamma=5",
+        "advanced.network_dropout=0.1", "advanced.conv_dim=2", "advanced.conv_alpha=1",
+        "labels.max_token_length=150"))
+    assert result.status == "finished", result.message
+    losses = [e.loss for e in events if isinstance(e, ev.LossReported)]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    keys = load_file(str(result.output_path)).keys()
+    assert any(k.startswith("lora_unet_input_blocks_1_0_in_layers_2.") for k in keys)  # LoCon on a resnet
