@@ -247,7 +247,8 @@ def test_unet_only_caches_both_encoders_text_conditioning(xl, tmp_path):
     assert states.shape == (77, 32 + 64) and pooled.shape == (64,)  # CLIP-L + bigG widths, bigG's pooled
     with torch.no_grad():
         fresh_states, fresh_pooled = trainer.family.encode_text(trainer.model, [caption], s, trainer.device)
-    assert torch.equal(states, fresh_states[0]) and torch.equal(pooled, fresh_pooled[0])
+    # (encoded in a batch of many captions: the same numbers up to the batch's float rounding)
+    assert torch.allclose(states, fresh_states[0], atol=1e-5) and torch.allclose(pooled, fresh_pooled[0], atol=1e-5)
     keys = load_file(str(result.output_path)).keys()
     assert keys and not any(k.startswith("lora_te") for k in keys)
 
