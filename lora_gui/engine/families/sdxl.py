@@ -60,8 +60,8 @@ def unsupported_kind(keys_shapes: dict[str, tuple[int, ...]]) -> str | None:
 def _folder_kind(path: Path) -> str | None:
     index = read_json(path / "model_index.json")
     unet = read_json(path / "unet" / "config.json")
-    if "text_encoder_2" in index and index.get("text_encoder", [None])[0] is None or index.get(
-            "requires_aesthetics_score"):
+    no_clip_l = "text_encoder_2" in index and (index.get("text_encoder") or [None])[0] is None
+    if no_clip_l or index.get("requires_aesthetics_score"):  # what the refiner's folder says
         return "the SDXL refiner (it has only the OpenCLIP bigG text encoder)"
     if unet.get("in_channels", 4) != 4:
         return f"an SDXL edit or inpainting model (its U-Net takes {unet['in_channels']} input channels)"
