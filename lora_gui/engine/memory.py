@@ -124,7 +124,8 @@ def unet_activation_bytes(family, model, spec, text, *, batch: int, width: int, 
     from lora_gui.engine.network import LoraNetwork
 
     unet = model.unet
-    dtype = next(p.dtype for p in unet.parameters() if not p.requires_grad)
+    # the compute precision: that of the frozen weights not stored in fp8 (norms, biases)
+    dtype = next(p.dtype for p in unet.parameters() if not p.requires_grad and p.element_size() > 1)
     with torch.device("meta"):
         meta_unet = UNet2DConditionModel.from_config(unet.config)
     meta_unet.requires_grad_(False)
