@@ -417,7 +417,8 @@ def test_the_sdxl_demo_trains_from_the_page(page, server):
     open_tab(page, "samples", "Samples")
     set_field(page, "samples", "sample_every_n_epochs", 0)
     page.locator("#run-start").click()
-    result = wait_text(page, "#run-result", "LoRA ready", 300)
+    wait_text(page, "#run-status", "Starting|Training", 60)  # this run, not an earlier run's result
+    result = wait_text(page, "#run-result", r"LoRA ready[\s\S]*browser-sdxl", 300)
     shot(page, "12-sdxl-result")
     path = re.search(r"(\S+\.safetensors)", result).group(1)
     lora = Path(path) if Path(path).is_absolute() else server["cwd"] / path
