@@ -116,12 +116,11 @@ def run_estimate(*, frozen: list[torch.nn.Module | None], lora_params: int, opti
 def unet_activation_bytes(family, model, spec, text, *, batch: int, width: int, height: int,
                           checkpointing: bool) -> int:
     """Activations of one training step of ``model``'s U-Net with a LoRA of ``spec``, traced on a
-    meta-device copy: ``text`` is one caption's conditioning (its shapes are used, batch-expanded)."""
-    import dataclasses
-
+    meta-device copy: ``text`` is one caption's conditioning (its shapes are used, batch-expanded).
+    A LyCORIS network is traced as the LoRA of the same ranks (its activations are of that size)."""
     from diffusers import UNet2DConditionModel
 
-    from lora_gui.engine.network import LoraNetwork
+    from lora_gui.engine.network import LoraNetwork, NetworkSpec
 
     unet = model.unet
     # the compute precision: that of the frozen weights not stored in fp8 (norms, biases)
@@ -129,7 +128,9 @@ def unet_activation_bytes(family, model, spec, text, *, batch: int, width: int, 
     with torch.device("meta"):
         meta_unet = UNet2DConditionModel.from_config(unet.config)
     meta_unet.requires_grad_(False)
-    LoraNetwork.apply(meta_unet, None, dataclasses.replace(spec, train_unet=True, train_text_encoder=False))
+    conv_alpha = getattr(spec, "conv_alpha", None)
+    LoraNetwork.apply(meta_unet, None, NetworkSpec(rank=spec.rank, alpha=spec.alpha, conv_rank=spec.conv_rank,
+                                                   conv_alpha=conv_alpha, train_text_encoder=False))
     if dtype in (torch.float16, torch.bfloat16):
         meta_unet.to(dtype)
     as_meta = lambda t: torch.empty((batch, *t.shape[1:]), device="meta", dtype=t.dtype)  # noqa: E731
