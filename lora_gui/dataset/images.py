@@ -150,18 +150,39 @@ def cover_and_crop(
     ``crop_position`` = (x, y) in [0, 1] picks the crop window (random crop); None = centre crop.
     """
     bw, bh = bucket
-    w, h = image.size
+    nw, nh, left, top = crop_window(image.size, bucket, crop_position)
+    if (nw, nh) != image.size:
+        image = image.resize((nw, nh), Image.Resampling.LANCZOS)
+    return image.crop((left, top, left + bw, top + bh))
+
+
+def crop_window(
+    size: tuple[int, int], bucket: Bucket, crop_position: tuple[float, float] | None = None
+) -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop left, crop top) of :func:`cover_and_crop` for an image
+    of ``size`` (width, height): the image is scaled to cover the bucket, then cut to it."""
+    bw, bh = bucket
+    w, h = size
     scale = max(bw / w, bh / h)
     nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
-    if (nw, nh) != (w, h):
-        image = image.resize((nw, nh), Image.Resampling.LANCZOS)
     if crop_position is None:
         left, top = (nw - bw) // 2, (nh - bh) // 2
     else:
         fx, fy = crop_position
         left = min(nw - bw, int(fx * (nw - bw + 1)))
         top = min(nh - bh, int(fy * (nh - bh + 1)))
-    return image.crop((left, top, left + bw, top + bh))
+    return nw, nh, left, top
+
+
+def crop_top_left(
+    size: tuple[int, int], bucket: Bucket, crop_position: tuple[float, float] | None = None, flip: bool = False
+) -> tuple[int, int]:
+    """(top, left): the pixels cut from the top and the left of the resized image, as the training
+    pixels show it. A flip mirrors the crop window, so the cut on the left is what was cut on the
+    right: ``resized width - left - bucket width`` (SDXL's crop conditioning c_top, c_left, Podell
+    et al. 2023, section 2.2, is measured on the image the model sees)."""
+    nw, _, left, top = crop_window(size, bucket, crop_position)
+    return top, (nw - left - bucket[0]) if flip else left
 
 
 def shift_hue(rgb: np.ndarray, shift: float) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 from lora_gui.atomic import atomic_open
 from lora_gui.dataset.buckets import Bucket, BucketOptions
 from lora_gui.dataset.captions import CaptionOptions, process_caption
-from lora_gui.dataset.images import load_image_array, random_hue_shift
+from lora_gui.dataset.images import crop_top_left, load_image_array, random_hue_shift
 from lora_gui.dataset.scan import DatasetInfo, ImageEntry, Subset
 from lora_gui.dataset.summary import (
     DatasetSummary,
@@ -80,6 +80,7 @@ class Item:
     bucket: Bucket
     is_reg: bool
     trigger_words: str = ""
+    size: tuple[int, int] = (0, 0)  # the image's upright (width, height) before resizing
 
 
 @dataclass
@@ -93,6 +94,10 @@ class Batch:
     flipped: list[bool]
     pixels: torch.Tensor | None = None
     latents: torch.Tensor | None = None
+    # Where each sample's pixels came from (SDXL conditions on them): the image's (height, width)
+    # before resizing and the (top, left) pixels cut from the resized image, as the sample shows it.
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
+    crop_top_lefts: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,8 @@ class TrainDataset:
         self.latent_cache: LatentCache | None = None
 
     def _item(self, subset: Subset, image: ImageEntry, trigger: str) -> Item:
-        return Item(image.path, subset.caption_for(image), self.bucket_of[image.path], subset.is_reg, trigger)
+        return Item(image.path, subset.caption_for(image), self.bucket_of[image.path], subset.is_reg, trigger,
+                    (image.width, image.height))
 
     # --- plans ------------------------------------------------------------------------------------
 
@@ -239,6 +245,8 @@ class TrainDataset:
             bucket=items[0].bucket,
             paths=[item.path for item in items],
             flipped=[d.flip for d in draws],
+            original_sizes=[(i.size[1], i.size[0]) for i in items],
+            crop_top_lefts=[crop_top_left(i.size, i.bucket, d.crop_position, d.flip) for i, d in zip(items, draws)],
         )
         if self.latent_cache is not None:
             batch.latents = torch.stack(

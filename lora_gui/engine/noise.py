@@ -48,7 +48,10 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, v_prediction: bool) -> torc
     """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
     Weighting Strategy"): min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v."""
     clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if v_prediction else clipped / snr
+    if v_prediction:
+        return clipped / (snr + 1)
+    # min(snr, gamma) / snr -> 1 as snr -> 0 (the last step of a zero-terminal-SNR schedule).
+    return torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr))
 
 
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -58,3 +61,12 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor,
     if scheduler.config.prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
     return noise
+
+
+def zero_terminal_snr(scheduler):
+    """The same DDPM schedule with its betas rescaled so the last timestep is pure noise (SNR 0):
+    Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", algorithm 1
+    (diffusers' ``rescale_betas_zero_snr``). Used with v-prediction (NoobAI-XL v-pred, SD 2 768-v)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True)

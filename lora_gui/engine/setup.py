@@ -94,12 +94,29 @@ def _load_model(t) -> None:
     if t.weight_dtype != torch.float32:  # frozen weights in 16 bits on the GPU; LoRA stays fp32
         for module in (t.unet, *t.text_encoders):
             module.to(dtype=t.weight_dtype)
+    if t.settings.advanced.fp8_base:
+        _fp8_unet(t)
     if t.settings.advanced.attention == "xformers":
         try:
             t.unet.enable_xformers_memory_efficient_attention()
         except Exception as exc:
             raise EngineError(f"advanced.attention: xformers does not work here ({exc}); choose "
                               "sdpa.") from None
+
+
+def _fp8_unet(t) -> None:
+    """fp8 storage of the frozen U-Net (``engine.fp8``): each layer's weight is cast to the compute
+    precision only while that layer computes."""
+    from lora_gui.engine.fp8 import store_in_fp8
+
+    try:
+        store_in_fp8(t.unet, t.weight_dtype)
+    except (RuntimeError, TypeError) as exc:  # a torch or device without float8
+        raise EngineError(f"advanced.fp8_base: this machine cannot store the U-Net in fp8 ({exc}); "
+                          "turn fp8 U-Net storage off.") from None
+    if t.device.type == "cpu":
+        t.log("fp8 U-Net storage on the CPU saves memory but not time: every layer is cast back to "
+              "float32 to compute.", "warning")
 
 
 def _load_data(t) -> None:
@@ -168,6 +185,16 @@ def _build_network(t) -> None:
     t.unet.train(s.train_unet)
     for encoder in t.text_encoders:
         encoder.train(s.train_text_encoder)
+    _log_memory_estimate(t)
+
+
+def _log_memory_estimate(t) -> None:
+    from lora_gui.engine.memory import estimate_for_run
+
+    buckets = {item.bucket for item in t.dataset.train_items + t.dataset.reg_items}
+    t.memory_estimate = estimate_for_run(t.family, t.model, t.settings, t.network, t.text_encoders, buckets,
+                                         t.device)
+    t.log(t.memory_estimate.sentence())
 
 
 def _static_captions(settings) -> bool:

@@ -29,9 +29,13 @@ def setting(
     label: str | None = None,
     choices: list[str] | None = None,
     step: float | None = None,
+    family: str | None = None,
     **constraints: Any,
 ) -> Any:
-    """Declare one setting. ``constraints`` are pydantic's (ge, le, gt, lt, min_length, ...)."""
+    """Declare one setting. ``constraints`` are pydantic's (ge, le, gt, lt, min_length, ...).
+
+    ``family``: the one model family ("sd", "sdxl") that uses the setting; the page shows it only
+    for that family."""
     if widget not in WIDGETS:
         raise ValueError(f"unknown widget kind {widget!r}")
     extra: dict[str, Any] = {"widget": widget, "advanced": advanced, "order": next(_order)}
@@ -41,4 +45,6 @@ def setting(
         extra["choices"] = list(choices)
     if step is not None:
         extra["step"] = step
+    if family is not None:
+        extra["family"] = family
     return Field(default, description=description, json_schema_extra=extra, **constraints)

@@ -31,12 +31,15 @@ ALIASES: dict[str, str] = {
     "persistent_data_loader_workers": "persistent_workers", "shuffle_captions": "shuffle_caption",
     "max_clip_token_length": "max_token_length", "xformers": "attention", "sample_every_n_epoch":
     "sample_every_n_epochs", "LyCORIS_preset": "lycoris_preset", "use_cp": "use_tucker",
-    "constraint": "constrain",
+    "constraint": "constrain", "sdxl": "family",
 }
 # Keys whose value we read while converting others (not settings of their own).
 _HELPERS = {"use_8bit_adam", "LoRA_type", "lr_warmup"}
 _NEVER = {"json_load_skip_list": "the skip-list is never loaded from a file (your current one is kept)",
-          "train_on_input": "lycoris.kohya does not pass it on (only its ia3 preset sets it per layer)"}
+          "train_on_input": "lycoris.kohya does not pass it on (only its ia3 preset sets it per layer)",
+          "sdxl_no_half_vae": "the VAE always computes in float32 here (the SDXL VAE overflows in fp16)",
+          "sdxl_cache_text_encoder_outputs": "text-encoder outputs are cached whenever the text encoders "
+          "are not trained and the captions do not change"}
 
 _OPTIMIZER_NAMES = {o.lower(): o for o in OPTIMIZERS} | {
     "dadaptation": "DAdaptAdam", "adamw_8bit": "AdamW8bit", "pagedadamw8bit": "AdamW8bit",
@@ -120,6 +123,8 @@ def _special(key: str, value: Any, out: ForeignImport) -> tuple[str, Any] | None
             out.notes.append("xformers='none': using sdpa attention (PyTorch's own kernel)")
             return "attention", "sdpa"
         return "attention", str(value).lower()
+    if key == "sdxl":  # kohya_ss: true for SDXL configs; false leaves the family to detection
+        return "family", "sdxl" if _bool(value) is True else "auto"
     if key in ("optimizer", "optimizer_type"):
         name = _OPTIMIZER_NAMES.get(str(value).lower())
         if name is None:

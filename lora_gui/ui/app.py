@@ -19,7 +19,7 @@ from lora_gui.ui.dataset_tab import build_dataset_tab, wire_dataset_tab
 from lora_gui.ui.fields import settings_to_values
 from lora_gui.ui.files import ServedFiles
 from lora_gui.ui.files_panel import build_files_panel, wire_files_panel
-from lora_gui.ui.form import build_tabs
+from lora_gui.ui.form import build_tabs, wire_family_fields
 from lora_gui.ui.presets_panel import build_preset_picker, wire_presets_panel
 from lora_gui.ui.run_control import RunController
 from lora_gui.ui.run_panel import build_panel, draw, on_load, panel_outputs, wire_panel
@@ -66,6 +66,7 @@ def build_app(config: UIConfig | None = None, client: Any = None) -> gr.Blocks:
                     })
                     build_tools_tab(ctx)
                     build_dataset_tab(ctx)
+                wire_family_fields(ctx.registry)
                 build_browser_panel(ctx)
             with gr.Column(scale=2, elem_id="run-panel"):
                 build_panel(ctx)
