@@ -38,7 +38,7 @@ TITLE = "lora-gui"
 def make_client(config: UIConfig):
     from lora_gui.worker.client import WorkerClient
 
-    return WorkerClient(config.runs_dir)
+    return WorkerClient(config.runs_dir, warm=True)
 
 
 def build_app(config: UIConfig | None = None, client: Any = None) -> gr.Blocks:

@@ -67,12 +67,23 @@ class RunController:
         except Exception:  # noqa: BLE001 - a broken run folder must not break the page
             pass
         run = self.client.active_run()
+        if run is None:
+            self.keep_warm()
         self._last_active = run.run_id if run is not None else None
         self._last_active_check = now
         if run is not None:
             with self._lock:
                 self._runs.setdefault(self._last_active, run)
         return self._last_active
+
+    def keep_warm(self) -> None:
+        """Have a warm trainer waiting for the next Start (a client made with ``warm=True``)."""
+        ensure = getattr(self.client, "ensure_warm", None)
+        if ensure is not None:
+            try:
+                ensure()
+            except OSError:  # no process could be started: Start spawns a cold one
+                pass
 
     def latest_id(self) -> str | None:
         """The active run, else the most recently created one (a reload shows its result)."""

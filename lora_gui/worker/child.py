@@ -5,7 +5,8 @@ feeds inbox.jsonl commands to the engine, keeps status.json's heartbeat fresh fr
 and always ends the run with a final state: finished, stopped or failed (with a sentence).
 
 It does not watch the web process (the run folder is the contract: the GUI may restart), but it
-ends itself when its run folder is deleted. Under ``accelerate launch`` only rank 0 writes events
+ends itself when its run folder is deleted. ``--warm`` starts it before its run (see warm.py): it
+imports the engine, then waits for one run folder from its launcher, and ends if the launcher goes. Under ``accelerate launch`` only rank 0 writes events
 and status; the other ranks only read commands.
 """
 
@@ -44,6 +45,7 @@ from lora_gui.worker.protocol import (
     tail_text,
     write_status,
 )
+from lora_gui.worker.warm import WARM_FLAG, wait_for_run
 
 ENGINE_ENV = "LORA_GUI_WORKER_ENGINE"  # "module:function"; a test hook (tests/support)
 DEFAULT_ENGINE = "lora_gui.engine.train:run_training"
@@ -266,9 +268,32 @@ def run(run_dir: str | os.PathLike) -> int:
     return 1 if reporter.status.state == RunState.FAILED else 0
 
 
+def warm() -> int:
+    """``python -m lora_gui.worker --warm``: import the engine now, then wait for one run folder on
+    stdin (see warm.py) and train it with stdout and stderr going to its train.log. Ends without
+    training when the launcher goes away first."""
+    parent = os.getppid()
+    load_engine()  # the seconds of torch/diffusers/transformers imports, before Start
+    from lora_gui.settings import io  # noqa: F401 - also read at Start
+
+    run_dir = wait_for_run(sys.stdin.fileno(), parent)
+    if run_dir is None:
+        return 0
+    if not Path(run_dir).is_dir():
+        print(f"There is no run folder {run_dir}.", file=sys.stderr)
+        return 2
+    log = os.open(RunPaths(Path(run_dir)).log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    return run(run_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv == [WARM_FLAG]:
+        return warm()
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m lora_gui.worker RUN_DIR", file=sys.stderr)
+        print("usage: python -m lora_gui.worker RUN_DIR | --warm", file=sys.stderr)
         return 2
     return run(argv[0])

@@ -44,8 +44,10 @@ from lora_gui.worker.protocol import (
     write_process,
     write_status,
 )
+from lora_gui.worker.warm import WarmTrainer
 
 QUEUE_DIR = "queue"  # runs_root/queue/: the GUI's queue of settings files (queue_files.py)
+WARM_LOG = "warm-trainer.log"  # runs_root/: what a warm trainer prints before it gets a run
 TOOLS_DIR = "tools"  # runs_root/tools/: the LoRA tools' run folders (one tool at a time, beside training)
 
 
@@ -162,7 +164,8 @@ class WorkerClient:
     """Starts trainer processes and watches run folders under ``runs_root``."""
 
     def __init__(self, runs_root: str | os.PathLike, python: str = sys.executable,
-                 launch_prefix: Sequence[str] = (), stale_after_s: float = HEARTBEAT_STALE_S):
+                 launch_prefix: Sequence[str] = (), stale_after_s: float = HEARTBEAT_STALE_S,
+                 warm: bool = False):
         self.runs_root = Path(runs_root).resolve()
         self.runs_root.mkdir(parents=True, exist_ok=True)
         self.python = python
@@ -172,6 +175,12 @@ class WorkerClient:
         self._popens: dict[str, subprocess.Popen] = {}
         self._cursors: dict[str, LineCursor] = {}
         self._start_lock = threading.Lock()  # check "no active run" and spawn as one step
+        # warm: keep one trainer that has imported the engine waiting for Start (warm.py); not
+        # under a launch prefix (accelerate launch starts its own ranks).
+        self._closed = False
+        self._warm = WarmTrainer(python, self.runs_root / WARM_LOG) \
+            if warm and not self.launch_prefix else None
+        self.ensure_warm()
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -225,6 +234,30 @@ class WorkerClient:
     def _launch(self, paths: RunPaths) -> Run:
         run_id = paths.run_id
         argv = launch_argv(paths.root, self.python, self.launch_prefix)
+        popen = self._warm.take(paths.root) if self._warm is not None else None
+        if popen is not None:
+            argv = self._warm.argv
+        else:
+            popen = self._spawn_cold(paths, argv)
+            if popen is None:
+                return Run(self, paths)
+        self._popens[run_id] = popen
+        # Reap the trainer the moment it exits: a finished run's status is final, so nothing else
+        # would poll it and it would stay a zombie under this process. Popen keeps the exit code.
+        # With a warm pool, a new warm trainer starts once this one has exited.
+        threading.Thread(target=self._reap_and_rewarm, args=(popen,), name=f"reap-{run_id}",
+                         daemon=True).start()
+        write_process(paths, ProcessRecord(pid=popen.pid, argv=argv, spawned=time.time(),
+                                           launcher_pid=os.getpid(),
+                                           created=process_created(popen.pid)))
+        return Run(self, paths)
+
+    def _reap_and_rewarm(self, popen: subprocess.Popen) -> None:
+        popen.wait()
+        if self._warm is not None and not self._closed:
+            self.ensure_warm()
+
+    def _spawn_cold(self, paths: RunPaths, argv: list[str]) -> subprocess.Popen | None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
             with open(paths.log, "ab") as log:
@@ -233,15 +266,15 @@ class WorkerClient:
         except OSError as exc:
             self._end(paths, RunState.FAILED, exit_code=None,
                       message=f"Could not start the trainer ({argv[0]}): {exc}")
-            return Run(self, paths)
-        self._popens[run_id] = popen
-        # Reap the trainer the moment it exits: a finished run's status is final, so nothing else
-        # would poll it and it would stay a zombie under this process. Popen keeps the exit code.
-        threading.Thread(target=popen.wait, name=f"reap-{run_id}", daemon=True).start()
-        write_process(paths, ProcessRecord(pid=popen.pid, argv=argv, spawned=time.time(),
-                                           launcher_pid=os.getpid(),
-                                           created=process_created(popen.pid)))
-        return Run(self, paths)
+            return None
+        return popen
+
+    def ensure_warm(self) -> bool:
+        """With ``warm``: start a warm trainer unless one is waiting or a trainer this client
+        spawned is still running (it would compete with the run). Cheap: call it on every poll."""
+        if self._warm is None or self._closed or any(p.poll() is None for p in self._popens.values()):
+            return False
+        return self._warm.ensure()
 
     def _new_run_folder(self, settings: TrainingSettings, run_id: str, source: str,
                         state: RunState = RunState.STARTING) -> RunPaths:
@@ -410,9 +443,12 @@ class WorkerClient:
     def close(self) -> None:
         """Forget the trainers this client spawned (they keep running; the run folder is the
         contract). Reaps those that have exited."""
+        self._closed = True
         for popen in self._popens.values():
             popen.poll()
         self._popens.clear()
+        if self._warm is not None:
+            self._warm.close()
 
 
 def _spawned(paths: RunPaths) -> float | None:
