@@ -280,6 +280,22 @@ def _one_run(page, server: Server, measure_streaming: bool) -> dict:
     return out
 
 
+def _wait_warm(server: Server, runs_done: int, timeout: float = 180) -> None:
+    """Until the warm trainer that followed the last run has imported the engine (a user takes a
+    few seconds between runs; an immediate Start gets a trainer that is still importing)."""
+    from lora_gui.worker.client import WARM_LOG
+    from lora_gui.worker.warm import WARM_READY
+
+    log = server.runs / WARM_LOG
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        if text.count(WARM_READY) > runs_done:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"no warm trainer became ready within {timeout:g} s (see {log})")
+
+
 def measure(work: Path) -> dict:
     """Every GUI number (memoised per work folder); raises when the GUI cannot be driven."""
     key = str(work)
@@ -304,7 +320,10 @@ def measure(work: Path) -> dict:
             time.sleep(2)
             result["cpu_idle"] = _cpu_percent(server.proc.pid, CPU_WINDOW_S)
             result["first_run"] = _one_run(page, server, measure_streaming=False)  # builds the demo
-            result["runs"] = [_one_run(page, server, measure_streaming=(i == 0)) for i in range(REPEATS)]
+            result["runs"] = []
+            for i in range(REPEATS):
+                _wait_warm(server, i + 1)
+                result["runs"].append(_one_run(page, server, measure_streaming=(i == 0)))
             result["memory"] = _server_memory(server.proc.pid)
             browser.close()
     _RESULTS[key] = result

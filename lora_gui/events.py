@@ -121,6 +121,7 @@ class SampleReady(Event):
     path: str
     prompt: str
     index: int = 0
+    strength: float | None = None  # set for the strength sweep's samples (the LoRA's multiplier)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class CheckpointSaved(Event):
     path: str
     state_dir: str | None = None
     final: bool = False
+    validation_loss: float | None = None  # of this LoRA, when the run has held-out images
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ report, the metadata facts), the LoRA saves, the training state folders (``state
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from lora_gui import events as ev
 from lora_gui.dataset.captions import tag_frequency, write_tag_report
-from lora_gui.engine import state_files
+from lora_gui.engine import evaluation, state_files
 from lora_gui.engine.errors import Diverged, EngineError
 from lora_gui.engine.metadata import RunFacts, base_model_name, build_metadata, with_hashes
 from lora_gui.settings import io as settings_io
@@ -59,8 +60,11 @@ def write_run_files(t) -> None:
         session_id=uuid.uuid4().hex[:16], started_at=t.t_start, network_alpha=t.network_alpha)
 
 
-def save(t, stem: str, *, state: bool, final: bool = False) -> tuple[Path, Path | None]:
-    """Save the LoRA as ``stem`` (and the training state as ``stem-state``); (path, state folder)."""
+def save(t, stem: str, *, state: bool, final: bool = False,
+         ranked: bool = False) -> tuple[Path, Path | None]:
+    """Save the LoRA as ``stem`` (and the training state as ``stem-state``); (path, state folder).
+    Each save carries its validation loss (when the run holds images out); a ``ranked`` save (the
+    periodic ones) may later be deleted by ``images.keep_best_checkpoints``."""
     from lora_gui.engine.network import save_lora
 
     m, p = t.settings.model, t.progress
@@ -85,10 +89,44 @@ def save(t, stem: str, *, state: bool, final: bool = False) -> tuple[Path, Path 
     if state:
         state_files.save_state(t, state_dir)
         t.files.append(state_dir)
+    loss = validation_now(t)
     t.emit(ev.CheckpointSaved(step=p.step, epoch=p.epoch, path=str(path),
-                              state_dir=str(state_dir) if state else None, final=final))
-    t.log(f"Saved {path}" + (f" and its state {state_dir}" if state else ""))
+                              state_dir=str(state_dir) if state else None, final=final,
+                              validation_loss=loss))
+    t.log(f"Saved {path}" + (f" and its state {state_dir}" if state else "")
+          + (f" (validation loss {loss:.4f})" if loss is not None else ""))
+    if ranked:
+        keep_best(t, loss, path, state_dir if state else None)
     return path, (state_dir if state else None)
+
+
+def validation_now(t) -> float | None:
+    """The validation loss of the LoRA as it is now: the one measured at this step, else measured
+    now; None when the run holds no images out."""
+    step = t.progress.step
+    if not (t.validation_losses and t.validation_losses[-1][0] == step):
+        if not t.dataset.validation_batches():
+            return None
+        evaluation.validate(t)
+    return t.validation_losses[-1][1]
+
+
+def keep_best(t, loss: float | None, path: Path, state_dir: Path | None) -> None:
+    """``images.keep_best_checkpoints``: keep the N ranked saves with the lowest validation loss,
+    delete the others (their LoRA and state). The final LoRA is never ranked, so never deleted."""
+    keep = t.settings.images.keep_best_checkpoints
+    if not keep or loss is None or not t.is_main:
+        return
+    t.ranked_saves.append((loss, path, state_dir))
+    t.ranked_saves.sort(key=lambda r: r[0])
+    for worse, worse_path, worse_state in t.ranked_saves[keep:]:
+        worse_path.unlink(missing_ok=True)
+        if worse_state is not None:
+            shutil.rmtree(worse_state, ignore_errors=True)
+        t.files = [f for f in t.files if f not in (worse_path, worse_state)]
+        t.log(f"Deleted {worse_path.name} (validation loss {worse:.4f}): not among the {keep} best "
+              "(images.keep_best_checkpoints)")
+    del t.ranked_saves[keep:]
 
 
 def resume(t, state_dir: Path) -> None:

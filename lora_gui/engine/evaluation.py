@@ -49,24 +49,44 @@ def prepare_samples(t) -> None:
     t.sample_prompts = parse_prompts(sm.sample_prompts, defaults)
 
 
-def sample(t, step: int, epoch: int) -> None:
-    """Render the sample prompts with the LoRA as it is now, and announce each image."""
+def sample(t, step: int, epoch: int, strength: float | None = None) -> None:
+    """Render the sample prompts with the LoRA as it is now (at ``strength``, when given), and
+    announce each image."""
     if not t.sample_prompts or not t.is_main:
         return
     t._flush(force=True)
-    t.log(f"Making {len(t.sample_prompts)} sample images at step {step}")
+    at = f" at strength {strength:g}" if strength is not None else ""
+    t.log(f"Making {len(t.sample_prompts)} sample images at step {step}{at}")
+    stem = f"{t.name}_{step:06d}" + (f"_w{strength:g}" if strength is not None else "")
     _set_training(t, False)
     t.vae.to(t.device)
     written = t.family.generate_samples(
         t.model, t.sample_prompts, t.settings, encode=t._encode, out_dir=t.out_dir / "sample",
-        stem=f"{t.name}_{step:06d}", device=t.device, dtype=t.weight_dtype)
+        stem=stem, device=t.device, dtype=t.weight_dtype)
     if t.device.type == "cuda" and t.settings.images.cache_latents:
         t.vae.to("cpu")
     _set_training(t, True)
     for index, (path, prompt) in enumerate(written):
         if path not in t.files:
             t.files.append(path)
-        t.emit(ev.SampleReady(step=step, epoch=epoch, path=str(path), prompt=prompt, index=index))
+        t.emit(ev.SampleReady(step=step, epoch=epoch, path=str(path), prompt=prompt, index=index,
+                              strength=strength))
+
+
+def strength_sweep(t, epoch: int) -> None:
+    """``samples.strength_sweep``: the sample prompts at each LoRA strength (the network's output
+    multiplier), once at the end of a finished run; the multiplier is 1 again afterwards."""
+    from lora_gui.settings.schema import parse_strengths
+
+    strengths = parse_strengths(t.settings.samples.strength_sweep)
+    if not strengths or not t.sample_prompts or not t.is_main:
+        return
+    try:
+        for strength in strengths:
+            t.network.set_multiplier(strength)
+            sample(t, t.progress.step, epoch, strength=strength)
+    finally:
+        t.network.set_multiplier(1.0)
 
 
 def _set_training(t, on: bool) -> None:

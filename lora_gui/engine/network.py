@@ -246,6 +246,12 @@ class LoraNetwork:
             sd[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER_NAME]), dtype=dtype)
         return sd
 
+    def set_multiplier(self, multiplier: float) -> None:
+        """Scale every adapter's output by ``multiplier`` (a LoRA's "strength" or weight in A1111):
+        peft's ``set_scale`` makes scaling = multiplier * alpha / r. 1.0 is training's scale."""
+        for layer in self._all_layers().values():
+            layer.set_scale(ADAPTER_NAME, multiplier)
+
     def load_state_dict_kohya(self, sd: dict[str, torch.Tensor]) -> None:
         """Load weights of an existing kohya LoRA (lora_model_for_resume).
 

@@ -95,6 +95,7 @@ class Trainer:
         self.files: list[Path] = []
         self.losses: list[float] = []
         self.validation_losses: list[tuple[int, float]] = []
+        self.ranked_saves: list[tuple[float, Path, Path | None]] = []  # keep_best_checkpoints
         self._pending: list[tuple[int, int, torch.Tensor, float]] = []
         self._micro_losses: list[torch.Tensor] = []
         self._last_report = 0.0
@@ -162,6 +163,7 @@ class Trainer:
             path, state = checkpoint.save(self, f"{self.name}-step{p.step:06d}", state=True)
         else:
             path, state = checkpoint.save(self, self.name, state=self.settings.model.save_state, final=True)
+            evaluation.strength_sweep(self, p.epoch)
         self.emit(ev.Finished(step=p.step, output_path=str(path), state_dir=str(state) if state else None,
                               stopped=stopped, files=tuple(map(str, self.files))))
         return TrainingResult("stopped" if stopped else "finished", step=p.step, output_path=path,
@@ -221,7 +223,7 @@ class Trainer:
                 and not _every(s.training.validation_every_n_steps, p.step):
             evaluation.validate(self, epoch)
         if _every(s.images.save_every_n_epochs, epoch) and not last:
-            checkpoint.save(self, f"{self.name}-{epoch:06d}", state=s.model.save_state)
+            checkpoint.save(self, f"{self.name}-{epoch:06d}", state=s.model.save_state, ranked=True)
         if _every(s.samples.sample_every_n_epochs, epoch):
             evaluation.sample(self, p.step, epoch)
 

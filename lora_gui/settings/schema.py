@@ -134,6 +134,26 @@ class TriggerSettings(Group):
         widget="text")
 
 
+MAX_STRENGTH = 2.0
+
+
+def parse_strengths(text: str) -> list[float]:
+    """The LoRA strengths of ``samples.strength_sweep`` ("0.5, 0.75, 1.0"), in order, each once."""
+    out: list[float] = []
+    for item in filter(None, (part.strip() for part in text.replace(";", ",").split(","))):
+        try:
+            weight = float(item)
+        except ValueError:
+            raise PydanticCustomError("strength", "'{item}' is not a number: write strengths such "
+                                      "as 0.5, 0.75, 1.0", {"item": item}) from None
+        if not 0 <= weight <= MAX_STRENGTH:
+            raise PydanticCustomError("strength", "{item} is outside 0 to {top}",
+                                      {"item": item, "top": f"{MAX_STRENGTH:g}"})
+        if weight not in out:
+            out.append(weight)
+    return out
+
+
 class ImageSettings(Group):
     tab: ClassVar[str] = "images"
     title: ClassVar[str] = "Image processing"
@@ -150,6 +170,11 @@ class ImageSettings(Group):
     save_every_n_epochs: int = setting(
         0, "Also save an intermediate LoRA every N epochs (NAME-000002...). 0 = only the final one.",
         widget="number", ge=0)
+    keep_best_checkpoints: int = setting(
+        0, "Keep only the N intermediate LoRAs (save every N epochs) with the lowest validation "
+        "loss; the others are deleted as better ones arrive. The final LoRA is always kept. Needs "
+        "a validation split above 0. 0 = keep every intermediate LoRA.", widget="number", ge=0,
+        advanced=True)
     resolution: str = setting(
         "512", "Training resolution: one number for a square (512) or 'width,height' (768,512). With "
         "buckets this is the training area; each image keeps roughly its aspect ratio.",
@@ -474,6 +499,15 @@ class SampleSettings(Group):
         0, "Make sample images every N epochs (0 = not per epoch).", widget="number", ge=0)
     sample_every_n_steps: int = setting(
         0, "Make sample images every N steps (0 = not per step).", widget="number", ge=0)
+    strength_sweep: str = setting(
+        "", "LoRA strengths for a last round of samples when the run finishes, comma-separated "
+        "(e.g. 0.5, 0.75, 1.0): each sample prompt is rendered at each strength, to see how strong "
+        "the LoRA should be used. Empty = off.", widget="text")
+
+    @field_validator("strength_sweep")
+    @classmethod
+    def _strengths(cls, value: str) -> str:
+        return ", ".join(f"{w:g}" for w in parse_strengths(value))
 
     @field_validator("sample_width", "sample_height")
     @classmethod

@@ -45,7 +45,7 @@ from lora_gui.worker.protocol import (
     tail_text,
     write_status,
 )
-from lora_gui.worker.warm import WARM_FLAG, wait_for_run
+from lora_gui.worker.warm import WARM_FLAG, WARM_READY, wait_for_run
 
 ENGINE_ENV = "LORA_GUI_WORKER_ENGINE"  # "module:function"; a test hook (tests/support)
 DEFAULT_ENGINE = "lora_gui.engine.train:run_training"
@@ -276,6 +276,7 @@ def warm() -> int:
     load_engine()  # the seconds of torch/diffusers/transformers imports, before Start
     from lora_gui.settings import io  # noqa: F401 - also read at Start
 
+    print(f"{WARM_READY} (pid {os.getpid()})", flush=True)
     run_dir = wait_for_run(sys.stdin.fileno(), parent)
     if run_dir is None:
         return 0

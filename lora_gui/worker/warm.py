@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 WARM_FLAG = "--warm"
+WARM_READY = "warm trainer: engine imported, waiting for a run"  # its line in the warm log
 MAX_EARLY_EXITS = 3  # a warm trainer that keeps dying before a run (a broken engine import): give up
 
 
