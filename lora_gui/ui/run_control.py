@@ -76,6 +76,16 @@ class RunController:
                 self._runs.setdefault(self._last_active, run)
         return self._last_active
 
+    def trainer_pid(self, run_id: str | None) -> int | None:
+        """The trainer's process id from the run folder (None before it runs, or after)."""
+        if not run_id:
+            return None
+        try:
+            info = self.run(run_id).info()
+        except Exception:  # noqa: BLE001 - a damaged run folder: nothing to show
+            return None
+        return info.pid if info.active else None
+
     def keep_warm(self) -> None:
         """Have a warm trainer waiting for the next Start (a client made with ``warm=True``)."""
         ensure = getattr(self.client, "ensure_warm", None)

@@ -13,6 +13,7 @@ import gradio as gr
 import pandas as pd
 
 from lora_gui.events import Command, ForceStop, RunState, SampleNow, SaveNow, Stop
+from lora_gui.ui.cockpit import build_cockpit, cockpit_outputs, draw_cockpit, wire_notifications
 from lora_gui.ui.context import Ctx, PageState
 from lora_gui.ui.demo_build import DemoBuildError
 from lora_gui.ui.fields import check_values, issues_markdown, tab_error_counts
@@ -63,6 +64,7 @@ def build_panel(ctx: Ctx) -> None:
                                                       "validation": "#e6550d"})
     comp["gallery"] = gr.Gallery(label="Samples (newest first)", columns=3, height=300, visible=False,
                                  elem_id="run-gallery", object_fit="contain")
+    build_cockpit(ctx)
     comp["log"] = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False,
                              elem_id="run-log")
     comp["page"] = gr.State(PageState())
@@ -89,7 +91,8 @@ def draw(ctx: Ctx, view: RunView, force: bool = False) -> dict:
         view.mark_drawn("progress")
     has_points = bool(view.losses or view.validation)
     if (force and has_points) or view.plot_due():
-        out[comp["plot"]] = gr.update(value=pd.DataFrame(view.plot_rows()), visible=True)
+        out[comp["plot"]] = gr.update(value=pd.DataFrame(view.plot_rows()), visible=True,
+                                      title=view.plot_title())
         view.mark_drawn("plot")
         view.plot_drawn_at = time.monotonic()
     elif force:
@@ -107,6 +110,7 @@ def draw(ctx: Ctx, view: RunView, force: bool = False) -> dict:
         path = ctx.servable(view.result_file())
         out[comp["download"]] = gr.update(value=path, visible=bool(path))
         view.mark_drawn("result")
+    out.update(draw_cockpit(ctx, view, force))
     return out
 
 
@@ -118,8 +122,8 @@ def timer_update(ctx: Ctx, view: RunView) -> gr.Timer:
 
 def panel_outputs(ctx: Ctx) -> list:
     comp = ctx.components
-    return [comp[k] for k in ("status", "progress", "plot", "gallery", "log", "result", "download",
-                           "timer", "start", *COMMAND_BUTTONS)]
+    return [*(comp[k] for k in ("status", "progress", "plot", "gallery", "log", "result", "download",
+                                "timer", "start", *COMMAND_BUTTONS)), *cockpit_outputs(ctx)]
 
 
 def wire_panel(ctx: Ctx) -> None:
@@ -127,6 +131,7 @@ def wire_panel(ctx: Ctx) -> None:
     _wire_tick(ctx)
     _wire_validate_and_start(ctx, validator, summary)
     _wire_commands(ctx)
+    wire_notifications(ctx)
 
 
 def _wire_tick(ctx: Ctx) -> None:

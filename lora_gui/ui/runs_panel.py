@@ -6,11 +6,13 @@ from __future__ import annotations
 import time
 
 import gradio as gr
+import pandas as pd
 
 from lora_gui.events import RunState
+from lora_gui.ui.compare import curve_rows, run_settings, settings_diff
 from lora_gui.ui.context import Ctx, PageState
 from lora_gui.ui.fields import check_values
-from lora_gui.ui.run_panel import draw, panel_outputs
+from lora_gui.ui.run_panel import EMPTY_PLOT, draw, panel_outputs
 
 RUN_COLUMNS = ["run", "state", "created", "steps", "output"]
 QUEUE_COLUMNS = ["position", "name", "output", "state"]
@@ -23,6 +25,15 @@ def build_runs_panel(ctx: Ctx) -> None:
         comp["runs_table"] = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, wrap=True,
                                           elem_id="runs-table", max_height=300)
         gr.Markdown("Select a row to show that run in the panel on the right.")
+    with gr.Accordion("Compare runs", open=True, elem_id="compare"):
+        with gr.Row(equal_height=False):
+            comp["compare_runs"] = gr.Dropdown(label="Runs to compare", choices=[], multiselect=True,
+                                               scale=4, elem_id="compare-runs")
+            comp["compare_go"] = gr.Button("Compare", size="sm", scale=1, elem_id="compare-go")
+        comp["compare_plot"] = gr.LinePlot(EMPTY_PLOT, x="step", y="loss", color="series",
+                                           title="Compared runs", visible=False, height=280,
+                                           elem_id="compare-plot")
+        comp["compare_diff"] = gr.Markdown("", elem_id="compare-diff")
     with gr.Accordion("Queue", open=True, elem_id="queue"):
         comp["queue_add"] = gr.Button("Add the current settings to the queue", elem_id="queue-add",
                                       size="sm")
@@ -59,7 +70,8 @@ def queue_rows(ctx: Ctx) -> tuple[list[list], list[str]]:
 
 def refresh_lists(ctx: Ctx) -> dict:
     comp = ctx.components
-    out = {comp["runs_table"]: run_rows(ctx) or None}
+    runs = run_rows(ctx)
+    out = {comp["runs_table"]: runs or None, comp["compare_runs"]: gr.update(choices=[r[0] for r in runs])}
     try:
         rows, names = queue_rows(ctx)
     except Exception as exc:  # noqa: BLE001 - a queue folder problem must not break the page
@@ -71,7 +83,27 @@ def refresh_lists(ctx: Ctx) -> dict:
 
 
 def list_outputs(ctx: Ctx) -> list:
-    return [ctx.components[k] for k in ("runs_table", "queue_table", "queue_item")]
+    return [ctx.components[k] for k in ("runs_table", "queue_table", "queue_item", "compare_runs")]
+
+
+def compare(ctx: Ctx, run_ids: list[str] | None) -> dict:
+    """The chosen runs' curves on one chart and their settings diff."""
+    comp = ctx.components
+    run_ids = list(dict.fromkeys(run_ids or []))
+    if len(run_ids) < 2:
+        raise gr.Error("Choose two or more runs to compare.")
+    views, settings = {}, {}
+    for run_id in run_ids:
+        try:
+            views[run_id] = ctx.runs.attach_view(run_id)
+        except (FileNotFoundError, ValueError) as exc:
+            raise gr.Error(f"The run {run_id} cannot be read: {exc}") from None
+        settings[run_id] = run_settings(ctx.runs.run(run_id).run_dir)
+    rows = curve_rows(views)
+    # The title names the runs: a changed title rebuilds the chart, so new series get colours.
+    plot = gr.update(value=pd.DataFrame(rows) if rows else EMPTY_PLOT, visible=bool(rows),
+                     title="Compared: " + ", ".join(run_ids))
+    return {comp["compare_plot"]: plot, comp["compare_diff"]: settings_diff(settings)}
 
 
 def wire_runs_panel(ctx: Ctx) -> None:
@@ -87,6 +119,9 @@ def wire_runs_panel(ctx: Ctx) -> None:
             page.view = ctx.runs.attach_view(str(row[0]))
             return draw(ctx, page.view, force=True)
 
+    comp["compare_go"].click(lambda ids: compare(ctx, ids), inputs=[comp["compare_runs"]],
+                             outputs=[comp["compare_plot"], comp["compare_diff"]],
+                             api_visibility="private")
     comp["runs_table"].select(show_run, inputs=[comp["page"]], outputs=panel_outputs(ctx),
                               api_visibility="private")
     _wire_queue(ctx)

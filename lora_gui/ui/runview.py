@@ -76,7 +76,8 @@ class RunView:
     smoothed: list[tuple[int, float]] = field(default_factory=list)
     validation: list[tuple[int, float]] = field(default_factory=list)
     samples: list[tuple[str, str]] = field(default_factory=list)  # (path, caption), oldest first
-    checkpoints: list[str] = field(default_factory=list)
+    sample_events: list[SampleReady] = field(default_factory=list)  # for the grids
+    checkpoints: list[CheckpointSaved] = field(default_factory=list)
     log: deque = field(default_factory=lambda: deque(maxlen=LOG_LINES))
     finished: Finished | None = None
     failed: Failed | None = None
@@ -86,6 +87,8 @@ class RunView:
     versions: dict[str, int] = field(default_factory=dict)
     drawn: dict[str, int] = field(default_factory=dict)
     plot_drawn_at: float = 0.0
+    resources: str = ""  # the trainer's RAM and GPU line as last sent
+    resources_at: float = 0.0
 
     def _bump(self, *parts: str) -> None:
         for part in parts:
@@ -131,11 +134,14 @@ class RunView:
                 self.validation.append((event.step, event.loss))
                 self._bump("plot")
         elif isinstance(event, SampleReady):
-            self.samples.append((event.path, f"step {event.step}: {event.prompt}"))
+            at = f" at strength {event.strength:g}" if event.strength is not None else ""
+            self.samples.append((event.path, f"step {event.step}{at}: {event.prompt}"))
+            self.sample_events.append(event)
             self._clear_note("making samples")
-            self._bump("gallery")
+            self._bump("gallery", "sweep" if event.strength is not None else "grid")
         elif isinstance(event, CheckpointSaved):
-            self.checkpoints.append(event.path)
+            self.checkpoints.append(event)
+            self._bump("checkpoints")
             self._clear_note("saving the LoRA now")
             self._log(f"Saved {event.path}" + (f" (state {event.state_dir})" if event.state_dir else ""))
         elif isinstance(event, Log):
@@ -214,6 +220,26 @@ class RunView:
     def progress_fraction(self) -> float:
         p = self.progress
         return (p.step / p.total_steps) if p and p.total_steps else 0.0
+
+    def plot_title(self) -> str:
+        """The chart's title. It changes when the first validation point arrives: the chart's colour
+        domain is fixed when its spec is built, and only a changed title rebuilds the spec, so a
+        new series shows at once instead of after a reload."""
+        return "Loss and validation loss" if self.validation else "Loss"
+
+    def checkpoint_rows(self) -> list[list]:
+        """[step, file, validation loss, note] per saved LoRA; the lowest validation loss among the
+        files still on disk is marked best; deleted ones (keep_best_checkpoints) say so."""
+        present = [c for c in self.checkpoints if os.path.exists(c.path)]
+        scored = [c for c in present if c.validation_loss is not None]
+        best = min(scored, key=lambda c: c.validation_loss) if scored else None
+        rows = []
+        for c in self.checkpoints:
+            notes = ["★ best" if c is best else "", "final" if c.final else "",
+                     "" if c in present else "deleted (not among the best)"]
+            loss = f"{c.validation_loss:.4f}" if c.validation_loss is not None else "–"
+            rows.append([c.step, Path(c.path).name, loss, ", ".join(n for n in notes if n)])
+        return rows
 
     def plot_rows(self) -> list[dict[str, Any]]:
         rows = [{"step": s, "loss": v, "series": "loss"} for s, v in thin(self.losses)]
