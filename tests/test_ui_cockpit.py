@@ -3,6 +3,7 @@ makes a new series show live, the runs comparison and the trainer's resources li
 
 from __future__ import annotations
 
+import math
 import os
 from types import SimpleNamespace
 
@@ -64,13 +65,20 @@ def test_checkpoint_rows_mark_the_best_existing_one_and_deleted_ones(tmp_path):
         [40, "c3.safetensors", "0.2500", "final"]]
 
 
-def test_the_chart_title_changes_when_the_first_validation_point_arrives():
-    view = RunView(run_id="r", state=ev.RunState.RUNNING)
-    view.apply([ev.LossReported(step=1, epoch=1, loss=0.5, lr=1e-3)])
-    assert view.plot_title() == "Loss"
-    view.apply([ev.ValidationLoss(step=1, epoch=1, loss=0.4)])
-    assert view.plot_title() == "Loss and validation loss"
-    assert {r["series"] for r in view.plot_rows()} == {"loss", "smoothed", "validation"}
+def test_the_chart_has_the_validation_series_before_its_first_point():
+    """A run that validates sends a value-less validation row with its first losses, so the
+    chart's colour domain has the series when the points come."""
+    view = RunView(run_id="r", state=ev.RunState.RUNNING, expects_validation=True)
+    view.apply([ev.LossReported(step=3, epoch=1, loss=0.5, lr=1e-3)])
+    rows = view.plot_rows()
+    assert rows[:2] == [{"step": 3, "loss": 0.5, "series": "loss"},
+                        {"step": 3, "loss": 0.5, "series": "smoothed"}]
+    assert rows[2]["series"] == "validation" and rows[2]["step"] == 3 and math.isnan(rows[2]["loss"])
+    view.apply([ev.ValidationLoss(step=4, epoch=1, loss=0.4)])
+    assert view.plot_rows()[2:] == [{"step": 4, "loss": 0.4, "series": "validation"}]
+    plain = RunView(run_id="p", state=ev.RunState.RUNNING)
+    plain.apply([ev.LossReported(step=3, epoch=1, loss=0.5, lr=1e-3)])
+    assert {r["series"] for r in plain.plot_rows()} == {"loss", "smoothed"}
 
 
 def test_compare_overlays_curves_and_lists_only_differing_settings():

@@ -173,8 +173,7 @@ class ImageSettings(Group):
     keep_best_checkpoints: int = setting(
         0, "Keep only the N intermediate LoRAs (save every N epochs) with the lowest validation "
         "loss; the others are deleted as better ones arrive. The final LoRA is always kept. Needs "
-        "a validation split above 0. 0 = keep every intermediate LoRA.", widget="number", ge=0,
-        advanced=True)
+        "a validation split above 0. 0 = keep every intermediate LoRA.", widget="number", ge=0)
     resolution: str = setting(
         "512", "Training resolution: one number for a square (512) or 'width,height' (768,512). With "
         "buckets this is the training area; each image keeps roughly its aspect ratio.",

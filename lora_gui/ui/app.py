@@ -59,7 +59,7 @@ def build_app(config: UIConfig | None = None, client: Any = None) -> gr.Blocks:
             with gr.Column(scale=3):
                 build_preset_picker(ctx)
                 comp["summary"] = gr.Markdown("", visible=False, elem_id="validation-summary")
-                with gr.Tabs(elem_id="settings-tabs"):
+                with gr.Tabs(elem_id="settings-tabs", overflow_behavior="wrap"):  # all tabs in view
                     ctx.registry = build_tabs(values, extras={
                         "model": lambda: build_dataset_panel(ctx),
                         "runs": lambda: (build_files_panel(ctx), build_runs_panel(ctx)),

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_gui.events import Command, ForceStop, RunState
-from lora_gui.settings import TrainingSettings
+from lora_gui.settings import SettingsError, TrainingSettings
+from lora_gui.settings.io import read_json
 from lora_gui.ui.demo_build import DemoBuildError, build_demo
 from lora_gui.ui.runview import RunView
 from lora_gui.worker.demo import demo_dir_for, demo_family
@@ -162,9 +163,19 @@ class RunController:
 
     # --- following a run -----------------------------------------------------------------------
 
+    def new_view(self, run_id: str) -> RunView:
+        """An empty view of a run, told whether the run will report validation losses."""
+        view = RunView(run_id=run_id, state=RunState.STARTING)
+        try:
+            doc = read_json(self.run(run_id).paths.settings)
+            view.expects_validation = float(doc.get("training", {}).get("validation_split", 0)) > 0
+        except (SettingsError, OSError, AttributeError, TypeError, ValueError):
+            pass  # no readable settings: the series shows once the chart is redrawn
+        return view
+
     def attach_view(self, run_id: str) -> RunView:
         """A fresh view of a run with its whole history (page load, reload, restart)."""
-        view = RunView(run_id=run_id, state=RunState.STARTING)
+        view = self.new_view(run_id)
         self.poll(view)
         return view
 

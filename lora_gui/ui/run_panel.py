@@ -91,8 +91,7 @@ def draw(ctx: Ctx, view: RunView, force: bool = False) -> dict:
         view.mark_drawn("progress")
     has_points = bool(view.losses or view.validation)
     if (force and has_points) or view.plot_due():
-        out[comp["plot"]] = gr.update(value=pd.DataFrame(view.plot_rows()), visible=True,
-                                      title=view.plot_title())
+        out[comp["plot"]] = gr.update(value=pd.DataFrame(view.plot_rows()), visible=True)
         view.mark_drawn("plot")
         view.plot_drawn_at = time.monotonic()
     elif force:
@@ -239,7 +238,7 @@ def start_run(ctx: Ctx, data: dict):
     except Exception as exc:  # noqa: BLE001 - the worker's sentence goes to the page
         yield _show(ctx, page, fail=f"The run could not start: {exc}")
         return
-    view = RunView(run_id=run_id, state=RunState.STARTING)
+    view = ctx.runs.new_view(run_id)
     if built:
         view.log.append(built)
     view.set_note("starting the trainer…")

@@ -27,9 +27,9 @@ from lora_gui.events import (
 )
 
 SMOOTHING = 0.9  # TensorBoard-style exponential moving average, debiased
-MAX_PLOT_POINTS = 600  # per series: more costs the browser a lot to redraw
+MAX_PLOT_POINTS = 300  # per series: each redraw re-runs the chart on every point
 LOG_LINES = 300
-PLOT_MIN_INTERVAL_S = 1.0  # redraw the chart at most this often while points arrive
+PLOT_MIN_INTERVAL_S = 2.0  # redraw the chart at most this often while points arrive (page CPU)
 STATE_WORDS = {RunState.QUEUED: "Queued", RunState.STARTING: "Starting", RunState.RUNNING: "Training",
                RunState.STOPPING: "Stopping", RunState.FINISHED: "Finished",
                RunState.STOPPED: "Stopped (saved)", RunState.FAILED: "Failed"}
@@ -87,6 +87,7 @@ class RunView:
     versions: dict[str, int] = field(default_factory=dict)
     drawn: dict[str, int] = field(default_factory=dict)
     plot_drawn_at: float = 0.0
+    expects_validation: bool = False  # the run holds images out (training.validation_split > 0)
     resources: str = ""  # the trainer's RAM and GPU line as last sent
     resources_at: float = 0.0
 
@@ -221,12 +222,6 @@ class RunView:
         p = self.progress
         return (p.step / p.total_steps) if p and p.total_steps else 0.0
 
-    def plot_title(self) -> str:
-        """The chart's title. It changes when the first validation point arrives: the chart's colour
-        domain is fixed when its spec is built, and only a changed title rebuilds the spec, so a
-        new series shows at once instead of after a reload."""
-        return "Loss and validation loss" if self.validation else "Loss"
-
     def checkpoint_rows(self) -> list[list]:
         """[step, file, validation loss, note] per saved LoRA; the lowest validation loss among the
         files still on disk is marked best; deleted ones (keep_best_checkpoints) say so."""
@@ -245,6 +240,12 @@ class RunView:
         rows = [{"step": s, "loss": v, "series": "loss"} for s, v in thin(self.losses)]
         rows += [{"step": s, "loss": v, "series": "smoothed"} for s, v in thin(self.smoothed)]
         rows += [{"step": s, "loss": v, "series": "validation"} for s, v in thin(self.validation)]
+        if self.expects_validation and not self.validation and self.losses:
+            # The chart fixes its colour domain to the series in its first data (gradio rebuilds
+            # the chart only when a setting such as the title changes, not for new data): a
+            # validation row without a value (NaN -> null, not drawn) puts the series in the
+            # domain now, so its points show as they arrive instead of after a reload.
+            rows.append({"step": self.losses[0][0], "loss": math.nan, "series": "validation"})
         return rows
 
     def plot_due(self, now: float | None = None) -> bool:

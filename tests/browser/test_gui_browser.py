@@ -132,8 +132,8 @@ def open_tab(page, group: str, title: str) -> None:
 
 
 def tab_labels(page) -> list[str]:
-    """Every tab's label (also those in the overflow menu), from gradio's hidden measuring row."""
-    return page.locator("#settings-tabs .visually-hidden button").all_inner_texts()
+    """Every tab's label (the tabs wrap onto rows: none hides in an overflow menu)."""
+    return page.locator("#settings-tabs [role='tablist'] button[role='tab']").all_inner_texts()
 
 
 def box(page, elem_id: str):
