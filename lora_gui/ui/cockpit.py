@@ -21,6 +21,8 @@ PARTS = ("checkpoints", "grid", "sweep", "resources")
 # ask only from a user's gesture). Reads the status line once a second: no observer on the page.
 NOTIFY_JS = """
 () => {
+  if (window.__loraNotify) return;
+  window.__loraNotify = true;
   const ended = /^(Finished|Stopped|Failed)/, active = /^(Starting|Training|Stopping)/;
   let last = '';
   document.addEventListener('click', (e) => {
@@ -28,13 +30,16 @@ NOTIFY_JS = """
         && Notification.permission === 'default') { Notification.requestPermission(); }
   }, true);
   setInterval(() => {
-    const text = (document.querySelector('#run-status')?.innerText || '').trim();
-    if (text !== last && ended.test(text) && active.test(last) && window.Notification
+    // the state word is the status line's bold text (the line may also hold a progress timer)
+    const word = (document.querySelector('#run-status strong')?.innerText || '').trim();
+    if (word !== last && ended.test(word) && active.test(last) && window.Notification
         && Notification.permission === 'granted') {
-      new Notification('lora-gui: ' + text.split(/\\s/)[0].toLowerCase() + ' run',
-                       {body: text, tag: 'lora-gui-run'});
+      const line = (document.querySelector('#run-status .prose')
+                    || document.querySelector('#run-status'))?.innerText.trim() || word;
+      new Notification('lora-gui: ' + word.split(/\s/)[0].toLowerCase() + ' run',
+                       {body: line, tag: 'lora-gui-run'});
     }
-    last = text;
+    last = word;
   }, 1000);
 }
 """

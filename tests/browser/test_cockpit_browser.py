@@ -67,16 +67,17 @@ def shot(page, name: str) -> None:
 def legend(page, elem_id: str) -> str:
     """The chart's legend labels (gradio draws Vega charts as SVG)."""
     return page.evaluate("(id) => Array.from(document.querySelectorAll("
-                         "`#${id} svg .role-legend-label text`).map((t) => t.textContent).join(' | ')",
+                         "`#${id} svg .role-legend-label text`)).map((t) => t.textContent).join(' | ')",
                          elem_id)
 
 
 def validation_drawn(page) -> int:
     """How many validation points the run chart draws: the line of the validation colour."""
     return page.evaluate("""() => {
-      const paths = Array.from(document.querySelectorAll('#run-plot svg .role-mark path'));
-      const line = paths.find((p) => (p.getAttribute('stroke') || '').toLowerCase() === '#e6550d');
-      return line ? (line.getAttribute('d').match(/[ML]/g) || []).length : 0; }""")
+      const paths = Array.from(document.querySelectorAll('#run-plot svg .mark-line path'));
+      const counts = paths.filter((p) => (p.getAttribute('stroke') || '').toLowerCase() === '#e6550d')
+        .map((p) => ((p.getAttribute('d') || '').match(/[ML]/g) || []).length);
+      return Math.max(0, ...counts); }""")
 
 
 def wait_legend(page, elem_id: str, pattern: str, timeout: float) -> str:
