@@ -63,6 +63,19 @@ class RunPosition:
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
 
 
+def preload() -> None:
+    """Import what a run imports lazily (the diffusers and transformers model classes, the
+    sampling pipeline: seconds), so that a warm trainer (worker/warm.py) has done it before Start."""
+    from diffusers import (  # noqa: F401
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from diffusers.optimization import get_scheduler  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+
 def run_training(settings: TrainingSettings, events: ev.EventSink,
                  commands: ev.CommandSource | None = None) -> TrainingResult:
     """Train a LoRA; never raises for a training problem: it ends with a Finished or Failed event."""

@@ -273,7 +273,10 @@ def warm() -> int:
     stdin (see warm.py) and train it with stdout and stderr going to its train.log. Ends without
     training when the launcher goes away first."""
     parent = os.getppid()
-    load_engine()  # the seconds of torch/diffusers/transformers imports, before Start
+    engine = load_engine()  # the seconds of torch/diffusers/transformers imports, before Start
+    preload = getattr(sys.modules.get(getattr(engine, "__module__", "")), "preload", None)
+    if callable(preload):  # what the engine imports lazily inside a run (the model classes)
+        preload()
     from lora_gui.settings import io  # noqa: F401 - also read at Start
 
     print(f"{WARM_READY} (pid {os.getpid()})", flush=True)
