@@ -178,7 +178,7 @@ def pick_the_past_run(page, run_id: str) -> None:
     open_tab(page, "runs", "Presets and runs")
     page.locator("#runs-refresh").click()
     wait_text(page, "#runs-table", "stopped|failed")
-    page.locator("#runs-table td:visible", has_text=run_id).first.click()  # not the sizing row
+    page.locator("#runs-table .body-cell", has_text=run_id).first.click()
     wait_text(page, "#run-status", rf"Finished\s+{re.escape(run_id)}", 30)
     wait_text(page, "#run-checkpoints", "★ best", 30)
     page.wait_for_selector("#run-sweep img")
