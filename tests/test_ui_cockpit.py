@@ -86,12 +86,12 @@ def test_compare_overlays_curves_and_lists_only_differing_settings():
     a.apply([ev.LossReported(step=1, epoch=1, loss=1.0, lr=1), ev.ValidationLoss(step=1, epoch=1, loss=2.0)])
     b.apply([ev.LossReported(step=1, epoch=1, loss=3.0, lr=1)])
     assert curve_rows({"a": a, "b": b}) == [
-        {"step": 1, "loss": 1.0, "series": "a loss"}, {"step": 1, "loss": 2.0, "series": "a validation"},
-        {"step": 1, "loss": 3.0, "series": "b loss"}]
+        {"step": 1, "loss": 1.0, "series": "#1 loss"}, {"step": 1, "loss": 2.0, "series": "#1 validation"},
+        {"step": 1, "loss": 3.0, "series": "#2 loss"}]
     diff = settings_diff({"a": {"training.learning_rate": 0.001, "model.output_name": "x", "samples.p": "1|2"},
                           "b": {"training.learning_rate": 0.0005, "model.output_name": "x"}})
     assert diff.splitlines() == [
-        "**2 settings differ:**", "", "| setting | `a` | `b` |", "|---|---|---|",
+        "**2 settings differ:**", "", "| setting | #1 `a` | #2 `b` |", "|---|---|---|",
         "| samples.p | `1\\|2` | – |", "| training.learning_rate | `0.001` | `0.0005` |"]
     assert settings_diff({"a": {"k": 1}, "b": {"k": 1}}) == "These runs were trained with the same settings."
 

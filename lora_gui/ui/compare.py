@@ -12,13 +12,19 @@ from lora_gui.worker.protocol import RunPaths
 MAX_DIFF_ROWS = 60
 
 
+def label(position: int) -> str:
+    """A run's short name in the comparison (run ids are too long for a chart legend)."""
+    return f"#{position}"
+
+
 def curve_rows(views: dict[str, Any]) -> list[dict[str, Any]]:
-    """Chart rows (step, loss, series) for ``{run_id: RunView}``: "<run> loss" (the smoothed
-    training loss) and "<run> validation" per run."""
+    """Chart rows (step, loss, series) for ``{run_id: RunView}`` in order: "#1 loss" (the
+    smoothed training loss) and "#1 validation" for the first run, and so on."""
     rows = []
-    for run_id, view in views.items():
-        rows += [{"step": s, "loss": v, "series": f"{run_id} loss"} for s, v in thin(view.smoothed)]
-        rows += [{"step": s, "loss": v, "series": f"{run_id} validation"}
+    for position, view in enumerate(views.values(), 1):
+        name = label(position)
+        rows += [{"step": s, "loss": v, "series": f"{name} loss"} for s, v in thin(view.smoothed)]
+        rows += [{"step": s, "loss": v, "series": f"{name} validation"}
                  for s, v in thin(view.validation)]
     return rows
 
@@ -62,7 +68,7 @@ def settings_diff(settings: dict[str, dict[str, Any]]) -> str:
         return "These runs were trained with the same settings."
     runs = list(settings)
     lines = [f"**{len(differing)} setting{'s' if len(differing) > 1 else ''} differ:**", "",
-             "| setting | " + " | ".join(f"`{r}`" for r in runs) + " |",
+             "| setting | " + " | ".join(f"{label(i)} `{r}`" for i, r in enumerate(runs, 1)) + " |",
              "|---|" + "---|" * len(runs)]
     for key in differing[:MAX_DIFF_ROWS]:
         cells = [_cell(settings[r][key]) if key in settings[r] else "–" for r in runs]

@@ -193,9 +193,10 @@ def compare_the_two_runs(page, server) -> None:
         page.locator("#compare-runs input").click()
         page.get_by_role("option", name=run_id, exact=True).click()
     page.locator("#compare-go").click()
-    text = wait_legend(page, "compare-plot", re.escape(runs[1]), 60)
-    assert f"{runs[0]} loss" in text and f"{runs[0]} validation" in text and f"{runs[1]} loss" in text
+    text = wait_legend(page, "compare-plot", "#2 loss", 60)
+    assert {"#1 loss", "#1 validation", "#2 loss"} <= set(text.split(" | ")), text
     diff = wait_text(page, "#compare-diff", "differ", 30)
+    assert f"#1 {runs[0]}" in diff and f"#2 {runs[1]}" in diff
     assert "training.learning_rate" in diff and "images.max_steps" in diff
     assert "samples.strength_sweep" in diff and "0.5, 1" in diff
     box(page, "compare-runs").press("Escape")
