@@ -62,3 +62,21 @@ def test_strength_sweep_setting_is_parsed_and_checked():
     for bad, words in (("0.5, strong", "'strong' is not a number"), ("0.5, 3", "3 is outside 0 to 2")):
         with pytest.raises(SettingsError, match=words):
             io.apply_overrides(doc, [f"samples.strength_sweep={bad}"])
+
+
+@pytest.mark.slow  # a 3-step LoHa run with samples: ~10 s
+def test_strength_sweep_scales_a_lycoris_network_too(demo, tmp_path):
+    """Strength 0 switches a LyCORIS network off as well (LoHa starts as no change, so the
+    untrained step-0 sample is the base model's)."""
+    settings = demo_settings(
+        demo, tmp_path / "out", "advanced.network_type=LoHa", "images.max_steps=3",
+        "samples.sample_every_n_steps=3", "samples.sample_prompts=demoshape, red circle",
+        "samples.strength_sweep=0, 1")
+    result, events = run(settings)
+    assert result.status == "finished", result.message
+    samples = of_type(events, ev.SampleReady)
+    regular = {e.step: e.path for e in samples if e.strength is None}
+    sweep = {e.strength: e.path for e in samples if e.strength is not None}
+    assert _pixels(sweep[0.0]) == _pixels(regular[0])
+    assert _pixels(sweep[1.0]) == _pixels(regular[3])
+    assert _pixels(sweep[0.0]) != _pixels(sweep[1.0])

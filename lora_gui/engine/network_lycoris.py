@@ -255,6 +255,10 @@ class LycorisNetwork:
     def unet_parameters(self) -> list[nn.Parameter]:
         return self._params(self.net.unet_loras)
 
+    def set_multiplier(self, multiplier: float) -> None:
+        """The network's output scale (a LoRA's "strength"), as ``LoraNetwork.set_multiplier``."""
+        self.net.set_multiplier(multiplier)
+
     def text_encoder_parameters(self) -> list[nn.Parameter]:
         return self._params(self.net.text_encoder_loras)
 
