@@ -49,6 +49,7 @@ def test_start_hands_the_run_to_the_warm_trainer_and_a_new_one_follows(warm_clie
     c = warm_client
     first = c._warm._proc
     assert first is not None and first.poll() is None
+    _wait(lambda: c._warm._is_ready(first), 60, "the warm trainer never said it is ready")
     run = c.start(sim_settings(tmp_path, "images.max_steps=3"))
     assert read_process(run.paths).pid == first.pid  # the warm process trains it: no new spawn
     assert c._warm._proc is None  # handed over: it can never get a second run
@@ -57,6 +58,7 @@ def test_start_hands_the_run_to_the_warm_trainer_and_a_new_one_follows(warm_clie
     assert first.wait(10) == 0  # it exits after its one run
     second = _wait(lambda: c._warm._proc, 10, "no new warm trainer after the run")
     assert second.pid != first.pid and second.poll() is None
+    _wait(lambda: c._warm._is_ready(second), 60, "the second warm trainer never said it is ready")
     run2 = c.start(sim_settings(tmp_path, "images.max_steps=2", "model.output_name=sim2"))
     assert read_process(run2.paths).pid == second.pid
     assert run2.wait(30).state is RunState.FINISHED
@@ -79,6 +81,17 @@ def test_a_dead_warm_trainer_falls_back_to_a_cold_start(warm_client, tmp_path):
     warm.wait(10)
     run = c.start(sim_settings(tmp_path, "images.max_steps=2"))
     assert read_process(run.paths).pid != warm.pid
+    assert run.wait(30).state is RunState.FINISHED
+
+
+def test_a_warm_trainer_still_importing_is_not_used(warm_client, tmp_path, monkeypatch):
+    """Until it has said it is ready it writes no heartbeat: Start ends it and spawns a cold one."""
+    c = warm_client
+    warm = c._warm._proc
+    monkeypatch.setattr(c._warm, "_is_ready", lambda proc: False)
+    run = c.start(sim_settings(tmp_path, "images.max_steps=2"))
+    assert read_process(run.paths).pid != warm.pid
+    assert warm.poll() is not None  # ended and reaped
     assert run.wait(30).state is RunState.FINISHED
 
 

@@ -86,6 +86,11 @@ class WarmTrainer:
             proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return None
+        if not self._is_ready(proc):
+            # Still importing: it would write no heartbeat until its imports end (on a busy machine
+            # longer than a run may stay silent), so a cold trainer (heartbeat first) starts instead.
+            _end(proc, wait_s=0)
+            return None
         try:
             assert proc.stdin is not None
             proc.stdin.write(f"{os.fspath(run_dir)}\n".encode())
@@ -94,6 +99,16 @@ class WarmTrainer:
             _end(proc)
             return None
         return proc
+
+    def _is_ready(self, proc: subprocess.Popen) -> bool:
+        """Whether ``proc`` has said in the log that its imports are done (no log: assume so)."""
+        if self.log_path is None:
+            return True
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+        return f"{WARM_READY} (pid {proc.pid})" in text
 
     def close(self, wait_s: float = 5.0) -> None:
         """End the idle warm process (end of file on its stdin, then SIGKILL) and reap it."""
@@ -107,10 +122,13 @@ def _end(proc: subprocess.Popen, wait_s: float = 5.0) -> None:
     try:
         if proc.stdin is not None and not proc.stdin.closed:
             proc.stdin.close()
-        proc.wait(timeout=wait_s)
+        if wait_s > 0:
+            proc.wait(timeout=wait_s)
+        else:
+            proc.kill()
     except (OSError, subprocess.TimeoutExpired):
         proc.kill()
-        proc.wait()
+    proc.wait()
 
 
 def wait_for_run(fd: int, parent: int, poll_s: float = 1.0) -> str | None:
