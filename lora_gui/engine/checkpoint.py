@@ -73,7 +73,7 @@ def save(t, stem: str, *, state: bool, final: bool = False,
     if path.exists() and path in t.files:  # saved at this very step already
         return path, (state_dir if state_dir.exists() else None)
     t.acc.wait_for_everyone()
-    tensors = t.network.state_dict_kohya(SAVE_DTYPES[m.save_precision])
+    tensors = t.family.lora_file_tensors(t.model, t.network, t.settings, SAVE_DTYPES[m.save_precision])
     if not all(torch.isfinite(v.float()).all() for v in tensors.values()):
         raise Diverged("The LoRA weights are no longer finite numbers (NaN/inf): the learning rate "
                        "is probably too high. Lower training.learning_rate; the last saved "

@@ -322,12 +322,21 @@ _CACHE_VERSION = 1
 _CACHE_SUFFIX = ".lora-latents.npz"
 
 
+def latent_normalise(vae: Any, latents):
+    """What the denoiser sees: (latents - shift) * scale, with the VAE's own shift (Flux's VAE has
+    one, 0.1159; SD's has none) and scaling factor."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
 def _vae_fingerprint(vae: Any) -> str:
     """Cheap identity of a VAE's weights (first and last parameter tensors + scaling factor)."""
     import hashlib
 
     params = list(vae.parameters())
     digest = hashlib.sha256(str(vae.config.scaling_factor).encode())
+    if getattr(vae.config, "shift_factor", None):
+        digest.update(str(vae.config.shift_factor).encode())
     for p in (params[0], params[-1]):
         digest.update(p.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -454,7 +463,7 @@ class LatentCache:
                     ]
                 )
                 latents = latents + dist.std * noise.to(latents.device, latents.dtype)
-            latents = (latents * self.vae.config.scaling_factor).float().cpu()
+            latents = latent_normalise(self.vae, latents).float().cpu()
         for request, latent in zip(requests, latents):
             self.memory[self._key(*request)] = latent.clone()
         self.encoded += len(requests)

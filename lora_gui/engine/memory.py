@@ -118,27 +118,20 @@ def unet_activation_bytes(family, model, spec, text, *, batch: int, width: int, 
     """Activations of one training step of ``model``'s U-Net with a LoRA of ``spec``, traced on a
     meta-device copy: ``text`` is one caption's conditioning (its shapes are used, batch-expanded).
     A LyCORIS network is traced as the LoRA of the same ranks (its activations are of that size)."""
-    from diffusers import UNet2DConditionModel
-
-    from lora_gui.engine.network import LoraNetwork, NetworkSpec
-
     unet = model.unet
     # the compute precision: that of the frozen weights not stored in fp8 (norms, biases)
     dtype = next(p.dtype for p in unet.parameters() if not p.requires_grad and p.element_size() > 1)
-    with torch.device("meta"):
-        meta_unet = UNet2DConditionModel.from_config(unet.config)
+    meta_unet = family.meta_denoiser(model)
     meta_unet.requires_grad_(False)
-    conv_alpha = getattr(spec, "conv_alpha", None)
-    LoraNetwork.apply(meta_unet, None, NetworkSpec(rank=spec.rank, alpha=spec.alpha, conv_rank=spec.conv_rank,
-                                                   conv_alpha=conv_alpha, train_text_encoder=False))
+    meta_model = family.with_unet(model, meta_unet)
+    family.meta_network(meta_model, spec)
     if dtype in (torch.float16, torch.bfloat16):
         meta_unet.to(dtype)
     as_meta = lambda t: torch.empty((batch, *t.shape[1:]), device="meta", dtype=t.dtype)  # noqa: E731
     text = tuple(map(as_meta, text)) if isinstance(text, tuple) else as_meta(text)
     extra = family.meta_extra(batch)
-    latents = torch.empty(batch, unet.config.in_channels, height // 8, width // 8, device="meta")
+    latents = torch.empty(batch, family.latent_channels(model), height // 8, width // 8, device="meta")
     timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
-    meta_model = family.with_unet(model, meta_unet)
 
     def call(_):
         return family.predict(meta_model, latents, timesteps, text, extra, meta_unet.dtype)

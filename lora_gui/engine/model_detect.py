@@ -44,6 +44,9 @@ def family_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str:
         return "lora"
     if any(k.startswith("conditioner.embedders.") for k in keys):
         return "sdxl"
+    if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.", "transformer_blocks."))
+           for k in keys) and any("single_blocks." in k or k.startswith("single_transformer_blocks.") for k in keys):
+        return "flux"  # FLUX.1's original layout (ComfyUI's flux1-dev.safetensors) or diffusers' names
     context = {shapes[k][-1] for k in keys if k.endswith("attn2.to_k.weight") and len(shapes[k]) >= 2}
     if 2048 in context or any(k.startswith("add_embedding.") or ".label_emb.0.0." in k for k in keys):
         return "sdxl" if 2048 in context else "unknown"
@@ -57,6 +60,9 @@ def family_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str:
 def folder_family(path: Path) -> str:
     """The family of a diffusers folder from its ``model_index.json`` and U-Net config."""
     index = read_json(path / "model_index.json")
+    if "Flux" in str(index.get("_class_name", "")) or (path / "transformer" / "config.json").is_file() and \
+            "Flux" in str(read_json(path / "transformer" / "config.json").get("_class_name", "")):
+        return "flux"
     if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
         return "sdxl"
     unet_cfg = read_json(path / "unet" / "config.json")

@@ -33,6 +33,7 @@ class SamplePrompt:
     seed: int | None = None
     cfg_scale: float = 7.0
     steps: int = 20
+    guidance: float | None = None  # --g: FLUX.1-dev's embedded guidance (kohya's syntax); other families ignore it
 
 
 class PromptLineError(ValueError):
@@ -66,8 +67,10 @@ def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt | None:
                 values["cfg_scale"] = float(raw)
             elif key == "s":
                 values["steps"] = max(1, int(raw))
+            elif key == "g":
+                values["guidance"] = float(raw)
             else:
-                raise PromptLineError(f"--{key} is not a sample option (use --n --w --h --d --l --s)")
+                raise PromptLineError(f"--{key} is not a sample option (use --n --w --h --d --l --s --g)")
         except ValueError as exc:
             if isinstance(exc, PromptLineError):
                 raise

@@ -167,7 +167,7 @@ def _build_network(t) -> None:
         tensors, _ = load_lora_file(m.lora_model_for_resume)
         try:
             check_file_type(spec, tensors, f"The file {m.lora_model_for_resume}")
-            t.network.load_state_dict_kohya(tensors)
+            t.network.load_state_dict_kohya(t.family.lora_from_file(t.model, t.network, tensors))
         except ValueError as exc:
             raise EngineError(f"model.lora_model_for_resume: {exc}") from None
         alphas = [float(v) for k, v in tensors.items() if k.endswith(".alpha") and "attn" in k]

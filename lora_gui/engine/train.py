@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from lora_gui import events as ev
 from lora_gui.dataset.summary import derive_seed
 from lora_gui.engine import checkpoint, evaluation, reporting, setup
+from lora_gui.engine.data import latent_normalise
 from lora_gui.engine.errors import Diverged, EngineError, explain
 from lora_gui.engine.families import family_for, stack_conditioning
 from lora_gui.engine.loader import make_loader
@@ -255,8 +256,8 @@ class Trainer:
         generator = torch.Generator().manual_seed(seed)
         latents = self._latents(batch)
         noise = self._noise(latents, generator)
-        timesteps = host_to(torch.randint(0, self.family.num_train_timesteps(self.model),
-                                          (latents.shape[0],), generator=generator), self.device)
+        timesteps = host_to(self.family.sample_timesteps(self.model, latents, generator, self.settings),
+                            self.device)
         return self._weighted_loss(latents, noise, timesteps, batch.captions, batch.is_reg,
                                    self.family.batch_conditioning(self.model, batch, self.device))
 
@@ -265,7 +266,7 @@ class Trainer:
             return host_to(batch.latents, self.device)
         with torch.no_grad():
             pixels = host_to(batch.pixels.to(torch.float32), self.device)
-            return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+            return latent_normalise(self.vae, self.vae.encode(pixels).latent_dist.mean)
 
     def _noise(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         adv = self.settings.advanced
@@ -286,6 +287,9 @@ class Trainer:
         weights = torch.where(host_to(is_reg, loss.device), adv.prior_loss_weight, 1.0)
         if adv.min_snr_gamma > 0:
             weights = weights * family.min_snr_weights(model, timesteps, adv.min_snr_gamma).to(loss.device)
+        scheme = family.loss_weights(model, timesteps, self.settings)
+        if scheme is not None:
+            weights = weights * scheme.to(loss.device)
         return (loss * weights).mean()
 
     def _encode(self, captions: list[str]):

@@ -55,9 +55,9 @@ class ModelSettings(Group):
     base_model: str = setting(
         "", "The Stable Diffusion 1.x, 2.x or SDXL model to train on: a local diffusers folder or a "
         "single .safetensors / .ckpt file. It is read offline; nothing is downloaded.", widget="file")
-    family: Literal["auto", "sd", "sdxl"] = setting(
+    family: Literal["auto", "sd", "sdxl", "flux"] = setting(
         "auto", "The base model's family: auto detects it from the weights; sd = SD 1.x/2.x, sdxl = "
-        "SDXL and its fine-tunes (Pony, Illustrious, NoobAI-XL). A model that is not of the chosen "
+        "SDXL and its fine-tunes (Pony, Illustrious, NoobAI-XL), flux = FLUX.1 dev or schnell. A model that is not of the chosen "
         "family is refused with a sentence saying what it is.", widget="dropdown", label="Model family")
     v2: bool = setting(
         False, "The base model is SD 2.x (OpenCLIP text encoder, 1024-wide cross-attention). "
@@ -71,6 +71,23 @@ class ModelSettings(Group):
         "", "Optional path to a replacement VAE (diffusers folder or single file) used to encode "
         "images and decode samples instead of the base model's VAE. Empty = the base model's VAE.",
         widget="file", advanced=True, label="Replacement VAE")
+    ae: str = setting(
+        "", "FLUX.1's autoencoder file (ae.safetensors) when the base model is a single transformer file; "
+        "empty = ae.safetensors beside it, or the folder's own VAE. Flux only.", widget="file",
+        label="Flux AE (VAE)", family="flux")
+    clip_l: str = setting(
+        "", "The CLIP-L text encoder file (clip_l.safetensors) for a single-file FLUX.1 transformer; empty = "
+        "clip_l.safetensors beside it, or the folder's own. Flux only.", widget="file", label="CLIP-L",
+        family="flux")
+    t5xxl: str = setting(
+        "", "The T5-XXL text encoder file (t5xxl_fp16.safetensors or an fp8 one) for a single-file FLUX.1 "
+        "transformer; empty = t5xxl*.safetensors beside it, or the folder's own. Flux only.", widget="file",
+        label="T5-XXL", family="flux")
+    flux_lora_format: Literal["kohya", "diffusers"] = setting(
+        "kohya", "How a Flux LoRA file names its weights: kohya = sd-scripts' lora_unet_double_blocks_N_img_attn_qkv "
+        "(fused q/k/v; ComfyUI, Forge, diffusers load it), diffusers = transformer.transformer_blocks.N.attn.to_q "
+        "lora_A/lora_B (diffusers, ai-toolkit style). Flux only.", widget="dropdown", label="Flux LoRA format",
+        family="flux")
     img_folder: str = setting(
         "", "Training images: a parent folder of 'N_name' subfolders (N = repeats, the rest = class "
         "tokens, e.g. 10_mychar), or one folder of images that then uses the Repeats setting.",
@@ -467,6 +484,48 @@ class AdvancedSettings(Group):
         False, "Store the frozen U-Net's weights in 8-bit floats and compute in the mixed precision "
         "(layer by layer): halves the U-Net's memory (SDXL: 5 GB -> 2.6 GB) at a small quality cost. "
         "The LoRA stays 32-bit.", widget="checkbox", label="fp8 U-Net storage")
+    timestep_sampling: Literal["sigma", "uniform", "sigmoid", "logit_normal", "shift", "flux_shift"] = setting(
+        "shift", "How Flux timesteps are drawn (sd-scripts' names): sigma = from the scheduler's shifted sigmas "
+        "with the weighting scheme's density; uniform; sigmoid = sigmoid(sigmoid_scale * N(0,1)); logit_normal = "
+        "sigmoid(N(logit_mean, logit_std)); shift = sigmoid sampling shifted by discrete_flow_shift; flux_shift = "
+        "shifted by the image's resolution as Flux samples. Flux only.", widget="dropdown", family="flux")
+    discrete_flow_shift: float = setting(
+        3.1582, "The flow shift s for timestep_sampling shift and sigma: t' = s t / (1 + (s - 1) t). sd-scripts' "
+        "recommended Flux value 3.1582. Flux only.", widget="number", gt=0, le=100, step=0.1, family="flux")
+    sigmoid_scale: float = setting(
+        1.0, "Scale of the normal draw for sigmoid/shift/flux_shift sampling (larger = more uniform). Flux only.",
+        widget="number", gt=0, le=100, step=0.1, family="flux")
+    model_prediction_type: Literal["raw", "additive", "sigma_scaled"] = setting(
+        "raw", "How the Flux prediction is read (sd-scripts' names): raw = the velocity, compared with noise - "
+        "latents; additive = prediction + noisy input; sigma_scaled = noisy - sigma * prediction, an estimate of "
+        "the clean latents compared with them (SD3's preconditioning). Flux only.", widget="dropdown",
+        family="flux")
+    weighting_scheme: Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"] = setting(
+        "none", "diffusers' SD3/Flux schemes: logit_normal and mode shape the density of timestep_sampling sigma; "
+        "sigma_sqrt and cosmap weight the loss per sample. Flux only.", widget="dropdown", family="flux")
+    logit_mean: float = setting(0.0, "Mean of the logit-normal draw. Flux only.", widget="number", ge=-10, le=10,
+                                step=0.1, family="flux")
+    logit_std: float = setting(1.0, "Standard deviation of the logit-normal draw. Flux only.", widget="number",
+                               gt=0, le=10, step=0.1, family="flux")
+    mode_scale: float = setting(1.29, "Scale of the mode weighting scheme. Flux only.", widget="number", ge=0,
+                                le=10, step=0.01, family="flux")
+    guidance_scale: float = setting(
+        1.0, "The guidance value FLUX.1-dev's guidance embedding gets while training (sd-scripts recommends 1.0 "
+        "for LoRAs; schnell has no guidance embedding and ignores it). Flux only.", widget="number", ge=0, le=100,
+        step=0.1, family="flux")
+    t5xxl_max_token_length: int = setting(
+        0, "T5-XXL tokens per caption; 0 = the model's own (512 for dev, 256 for schnell). Flux only.",
+        widget="number", ge=0, le=512, family="flux")
+    flux_train_blocks: Literal["all", "double", "single"] = setting(
+        "all", "Which Flux blocks get the LoRA (sd-scripts' train_blocks). Flux only.", widget="dropdown",
+        family="flux")
+    flux_block_indices: str = setting(
+        "", "Train only these blocks, e.g. 'double:0-9 single:10,12' (empty = every block of flux_train_blocks). "
+        "Flux only.", widget="text", family="flux")
+    flux_train_modulation: bool = setting(
+        True, "Also put the LoRA on the blocks' modulation linears (img_mod, txt_mod, modulation), as sd-scripts' "
+        "lora_flux does by default (304 modules on Flux-dev; 228 without). Flux only.", widget="checkbox",
+        family="flux")
     attention: Literal["sdpa", "xformers"] = setting(
         "sdpa", "Attention kernel: sdpa (PyTorch's scaled-dot-product attention) or xformers if it "
         "is installed. Same result, different speed and memory.", widget="dropdown")

@@ -11,11 +11,13 @@ from lora_gui.engine.families.base import (
     split_conditioning,
     stack_conditioning,
 )
+from lora_gui.engine.families.flux import Flux
 from lora_gui.engine.families.sd import StableDiffusion
 from lora_gui.engine.families.sdxl import StableDiffusionXL
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (StableDiffusion(), StableDiffusionXL())}
-_DETECTED = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl"}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (StableDiffusion(), StableDiffusionXL(),
+                                                                        Flux())}
+_DETECTED = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "flux": "flux"}
 
 
 def detect_family(base_model: str) -> str | None:

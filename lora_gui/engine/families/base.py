@@ -84,6 +84,17 @@ class ModelFamily(ABC):
     def num_train_timesteps(self, model) -> int:
         """Timesteps are drawn from range(num_train_timesteps)."""
 
+    def sample_timesteps(self, model, latents: torch.Tensor, generator: torch.Generator,
+                         settings: TrainingSettings) -> torch.Tensor:
+        """One training timestep per sample (on the CPU, drawn from ``generator``): uniform over
+        range(num_train_timesteps) here; flow-matching families draw a shifted sigma."""
+        return torch.randint(0, self.num_train_timesteps(model), (latents.shape[0],), generator=generator)
+
+    def loss_weights(self, model, timesteps: torch.Tensor, settings: TrainingSettings) -> torch.Tensor | None:
+        """Per-sample loss weights of the family's own weighting scheme (None: none; Min-SNR is
+        the loop's, for the families that have an SNR)."""
+        return None
+
     @abstractmethod
     def add_noise(self, model, latents: torch.Tensor, noise: torch.Tensor,
                   timesteps: torch.Tensor) -> torch.Tensor:
@@ -108,6 +119,35 @@ class ModelFamily(ABC):
     @abstractmethod
     def apply_network(self, model, spec: NetworkSpec) -> LoraNetwork:
         """Inject the LoRA into the family's targets, named as the family's LoRA files name them."""
+
+    def lora_file_tensors(self, model, network: LoraNetwork, settings: TrainingSettings,
+                          dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The tensors of the LoRA file as the family's tools name them (kohya's keys here)."""
+        return network.state_dict_kohya(dtype)
+
+    def lora_from_file(self, model, network: LoraNetwork, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A LoRA file's tensors in the names ``network.load_state_dict_kohya`` reads."""
+        return tensors
+
+    def meta_denoiser(self, model) -> torch.nn.Module:
+        """A meta-device copy of the denoiser (the memory estimate traces it)."""
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(model.unet.config)
+
+    def meta_network(self, meta_model, spec) -> None:
+        """Put the run's network (its ranks) on ``meta_denoiser``'s copy, for the estimate's trace;
+        a LyCORIS network is traced as the LoRA of the same ranks (its activations are of that size)."""
+        from lora_gui.engine.network import LoraNetwork, NetworkSpec
+
+        LoraNetwork.apply(meta_model.unet, None, NetworkSpec(
+            rank=spec.rank, alpha=spec.alpha, conv_rank=spec.conv_rank, conv_alpha=getattr(spec, "conv_alpha", None),
+            train_text_encoder=False))
+
+    def latent_channels(self, model) -> int:
+        """Channels of the latents ``predict`` takes."""
+        return model.unet.config.in_channels
 
     # --- samples and metadata --------------------------------------------------------------------
 
