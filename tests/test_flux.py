@@ -216,3 +216,160 @@ def test_kohya_flux_file_merged_into_the_original_layout_equals_the_trained_mode
     assert len(effective) == TINY_PEFT_LAYERS
     for name, weight in effective.items():
         assert torch.allclose(merged[name.replace(".base_layer", "")], weight, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_same_seed_is_bit_identical_and_separate_files_equal_the_folder(fx, tmp_path):
+    runs = []
+    for name, base in (("a", fx.model_dir), ("b", fx.model_dir), ("c", fx.single_file)):
+        result, _ = train(flux_settings(fx, tmp_path / name, "images.max_steps=3", "images.cache_latents=false",
+                                        "images.random_crop=true", base=base))
+        assert result.status == "finished", result.message
+        runs.append((load_file(str(result.output_path)), result.losses))
+    for other, losses in runs[1:]:
+        assert runs[0][1] == losses
+        assert runs[0][0].keys() == other.keys() and all(torch.equal(runs[0][0][k], other[k]) for k in other)
+    result, _ = train(flux_settings(fx, tmp_path / "d", "images.max_steps=3", "training.seed=7"))
+    different = load_file(str(result.output_path))
+    assert any(not torch.equal(runs[0][0][k], different[k]) for k in different if k.endswith("up.weight"))
+
+
+@pytest.mark.slow
+def test_stop_and_resume_is_bit_identical(fx, tmp_path, monkeypatch):
+    from lora_gui.engine import reporting
+
+    monkeypatch.setattr(reporting, "REPORT_INTERVAL_S", 0.0)
+    common = ["images.max_steps=6", "training.batch_size=2", "model.save_state=true", "images.flip_aug=true"]
+    full, full_events = train(flux_settings(fx, tmp_path / "full", *common))
+    assert full.status == "finished", full.message
+    commands = ev.CommandQueue()
+    events: list[ev.Event] = []
+
+    def record(event):
+        events.append(event)
+        if isinstance(event, ev.LossReported) and event.step == 3:
+            commands.put(ev.Stop())
+
+    out = tmp_path / "resumed"
+    first = run_training(flux_settings(fx, out, *common), record, commands)
+    assert first.status == "stopped" and first.step == 3
+    second, second_events = train(flux_settings(fx, out, *common, f"model.load_previous_save_state={first.state_dir}"))
+    assert second.status == "finished", second.message
+    full_losses = [(e.step, e.loss) for e in full_events if isinstance(e, ev.LossReported)]
+    after = [(e.step, e.loss) for e in second_events if isinstance(e, ev.LossReported)]
+    assert after == full_losses[3:]
+    a, b = load_file(str(full.output_path)), load_file(str(second.output_path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_the_loss_falls_and_the_validation_loss_with_it(fx, tmp_path):
+    s = flux_settings(fx, tmp_path, "images.max_steps=40", "training.learning_rate=0.005", "training.batch_size=4",
+                      "training.validation_split=0.2", "training.validation_every_n_steps=10", "training.network_dim=8",
+                      "training.network_alpha=8", "advanced.timestep_sampling=sigmoid")
+    result, _ = train(s)
+    assert result.status == "finished", result.message
+    n = 8
+    assert np.mean(result.losses[-n:]) < np.mean(result.losses[:n])
+    validation = [v for _, v in result.validation_losses]
+    assert len(validation) >= 4 and validation[-1] < validation[0]
+
+
+# --- sd-scripts' module counts on FLUX.1-dev's shapes (meta device) ---------------------------------
+
+
+def _meta_flux_network(**adv):
+    from types import SimpleNamespace
+
+    from diffusers import FluxTransformer2DModel
+
+    from lora_gui.engine.families.flux import Flux, FluxModel
+    from lora_gui.engine.network import NetworkSpec
+
+    options = SimpleNamespace(**{"flux_train_blocks": "all", "flux_train_modulation": True,
+                                 "flux_block_indices": "", **adv})
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(str(FLUX_DEV / "transformer")))
+    model = FluxModel(*[None] * 4, transformer, None, None, variant="dev", lora_options=options)
+    return Flux().apply_network(model, NetworkSpec(rank=16, alpha=16, train_text_encoder=False))
+
+
+def _sd_scripts_names(double=range(19), single=range(38), modulation=True) -> set[str]:
+    """The names sd-scripts' lora_flux gives every Linear of DoubleStreamBlock / SingleStreamBlock
+    (prefix lora_unet, module path with dots as underscores)."""
+    double_linears = ["img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2", "txt_attn_qkv", "txt_attn_proj",
+                      "txt_mlp_0", "txt_mlp_2"] + (["img_mod_lin", "txt_mod_lin"] if modulation else [])
+    single_linears = ["linear1", "linear2"] + (["modulation_lin"] if modulation else [])
+    return ({f"lora_unet_double_blocks_{i}_{n}" for i in double for n in double_linears}
+            | {f"lora_unet_single_blocks_{i}_{n}" for i in single for n in single_linears})
+
+
+@pytest.mark.parametrize("adv,count,expected", [
+    ({}, 304, _sd_scripts_names()),  # 19 x 10 + 38 x 3
+    ({"flux_train_modulation": False}, 228, _sd_scripts_names(modulation=False)),  # 19 x 8 + 38 x 2
+    ({"flux_train_blocks": "single"}, 114, _sd_scripts_names(double=())),
+    ({"flux_train_blocks": "double"}, 190, _sd_scripts_names(single=())),
+    ({"flux_block_indices": "double:0-9 single:10,12"}, 106,
+     _sd_scripts_names(double=range(10), single=(10, 12))),  # 10 x 10 + 2 x 3
+])
+def test_flux_dev_lora_modules_are_sd_scripts_lora_flux(adv, count, expected):
+    from lora_gui.engine.families.flux_lora import kohya_module
+
+    network = _meta_flux_network(**adv)
+    names = {kohya_module(orig) for orig in network.flux_modules}
+    assert len(names) == count and names == expected
+    # in memory: q, k, v (and linear1's mlp part) are separate diffusers linears
+    fused = sum(len(parts) for parts in network.flux_modules.values())
+    assert len(network.module_names()["unet"]) == fused
+
+
+# --- refusals and detection ---------------------------------------------------------------------------
+
+
+def _refusal(fx, out, *extra, base=None):
+    result, _ = train(flux_settings(fx, out, "images.max_steps=1", *extra, base=base))
+    assert result.status == "failed"
+    return result.message
+
+
+@pytest.mark.slow
+def test_sd_only_settings_and_other_flux_files_are_refused_with_a_sentence(fx, tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_gui.engine.families import detect_family
+
+    assert detect_family(str(fx.model_dir)) == "flux" and detect_family(str(fx.single_file)) == "flux"
+    for setting, words in (("advanced.noise_offset=0.05", "advanced.noise_offset does not apply to Flux"),
+                           ("advanced.min_snr_gamma=5", "advanced.min_snr_gamma does not apply to Flux"),
+                           ("model.v_parameterization=true", "model.v_parameterization does not apply to Flux"),
+                           ("training.clip_skip=2", "training.clip_skip does not apply to Flux")):
+        assert words in _refusal(fx, tmp_path / setting.split("=")[0], setting)
+    state = load_file(str(fx.single_file))
+    fill = dict(state, **{"img_in.weight": torch.zeros(state["img_in.weight"].shape[0], 384)})
+    save_file(fill, str(tmp_path / "flux1-fill-dev.safetensors"))
+    assert "is FLUX.1 Fill" in _refusal(fx, tmp_path / "o1", base=tmp_path / "flux1-fill-dev.safetensors")
+    save_file(state, str(tmp_path / "flux1-kontext-dev.safetensors"))
+    assert "is FLUX.1 Kontext" in _refusal(fx, tmp_path / "o2", base=tmp_path / "flux1-kontext-dev.safetensors")
+    msg = _refusal(fx, tmp_path / "o3", "model.ae=/nonexistent/ae.safetensors", base=fx.single_file)
+    assert "model.ae: /nonexistent/ae.safetensors does not exist" in msg
+
+
+def test_dev_and_schnell_are_told_apart_by_the_guidance_embedding():
+    from lora_gui.engine.families.flux_load import SHIPPED, _expected_shapes, select_config, variant_of
+
+    dev, schnell = _expected_shapes(str(SHIPPED["dev"])), _expected_shapes(str(SHIPPED["schnell"]))
+    assert variant_of(dev) == "dev" and variant_of(schnell) == "schnell"
+    assert "guidance_in.in_layer.weight" in dev and dev["double_blocks.18.img_attn.qkv.weight"] == (9216, 3072)
+    assert dev["single_blocks.37.linear1.weight"] == (21504, 3072)  # 3 x 3072 + 12288
+    assert select_config(SHIPPED["dev"] / "model.safetensors", schnell) == SHIPPED["schnell"]
+
+
+@pytest.mark.slow
+def test_fp8_stored_flux_base_trains_on_the_cpu(fx, tmp_path):
+    s = flux_settings(fx, tmp_path, "images.max_steps=2", "advanced.fp8_base=true")
+    trainer = Trainer(s, lambda e: None, ev.CommandQueue())
+    result = trainer.run()
+    assert result.status == "finished", result.message
+    frozen = [p for n, p in trainer.unet.named_parameters() if n.endswith("to_q.base_layer.weight")]
+    assert frozen and all(p.dtype == torch.float8_e4m3fn for p in frozen)
+    assert all(np.isfinite(result.losses))
