@@ -373,3 +373,19 @@ def test_fp8_stored_flux_base_trains_on_the_cpu(fx, tmp_path):
     frozen = [p for n, p in trainer.unet.named_parameters() if n.endswith("to_q.base_layer.weight")]
     assert frozen and all(p.dtype == torch.float8_e4m3fn for p in frozen)
     assert all(np.isfinite(result.losses))
+
+
+@pytest.mark.slow
+def test_nf4_quantized_flux_base_trains_on_the_cpu(fx, tmp_path):
+    import bitsandbytes as bnb
+
+    s = flux_settings(fx, tmp_path, "images.max_steps=2", "advanced.nf4_base=true")
+    events: list[ev.Event] = []
+    trainer = Trainer(s, events.append, ev.CommandQueue())
+    result = trainer.run()
+    assert result.status == "finished", result.message
+    quantized = [m for m in trainer.unet.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) >= TINY_PEFT_LAYERS  # every LoRA target's base, and the embedders
+    assert all(m.weight.dtype == torch.uint8 for m in quantized)
+    assert any(isinstance(e, ev.Log) and "4-bit NF4" in e.message for e in events)
+    assert all(np.isfinite(result.losses)) and len(load_file(str(result.output_path))) == 3 * TINY_KOHYA_MODULES

@@ -94,8 +94,12 @@ def _load_model(t) -> None:
     if t.weight_dtype != torch.float32:  # frozen weights in 16 bits on the GPU; LoRA stays fp32
         for module in (t.unet, *t.text_encoders):
             module.to(dtype=t.weight_dtype)
+    if t.settings.advanced.fp8_base and t.settings.advanced.nf4_base:
+        raise EngineError("advanced.fp8_base and advanced.nf4_base both store the base smaller: choose one.")
     if t.settings.advanced.fp8_base:
         _fp8_unet(t)
+    if t.settings.advanced.nf4_base:
+        _nf4_unet(t)
     if t.settings.advanced.attention == "xformers":
         try:
             t.unet.enable_xformers_memory_efficient_attention()
@@ -117,6 +121,19 @@ def _fp8_unet(t) -> None:
     if t.device.type == "cpu":
         t.log("fp8 U-Net storage on the CPU saves memory but not time: every layer is cast back to "
               "float32 to compute.", "warning")
+
+
+def _nf4_unet(t) -> None:
+    """4-bit NF4 storage of the frozen denoiser's linears (``engine.nf4``)."""
+    from lora_gui.engine.nf4 import store_in_nf4
+
+    try:
+        count = store_in_nf4(t.unet, t.weight_dtype, t.device)
+    except (ImportError, RuntimeError, ValueError) as exc:  # no bitsandbytes, or no kernel for this device
+        raise EngineError(f"advanced.nf4_base: this machine cannot store the base in 4 bits ({exc}); turn NF4 "
+                          "storage off or use fp8 storage.") from None
+    t.log(f"Stored {count} linear layers of the base in 4-bit NF4" + (
+        " (on the CPU bitsandbytes computes with its slow reference kernels)" if t.device.type == "cpu" else ""))
 
 
 def _load_data(t) -> None:
