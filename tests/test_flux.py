@@ -15,7 +15,15 @@ from safetensors.torch import load_file
 
 from lora_gui import events as ev
 from lora_gui.engine.families.flux_objective import (
-    image_ids, pack, resolution_mu, sample_sigmas, shift_sigma, time_shift, training_sigmas, unpack)
+    image_ids,
+    pack,
+    resolution_mu,
+    sample_sigmas,
+    shift_sigma,
+    time_shift,
+    training_sigmas,
+    unpack,
+)
 from lora_gui.engine.train import Trainer, run_training
 from lora_gui.settings import io
 
