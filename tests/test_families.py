@@ -20,10 +20,11 @@ ENGINE = Path(train_module.__file__).parent
 FAMILY_AGNOSTIC = ("train.py", "setup.py", "checkpoint.py", "evaluation.py", "reporting.py", "loader.py")
 
 
-def test_the_registry_knows_sd_and_sdxl_and_picks_by_setting():
-    assert list(FAMILIES) == ["sd", "sdxl"] and isinstance(FAMILIES["sd"], StableDiffusion)
+def test_the_registry_knows_sd_sdxl_and_flux_and_picks_by_setting():
+    assert list(FAMILIES) == ["sd", "sdxl", "flux"] and isinstance(FAMILIES["sd"], StableDiffusion)
     assert family_for(io.load_preset("demo-tiny-cpu")) is FAMILIES["sd"]
     assert family_for(io.load_preset("demo-tiny-sdxl-cpu")) is FAMILIES["sdxl"]  # family: sdxl
+    assert family_for(io.load_preset("demo-tiny-flux-cpu")) is FAMILIES["flux"]  # family: flux
 
 
 def test_auto_detects_the_family_from_the_weights(demo, tmp_path_factory):

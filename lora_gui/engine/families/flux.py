@@ -116,6 +116,9 @@ class Flux(ModelFamily):
         with torch.device("meta"):
             return FluxTransformer2DModel.from_config(model.unet.config)
 
+    def meta_network(self, meta_model, spec) -> None:
+        self.apply_network(meta_model, dataclasses.replace(spec, train_unet=True, train_text_encoder=False))
+
     def latent_channels(self, model) -> int:
         return model.vae.config.latent_channels
 
@@ -169,6 +172,11 @@ class Flux(ModelFamily):
         from lora_gui.engine.families.flux_lora import memory_name, modules_for
         from lora_gui.engine.network import ADAPTER_NAME, LoraNetwork, _inject, _Target
 
+        from lora_gui.engine.network import NetworkSpec
+
+        if not isinstance(spec, NetworkSpec):
+            raise ValueError("advanced.network_type: Flux trains kohya's LoRA here (sd-scripts' lora_flux targets); "
+                             "choose LoRA.")
         if spec.train_text_encoder:
             raise ValueError("Flux LoRAs train the transformer only here: turn text-encoder training off "
                              "(training.text_encoder_lr = 0 or the U-Net-only setting).")
