@@ -397,3 +397,17 @@ def test_nf4_quantized_flux_base_trains_on_the_cpu(fx, tmp_path):
     assert all(m.weight.dtype == torch.uint8 for m in quantized)
     assert any(isinstance(e, ev.Log) and "4-bit NF4" in e.message for e in events)
     assert all(np.isfinite(result.losses)) and len(load_file(str(result.output_path))) == 3 * TINY_KOHYA_MODULES
+
+
+def test_flux_presets_load_and_say_what_they_are_for():
+    from lora_gui.dataset.memory import guess_family
+
+    presets = {name: io.load_preset(name) for name in
+               ("demo-tiny-flux-cpu", "flux-dev-character-24gb", "flux-dev-16gb", "flux-schnell")}
+    assert all(s.model.family == "flux" and not s.train_text_encoder for s in presets.values())
+    assert presets["flux-dev-character-24gb"].advanced.fp8_base and presets["flux-dev-16gb"].advanced.nf4_base
+    assert presets["flux-dev-16gb"].images.resolution == "768"
+    assert presets["flux-schnell"].samples.sample_steps == 4
+    assert presets["flux-schnell"].advanced.t5xxl_max_token_length == 256
+    assert all(presets[n].advanced.guidance_scale == 1.0 for n in ("flux-dev-character-24gb", "flux-dev-16gb"))
+    assert guess_family(str(FLUX_DEV)) == "flux"

@@ -97,12 +97,14 @@ FOOTPRINTS = {
 
 
 def guess_family(base_model: str) -> str | None:
-    """"sd" or "sdxl" from a diffusers folder's ``model_index.json`` or a safetensors file's header
+    """"sd", "sdxl" or "flux" from a diffusers folder's ``model_index.json`` or a safetensors file's header
     (JSON, read without torch); None when it cannot be told this cheaply (a .ckpt, a missing path)."""
     path = Path(base_model.strip()).expanduser()
     try:
         if path.is_dir():
             index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+            if "Flux" in str(index.get("_class_name", "")):
+                return "flux"
             return "sdxl" if "text_encoder_2" in index else "sd"
         if path.is_file() and path.suffix.lower() in (".safetensors", ".sft"):
             with open(path, "rb") as f:
@@ -110,6 +112,8 @@ def guess_family(base_model: str) -> str | None:
                 keys = json.loads(f.read(min(size, 100_000_000)).decode("utf-8")) if size < 2**27 else {}
             if any(k.startswith("conditioner.embedders.") for k in keys):
                 return "sdxl"
+            if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
+                return "flux"
             if any(k.startswith(("model.diffusion_model.", "cond_stage_model.")) for k in keys):
                 return "sd"
     except (OSError, ValueError):
@@ -126,7 +130,7 @@ def preview_estimate(settings, largest_bucket: tuple[int, int]) -> MemoryEstimat
     """The page's estimate for the form's settings (None when the family cannot be told)."""
     m, tr, adv = settings.model, settings.training, settings.advanced
     family = effective_family(m.family, m.base_model)
-    if family is None:
+    if family is None or family == "flux":  # no Flux footprint yet: the run logs its traced estimate
         return None
     fp = FOOTPRINTS["sdxl" if family == "sdxl" else ("sd2" if m.v2 else "sd1")]
     lab = settings.labels

@@ -170,9 +170,7 @@ class Flux(ModelFamily):
 
     def apply_network(self, model, spec):
         from lora_gui.engine.families.flux_lora import memory_name, modules_for
-        from lora_gui.engine.network import ADAPTER_NAME, LoraNetwork, _inject, _Target
-
-        from lora_gui.engine.network import NetworkSpec
+        from lora_gui.engine.network import ADAPTER_NAME, LoraNetwork, NetworkSpec, _inject, _Target
 
         if not isinstance(spec, NetworkSpec):
             raise ValueError("advanced.network_type: Flux trains kohya's LoRA here (sd-scripts' lora_flux targets); "
