@@ -101,7 +101,8 @@ def test_timestep_sampling_draws_as_sd_scripts_names_them():
 
 
 def test_noise_and_target_are_rectified_flow():
-    from lora_gui.engine.families.flux import Flux, FluxModel
+    from lora_gui.engine.families.flux import Flux
+    from lora_gui.engine.families.flux_load import FluxModel
 
     model = FluxModel(*[None] * 7, variant="dev")
     latents, noise = torch.ones(2, 16, 2, 2), torch.full((2, 16, 2, 2), 3.0)
@@ -291,7 +292,8 @@ def _meta_flux_network(**adv):
 
     from diffusers import FluxTransformer2DModel
 
-    from lora_gui.engine.families.flux import Flux, FluxModel
+    from lora_gui.engine.families.flux import Flux
+    from lora_gui.engine.families.flux_load import FluxModel
     from lora_gui.engine.network import NetworkSpec
 
     options = SimpleNamespace(**{"flux_train_blocks": "all", "flux_train_modulation": True,

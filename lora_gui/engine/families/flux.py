@@ -11,13 +11,12 @@ clip skip, SD 2.x) are refused with a sentence.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lora_gui.engine.families.base import ModelFamily
-from lora_gui.engine.families.flux_load import load_flux
+from lora_gui.engine.families.flux_load import VERSION, load_flux
 from lora_gui.engine.families.flux_lora import parse_block_indices
 from lora_gui.engine.families.flux_objective import (
     image_ids,
@@ -30,27 +29,8 @@ from lora_gui.engine.families.flux_objective import (
 from lora_gui.engine.model_files import ModelLoadError
 
 ARCHITECTURES = {"dev": "flux-1-dev/lora", "schnell": "flux-1-schnell/lora"}  # ModelSpec 1.0.1
-VERSION = "flux1"  # sd-scripts' ss_base_model_version for Flux.1 LoRAs
 DEFAULT_T5_TOKENS = {"dev": 512, "schnell": 256}
 DEFAULT_SAMPLE_GUIDANCE = 3.5
-
-
-@dataclass
-class FluxModel:
-    tokenizer: object
-    tokenizer_2: object
-    text_encoder: torch.nn.Module
-    text_encoder_2: torch.nn.Module
-    unet: torch.nn.Module  # the FluxTransformer2DModel (the seam's name for the denoiser)
-    vae: torch.nn.Module
-    noise_scheduler: object
-    variant: str  # dev | schnell
-    guidance_scale: float = 1.0
-    prediction_type: str = "raw"
-    lora_options: object = None  # settings.advanced: which blocks and linears the LoRA trains
-    notes: list[str] = field(default_factory=list)
-    config_dir: Path | None = None
-    version: str = VERSION
 
 
 def refuse_sd_settings(settings) -> None:

@@ -7,6 +7,7 @@ Depth/Canny, Kontext and Chroma files get a sentence naming what they are."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from lora_gui.engine.model_files import ModelLoadError, read_json, read_state_di
 
 SHIPPED = {"dev": CONFIGS_DIR / "flux-dev", "schnell": CONFIGS_DIR / "flux-schnell"}
 _PREFIX = "model.diffusion_model."
+VERSION = "flux1"  # sd-scripts' ss_base_model_version for Flux.1 LoRAs
 _PIPELINES = {"FluxFillPipeline": "FLUX.1 Fill (an inpainting/outpainting model)",
               "FluxKontextPipeline": "FLUX.1 Kontext (an image-editing model)",
               "FluxControlPipeline": "FLUX.1 Depth or Canny (a structure-conditioned model)"}
@@ -56,6 +58,24 @@ def _refuse(path: Path, kind: str | None) -> None:
     if kind:
         raise ModelLoadError(f"{path} is {kind}, which cannot be trained here: choose FLUX.1 dev or schnell "
                              "(or a fine-tune of them).")
+
+
+@dataclass
+class FluxModel:
+    tokenizer: object
+    tokenizer_2: object
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+    unet: torch.nn.Module  # the FluxTransformer2DModel (the seam's name for the denoiser)
+    vae: torch.nn.Module
+    noise_scheduler: object
+    variant: str  # dev | schnell
+    guidance_scale: float = 1.0
+    prediction_type: str = "raw"
+    lora_options: object = None  # settings.advanced: which blocks and linears the LoRA trains
+    notes: list[str] = field(default_factory=list)
+    config_dir: Path | None = None
+    version: str = VERSION
 
 
 # --- configs for separate files --------------------------------------------------------------------
@@ -226,8 +246,6 @@ def load_flux(settings):
 
 def _load_flux(settings):
     from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from lora_gui.engine.families.flux import FluxModel
 
     m = settings.model
     path = Path(m.base_model).expanduser()
