@@ -413,3 +413,16 @@ def test_flux_presets_load_and_say_what_they_are_for():
     assert presets["flux-schnell"].advanced.t5xxl_max_token_length == 256
     assert all(presets[n].advanced.guidance_scale == 1.0 for n in ("flux-dev-character-24gb", "flux-dev-16gb"))
     assert guess_family(str(FLUX_DEV)) == "flux"
+
+
+def test_a_kohya_ss_flux_config_imports_with_sd_scripts_names():
+    from lora_gui.settings.foreign import import_foreign
+
+    doc = {"flux1_checkbox": True, "sdxl": False, "ae": "/m/ae.safetensors", "clip_l": "/m/clip_l.safetensors",
+           "t5xxl": "/m/t5xxl_fp16.safetensors", "timestep_sampling": "shift", "discrete_flow_shift": 3.1582,
+           "model_prediction_type": "raw", "guidance_scale": 1.0, "t5xxl_max_token_len": 512, "train_blocks": "single"}
+    out = import_foreign(doc)
+    model, adv = out.document["model"], out.document["advanced"]
+    assert model["family"] == "flux" and model["ae"] == "/m/ae.safetensors" and model["t5xxl"].endswith("fp16.safetensors")
+    assert (adv["timestep_sampling"], adv["discrete_flow_shift"], adv["model_prediction_type"]) == ("shift", 3.1582, "raw")
+    assert adv["t5xxl_max_token_length"] == 512 and adv["flux_train_blocks"] == "single"

@@ -31,7 +31,8 @@ ALIASES: dict[str, str] = {
     "persistent_data_loader_workers": "persistent_workers", "shuffle_captions": "shuffle_caption",
     "max_clip_token_length": "max_token_length", "xformers": "attention", "sample_every_n_epoch":
     "sample_every_n_epochs", "LyCORIS_preset": "lycoris_preset", "use_cp": "use_tucker",
-    "constraint": "constrain", "sdxl": "family",
+    "constraint": "constrain", "sdxl": "family", "flux1_checkbox": "family", "train_blocks": "flux_train_blocks",
+    "t5xxl_max_token_len": "t5xxl_max_token_length",
 }
 # Keys whose value we read while converting others (not settings of their own).
 _HELPERS = {"use_8bit_adam", "LoRA_type", "lr_warmup"}
@@ -124,7 +125,15 @@ def _special(key: str, value: Any, out: ForeignImport) -> tuple[str, Any] | None
             return "attention", "sdpa"
         return "attention", str(value).lower()
     if key == "sdxl":  # kohya_ss: true for SDXL configs; false leaves the family to detection
+        if _bool(value) is not True and _get(out, "family") == "flux":
+            out.ignored[key] = "false, and flux1_checkbox chose Flux"
+            return None
         return "family", "sdxl" if _bool(value) is True else "auto"
+    if key == "flux1_checkbox":  # kohya_ss: true for Flux.1 configs (then "sdxl" is false)
+        if _bool(value) is True:
+            return "family", "flux"
+        out.ignored[key] = "false: the family is left to the sdxl switch or detection"
+        return None
     if key in ("optimizer", "optimizer_type"):
         name = _OPTIMIZER_NAMES.get(str(value).lower())
         if name is None:
