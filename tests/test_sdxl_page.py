@@ -25,7 +25,11 @@ def test_family_only_settings_say_so_in_the_schema():
     family_of = {f"{g}.{n}": (info.json_schema_extra or {}).get("family")
                  for g, cls in GROUPS.items() for n, info in cls.model_fields.items()}
     assert family_of["model.v2"] == "sd" and family_of["training.clip_skip"] == "sd"
-    assert {k for k, v in family_of.items() if v} == set(fields.FAMILY_KEYS) == {"model.v2", "training.clip_skip"}
+    flux_only = {k for k, v in family_of.items() if v == "flux"}
+    assert {"model.ae", "model.clip_l", "model.t5xxl", "model.flux_lora_format", "advanced.timestep_sampling",
+            "advanced.discrete_flow_shift", "advanced.guidance_scale", "advanced.t5xxl_max_token_length"} <= flux_only
+    assert {k for k, v in family_of.items() if v} == set(fields.FAMILY_KEYS) == {"model.v2", "training.clip_skip"} \
+        | flux_only
     assert GROUPS["model"].model_fields["family"].default == "auto"
 
 
@@ -40,11 +44,17 @@ def test_the_family_is_guessed_without_torch(tmp_path):
 
 def test_family_only_fields_are_hidden_for_another_family(tmp_path):
     xl = _safetensors_header(tmp_path / "xl.safetensors", ["conditioner.embedders.1.model.x"])
-    shown = fields.family_fields_visible
+    def shown(values, flux=False):  # the SD-only fields; the Flux-only ones are shown for Flux (or an unknown family)
+        visible = fields.family_fields_visible(values)
+        assert {visible.pop(k) for k in list(visible) if k not in ("model.v2", "training.clip_skip")} == {flux}
+        return visible
+
     assert shown({"model.family": "sdxl"}) == {"model.v2": False, "training.clip_skip": False}
     assert shown({"model.family": "sd"}) == {"model.v2": True, "training.clip_skip": True}
+    assert shown({"model.family": "flux"}, flux=True) == {"model.v2": False, "training.clip_skip": False}
     assert shown({"model.family": "auto", "model.base_model": str(xl)}) == {"model.v2": False, "training.clip_skip": False}
-    assert shown({"model.family": "auto", "model.base_model": ""}) == {"model.v2": True, "training.clip_skip": True}
+    assert shown({"model.family": "auto", "model.base_model": ""}, flux=True) == {"model.v2": True,
+                                                                                   "training.clip_skip": True}
     with gr.Blocks():
         registry = build_tabs({"model.family": "sdxl"})
     assert registry.components["model.v2"].visible is False
