@@ -11,7 +11,7 @@ import torch
 
 from lora_gui import events as ev
 from lora_gui.dataset.captions import tag_frequency, write_tag_report
-from lora_gui.engine import evaluation, state_files
+from lora_gui.engine import distributed, evaluation, state_files
 from lora_gui.engine.errors import Diverged, EngineError
 from lora_gui.engine.metadata import RunFacts, base_model_name, build_metadata, with_hashes
 from lora_gui.settings import io as settings_io
@@ -131,5 +131,6 @@ def keep_best(t, loss: float | None, path: Path, state_dir: Path | None) -> None
 
 def resume(t, state_dir: Path) -> None:
     """Continue from a state folder; read without unpickling anything (see ``state_files``)."""
+    distributed.check_state_processes(t.acc, state_dir)
     state_files.load_state(t, state_dir)
     t.log(f"Resumed from {state_dir} at step {t.progress.step}")
