@@ -167,7 +167,8 @@ def test_a_gpu_id_the_machine_lacks_ends_the_run_with_a_sentence(clients, demo, 
 
 def test_ranks_see_disjoint_slices_covering_every_sample_once_and_match_one_process(demo):
     s = settings_for(demo, Path("unused"), "training.batch_size=3", "images.buckets=true",
-                     "images.repeats=3")
+                     "images.repeats=3", "images.resolution=128,128", "images.min_bucket_resolution=64",
+                     "images.max_bucket_resolution=256")
     from lora_gui.dataset.scan import scan_dataset
 
     info = scan_dataset(demo.dataset_dir, None, repeats=3, caption_extension=".txt",
