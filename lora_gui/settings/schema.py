@@ -605,10 +605,6 @@ class LaunchSettings(Group):
     extra_accelerate_launch_args: str = setting(
         "", "More accelerate launch flags, e.g. --num_cpu_threads_per_process 4 (only launch "
         "flags; never a shell command).", widget="text", advanced=True)
-    gpu_per_run: bool = setting(
-        False, "Queue: run the queued settings files side by side, one run per GPU "
-        "(CUDA_VISIBLE_DEVICES), instead of one after another.", widget="checkbox", advanced=True,
-        label="One GPU per queued run")
 
     @field_validator("gpu_ids", mode="before")
     @classmethod
