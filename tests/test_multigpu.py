@@ -52,6 +52,15 @@ def _run_processes(root: Path) -> list:
     return found
 
 
+def _none_left(root: Path, timeout: float = 10) -> bool:
+    """Whether every process of the runs under ``root`` has ended within ``timeout`` s (a run is
+    final as soon as rank 0 writes its end; the launcher and the ranks exit just after)."""
+    deadline = time.monotonic() + timeout
+    while _run_processes(root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _run_processes(root)
+
+
 def _reap(clients: list[WorkerClient], root: Path) -> None:
     for client in clients:
         for popen in client._popens.values():
@@ -214,7 +223,7 @@ def test_two_processes_of_batch_1_equal_one_process_of_batch_2(clients, demo, tm
     # only rank 0 wrote files: one LoRA, one settings copy, one tag report, the logs
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
         p.name for p in (tmp_path / "one").iterdir())
-    assert not _run_processes(tmp_path / "runs")
+    assert _none_left(tmp_path / "runs")
 
 
 @pytest.mark.slow  # three 2-process runs: ~3 min on 2 shared cores
@@ -253,7 +262,7 @@ def test_stop_during_two_processes_then_resume_continues_bit_identically(clients
     assert whole.wait(240).state == RunState.FINISHED, whole.info().detail
     a, b = _lora(out / "demo-lora.safetensors"), _lora(tmp_path / "whole" / "demo-lora.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not _run_processes(tmp_path / "runs")
+    assert _none_left(tmp_path / "runs")
 
 
 @pytest.mark.slow  # one 2-process run killed early: ~40 s
@@ -274,10 +283,7 @@ def test_kill_9_of_rank_1_fails_the_run_within_5_s_naming_it_and_leaves_no_proce
     assert info.state == RunState.FAILED, info
     assert time.monotonic() - killed < 5
     assert info.message.startswith(f"Process 1 of 2 (rank 1, pid {pid}) died, which ended the whole run")
-    deadline = time.monotonic() + 10  # the launcher and rank 0 are on their way out: none stays
-    while _run_processes(tmp_path / "runs") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _run_processes(tmp_path / "runs")
+    assert _none_left(tmp_path / "runs")
     status_pid = run.info().pid
     assert status_pid and not pid_alive(status_pid)
 
@@ -302,3 +308,21 @@ def test_two_machines_on_localhost_train_the_demo_to_the_end(clients, demo, tmp_
     assert b.state == RunState.FINISHED and b.step == 3, (b.message, b.detail)
     assert (tmp_path / "out0" / "demo-lora.safetensors").exists()
     assert not list((tmp_path / "out1").glob("*.safetensors"))  # only rank 0 writes files
+
+
+@pytest.mark.slow  # one 2-process run killed early: ~40 s
+def test_kill_9_of_the_launcher_ends_its_ranks_and_fails_the_run_with_a_sentence(
+        clients, demo, tmp_path):
+    from test_worker import training_progress
+
+    client = clients()
+    run = client.start(settings_for(demo, tmp_path / "out", *TWO, "training.batch_size=1",
+                                    "images.max_steps=200"))
+    training_progress(run, at_least=1, timeout=240)
+    launcher = client._popens[run.run_id]
+    os.kill(launcher.pid, signal.SIGKILL)  # the launcher alone: its ranks lead their own sessions
+    launcher.wait(5)
+    info = run.wait(10)
+    assert info.state == RunState.FAILED, info
+    assert info.message == "The accelerate launcher of this run ended, which ended the whole run."
+    assert _none_left(tmp_path / "runs")

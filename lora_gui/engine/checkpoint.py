@@ -70,8 +70,9 @@ def save(t, stem: str, *, state: bool, final: bool = False,
     m, p = t.settings.model, t.progress
     path = t.out_dir / f"{stem}.{m.save_as}"
     state_dir = t.out_dir / f"{stem}-state"
-    if path.exists() and path in t.files:  # saved at this very step already
+    if path in t.saved:  # saved at this very step already (decided alike on every process)
         return path, (state_dir if state_dir.exists() else None)
+    t.saved.add(path)
     t.acc.wait_for_everyone()
     tensors = t.network.state_dict_kohya(SAVE_DTYPES[m.save_precision])
     if not all(torch.isfinite(v.float()).all() for v in tensors.values()):

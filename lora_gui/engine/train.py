@@ -106,6 +106,7 @@ class Trainer:
         self.family = family_for(settings)
         self.progress = RunPosition()
         self.files: list[Path] = []
+        self.saved: set[Path] = set()  # LoRA paths saved by this run, on every process
         self.losses: list[float] = []
         self.validation_losses: list[tuple[int, float]] = []
         self.ranked_saves: list[tuple[float, Path, Path | None]] = []  # keep_best_checkpoints

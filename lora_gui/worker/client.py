@@ -366,7 +366,9 @@ class WorkerClient:
         exit_code = None
         if popen is not None:
             exit_code = popen.poll()
-            alive = exit_code is None
+            # Under accelerate launch the popen is the launcher; rank 0 (status.pid) writes the end.
+            alive = exit_code is None or (pid is not None and pid != popen.pid and pid_alive(
+                pid, status.pid_created))
         elif pid is not None:
             alive = pid_alive(pid, status.pid_created if status.pid == pid else None)
         else:
