@@ -387,4 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python -m lora_gui.worker RUN_DIR | --warm", file=sys.stderr)
         return 2
-    return run(argv[0])
+    code = run(argv[0])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A rank has reported its end: leave at once. The interpreter's teardown of torch and the
+        # process group takes seconds, during which the run looks ended but its processes live.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
