@@ -231,14 +231,14 @@ def test_stop_during_two_processes_then_resume_continues_bit_identically(clients
     from test_worker import training_progress
 
     client = clients()
-    extra = (*TWO, "training.batch_size=1", "images.max_steps=6")
+    extra = (*TWO, "training.batch_size=1", "images.max_steps=16")
     run = client.start(settings_for(demo, tmp_path / "stopped", *extra))
     training_progress(run, at_least=2, timeout=240)
     run.stop()
     info = run.wait(120)
     assert info.state == RunState.STOPPED, (info.message, info.detail)
     stop_step = info.step
-    assert 2 <= stop_step < 6 and _ranks_step(run) == {1: ("stopped", stop_step)}  # the same step
+    assert 2 <= stop_step < 16 and _ranks_step(run) == {1: ("stopped", stop_step)}  # the same step
     out = tmp_path / "stopped"
     loras = sorted(p.name for p in out.glob("*.safetensors"))
     states = sorted(p.name for p in out.glob("*-state"))
