@@ -82,7 +82,10 @@ def load_run_settings(path: str | None, preset: str | None, assignments: list[st
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    settings = load_run_settings(args.settings, args.preset, args.set or [])
+    overrides = list(args.set or [])
+    if args.machine_rank is not None:  # another machine of a multi-machine run (README)
+        overrides.append(f"launch.machine_rank={args.machine_rank}")
+    settings = load_run_settings(args.settings, args.preset, overrides)
     from lora_gui.cli_terminal import train_from_cli
 
     return train_from_cli(settings)
@@ -371,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="start from a preset instead of a file")
     p.add_argument("--set", action="append", metavar="GROUP.FIELD=VALUE",
                    help="override a setting, e.g. --set training.learning_rate=0.0002")
+    p.add_argument("--machine-rank", type=int, help="this machine's number in a run on several "
+                   "machines (launch.num_machines); the main machine is 0")
     p.set_defaults(func=cmd_train)
 
     add_dataset_parser(sub)

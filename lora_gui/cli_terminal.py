@@ -66,6 +66,8 @@ def train_from_cli(settings: TrainingSettings) -> int:
     from lora_gui.engine.train import run_training
 
     ensure_demo(settings)
+    if settings.launch.processes > 1 or settings.launch.num_machines > 1:
+        return train_launched(settings)
     commands = ev.CommandQueue()
 
     def on_interrupt(signum, frame):  # Ctrl+C once: stop and save (LoRA + state); twice: abort
@@ -80,6 +82,45 @@ def train_from_cli(settings: TrainingSettings) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
     return _report(result)
+
+
+def train_launched(settings: TrainingSettings, runs_dir: str = "runs") -> int:
+    """Several processes or machines: the run goes through the worker (``accelerate launch``) in
+    a run folder under ``runs_dir``; its printed lines follow here; Ctrl+C asks it to stop."""
+    import time
+
+    from lora_gui.worker.client import WorkerClient
+
+    run = WorkerClient(runs_dir).start(settings)
+    print(f"Run folder {run.run_dir} (the trainer's log: {run.run_dir / 'train.log'})")
+    stop_sent: list[bool] = []
+
+    def on_interrupt(signum, frame):
+        if stop_sent:
+            raise KeyboardInterrupt
+        print("\nStopping after this step and saving ...", file=sys.stderr)
+        run.stop()
+        stop_sent.append(True)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    since = 0
+    try:
+        while True:
+            events, since = run.poll(since)
+            for event in events:
+                if (line := ev.describe(event)) is not None:
+                    print(line, flush=True)
+            info = run.info()
+            if info.final:
+                break
+            time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if info.state is ev.RunState.FAILED:
+        print(f"error: {info.message}", file=sys.stderr)
+        return 1
+    print(info.message or info.state.value)
+    return 0
 
 
 def _report(result) -> int:

@@ -31,7 +31,7 @@ validation_split validation_every_n_steps validation_every_n_epochs network_drop
 # Legacy names that are not settings of their own but are understood on import.
 LEGACY = {"use_8bit_adam": "optimizer"}
 
-TABS = ["model", "triggers", "images", "training", "labels", "advanced", "samples", "runs"]
+TABS = ["model", "triggers", "images", "training", "labels", "advanced", "samples", "runs", "launch"]
 
 
 def test_every_canonical_setting_exists_once_with_description_and_ui_metadata():

@@ -11,7 +11,7 @@ import torch
 
 from lora_gui import events as ev
 from lora_gui.dataset.captions import tag_frequency, write_tag_report
-from lora_gui.engine import evaluation, state_files
+from lora_gui.engine import distributed, evaluation, state_files
 from lora_gui.engine.errors import Diverged, EngineError
 from lora_gui.engine.metadata import RunFacts, base_model_name, build_metadata, with_hashes
 from lora_gui.settings import io as settings_io
@@ -70,8 +70,9 @@ def save(t, stem: str, *, state: bool, final: bool = False,
     m, p = t.settings.model, t.progress
     path = t.out_dir / f"{stem}.{m.save_as}"
     state_dir = t.out_dir / f"{stem}-state"
-    if path.exists() and path in t.files:  # saved at this very step already
+    if path in t.saved:  # saved at this very step already (decided alike on every process)
         return path, (state_dir if state_dir.exists() else None)
+    t.saved.add(path)
     t.acc.wait_for_everyone()
     tensors = t.family.lora_file_tensors(t.model, t.network, t.settings, SAVE_DTYPES[m.save_precision])
     if not all(torch.isfinite(v.float()).all() for v in tensors.values()):
@@ -131,5 +132,6 @@ def keep_best(t, loss: float | None, path: Path, state_dir: Path | None) -> None
 
 def resume(t, state_dir: Path) -> None:
     """Continue from a state folder; read without unpickling anything (see ``state_files``)."""
+    distributed.check_state_processes(t.acc, state_dir)
     state_files.load_state(t, state_dir)
     t.log(f"Resumed from {state_dir} at step {t.progress.step}")

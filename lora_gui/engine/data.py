@@ -166,17 +166,18 @@ class TrainDataset:
     def num_reg_images(self) -> int:
         return self.info.num_reg_images
 
-    def epoch_batches(self, epoch: int) -> list[list[Item]]:
-        """The batches of ``epoch``: a pure function of (seed, epoch).
+    def epoch_batches(self, epoch: int, batch_size: int | None = None) -> list[list[Item]]:
+        """The batches of ``epoch``: a pure function of (seed, epoch, batch size).
 
         Items are shuffled, grouped by bucket (a batch never mixes buckets), cut into batches (the
-        last batch of a bucket may be short), and the batches are shuffled.
+        last batch of a bucket may be short), and the batches are shuffled. ``batch_size``: the
+        global batch of a run on several processes (batch_size x processes), else the setting.
         """
         rng = random.Random(derive_seed(self.options.seed, "epoch", epoch))
         by_bucket: dict[Bucket, list[Item]] = defaultdict(list)
         for item in self.train_items + self.reg_items:
             by_bucket[item.bucket].append(item)
-        size = self.options.batch_size
+        size = batch_size or self.options.batch_size
         batches = []
         for bucket in sorted(by_bucket):
             items = by_bucket[bucket]
@@ -225,9 +226,12 @@ class TrainDataset:
         return _Draw(False, None, 0.0, caption)
 
     def load_batch(
-        self, items: Sequence[Item], epoch: int = 0, batch_index: int = 0, *, augment: bool = True
+        self, items: Sequence[Item], epoch: int = 0, batch_index: int = 0, *, augment: bool = True,
+        first_position: int = 0,
     ) -> Batch:
-        """Load one batch. ``augment=False`` (validation): fixed caption, centre crop, no flip."""
+        """Load one batch. ``augment=False`` (validation): fixed caption, centre crop, no flip.
+        ``first_position``: the first item's place in its global batch (one process's slice of it),
+        so a sample's random choices do not depend on how the batch is split between processes."""
         import torch
 
         if not items:
@@ -237,7 +241,7 @@ class TrainDataset:
             raise ValueError(f"a batch must not mix buckets (got {sorted(buckets)}).")
         draws = [
             self._draw(item, epoch, batch_index, pos) if augment else self._fixed_draw(item)
-            for pos, item in enumerate(items)
+            for pos, item in enumerate(items, start=first_position)
         ]
         batch = Batch(
             captions=[d.caption for d in draws],

@@ -10,18 +10,33 @@ from lora_gui.engine.data import TrainDataset
 
 class RunBatches(torch.utils.data.Dataset):
     """All batches of the run, indexed epoch * batches_per_epoch + batch: one DataLoader (and its
-    persistent workers) serves every epoch; an epoch sampler picks the indices."""
+    persistent workers) serves every epoch; an epoch sampler picks the indices.
+
+    On ``world`` processes the epoch is cut into global batches of batch_size x world (per bucket,
+    exactly as one process with that batch size would cut it) and process ``rank`` loads the
+    slice ``[rank * batch_size, (rank + 1) * batch_size)`` of each: every process makes the same
+    number of steps, every sample is seen exactly once per epoch, and batch 1 x 2 processes sees
+    the same data as batch 2 x 1 process. A bucket's short last batch may leave a process an empty
+    slice (item ``None``): it then contributes no gradient to that step.
+    """
 
     def __init__(self, dataset: TrainDataset, rank: int, world: int):
         self.dataset, self.rank, self.world = dataset, rank, world
+        self.batch_size = dataset.options.batch_size
         self._epoch, self._batches = -1, []
         # The same for every epoch; computed once (asking epoch 0 again would evict the cached epoch).
-        self._per_epoch = len(dataset.epoch_batches(0)[rank::world])
+        self._per_epoch = len(self.global_batches(0))
+
+    def global_batches(self, epoch: int) -> list:
+        return self.dataset.epoch_batches(epoch, self.batch_size * self.world)
 
     def batches(self, epoch: int) -> list:
         if epoch != self._epoch:
-            self._epoch, self._batches = epoch, self.dataset.epoch_batches(epoch)[self.rank::self.world]
+            self._epoch, self._batches = epoch, self.global_batches(epoch)
         return self._batches
+
+    def slice(self, global_batch: list) -> list:
+        return global_batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
     def per_epoch(self) -> int:
         return self._per_epoch
@@ -30,9 +45,13 @@ class RunBatches(torch.utils.data.Dataset):
         return 2**31
 
     def __getitem__(self, index: int):
-        per = self.per_epoch()
-        epoch, batch = divmod(index, per)
-        return batch, self.dataset.load_batch(self.batches(epoch)[batch], epoch, batch)
+        """(batch index, this process's loaded slice or None, the global batch's size)."""
+        epoch, batch = divmod(index, self.per_epoch())
+        whole = self.batches(epoch)[batch]
+        items = self.slice(whole)
+        first = self.rank * self.batch_size
+        loaded = self.dataset.load_batch(items, epoch, batch, first_position=first) if items else None
+        return batch, loaded, len(whole)
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -11,7 +11,7 @@ import torch
 
 from lora_gui import events as ev
 from lora_gui.dataset.scan import scan_dataset
-from lora_gui.engine import checkpoint, evaluation
+from lora_gui.engine import checkpoint, distributed, evaluation
 from lora_gui.engine.data import DataOptions, TrainDataset
 from lora_gui.engine.errors import EngineError
 from lora_gui.engine.families import split_conditioning
@@ -165,9 +165,12 @@ def _cache_latents(t) -> None:
                            elapsed_s=time.time() - t.t_start, steps_per_s=0.0, eta_s=0.0,
                            phase="caching latents"))
 
-    with torch.no_grad():
-        t.dataset.cache_latents(t.vae, to_disk=t.settings.images.cache_latents_to_disk,
-                                on_progress=on_progress)
+    def build():
+        with torch.no_grad():
+            return t.dataset.cache_latents(t.vae, to_disk=t.settings.images.cache_latents_to_disk,
+                                           on_progress=on_progress)
+
+    distributed.share_latent_cache(t, build)
     if t.device.type == "cuda":
         t.vae.to("cpu")  # only the samples need it again
 
@@ -228,11 +231,16 @@ def _prepare_text_cache(t) -> None:
     ds = t.dataset
     captions = sorted({ds.fixed_caption(item) for item in
                        ds.train_items + ds.reg_items + ds.validation_items()})
-    t.text_cache = {}
-    with torch.no_grad(), t.acc.autocast():
-        for i in range(0, len(captions), TEXT_CACHE_CHUNK):
-            chunk = captions[i:i + TEXT_CACHE_CHUNK]
-            t.text_cache.update(zip(chunk, split_conditioning(t._encode(chunk))))
+
+    def compute() -> dict:
+        cache = {}
+        with torch.no_grad(), t.acc.autocast():
+            for i in range(0, len(captions), TEXT_CACHE_CHUNK):
+                chunk = captions[i:i + TEXT_CACHE_CHUNK]
+                cache.update(zip(chunk, split_conditioning(t._encode(chunk))))
+        return cache
+
+    t.text_cache = distributed.share_text_cache(t, compute)
     t.log(f"Cached the text encoder's output for {len(captions)} captions")
 
 
@@ -248,7 +256,7 @@ def _build_optimizer(t) -> None:
     t.params = [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(s, groups)
     scheduler = build_scheduler(s, optimizer, t.plan.total_steps, t.acc.num_processes)
-    trained = ([t.unet] if s.train_unet else []) + (list(t.text_encoders) if s.train_text_encoder else [])
-    prepared = t.acc.prepare(*trained, optimizer, scheduler)
-    t.trained_models = list(prepared[:len(trained)])
-    t.optimizer, t.lr_scheduler = prepared[len(trained):]
+    # The models are not wrapped (no DistributedDataParallel): on several processes the trainer
+    # averages the LoRA's gradients itself (engine/distributed.py).
+    t.trained_models = ([t.unet] if s.train_unet else []) + (list(t.text_encoders) if s.train_text_encoder else [])
+    t.optimizer, t.lr_scheduler = t.acc.prepare(optimizer, scheduler)

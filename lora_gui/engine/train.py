@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from lora_gui import events as ev
 from lora_gui.dataset.summary import derive_seed
-from lora_gui.engine import checkpoint, evaluation, reporting, setup
+from lora_gui.engine import checkpoint, distributed, evaluation, reporting, setup
 from lora_gui.engine.data import latent_normalise
 from lora_gui.engine.errors import Diverged, EngineError, explain
 from lora_gui.engine.families import family_for, stack_conditioning
@@ -107,6 +107,7 @@ class Trainer:
         self.family = family_for(settings)
         self.progress = RunPosition()
         self.files: list[Path] = []
+        self.saved: set[Path] = set()  # LoRA paths saved by this run, on every process
         self.losses: list[float] = []
         self.validation_losses: list[tuple[int, float]] = []
         self.ranked_saves: list[tuple[float, Path, Path | None]] = []  # keep_best_checkpoints
@@ -160,8 +161,8 @@ class Trainer:
         stop_reason = None
         while p.step < plan.total_steps and p.epoch < plan.epochs and stop_reason is None:
             sampler.epoch, sampler.skip = p.epoch, p.batch
-            for batch_index, batch in loader:
-                stop_reason = self._step(batch, batch_index)
+            for batch_index, batch, global_size in loader:
+                stop_reason = self._step(batch, batch_index, global_size)
                 if stop_reason or p.step >= plan.total_steps:
                     break
             if stop_reason is None:
@@ -184,8 +185,9 @@ class Trainer:
                               state_dir=state, files=list(self.files), losses=list(self.losses),
                               validation_losses=list(self.validation_losses))
 
-    def _step(self, batch, batch_index: int) -> str | None:
-        """One micro-batch; on an optimizer step also reports, validates, samples and obeys commands."""
+    def _step(self, batch, batch_index: int, global_size: int = 0) -> str | None:
+        """One micro-batch; on an optimizer step also reports, validates, samples and obeys commands.
+        ``batch`` is None when this process's slice of the global batch is empty (several processes)."""
         p, s = self.progress, self.settings
         if batch_index + 1 == self.run_batches.per_epoch():
             # An epoch's last batch always ends an accumulation (as accelerate does with a prepared
@@ -193,8 +195,13 @@ class Trainer:
             # fewer optimizer steps than planned (ceil(batches / accumulation) per epoch).
             self.acc.step = -1  # accumulate() adds 1: 0 % accumulation == 0 -> sync now
         with self.acc.accumulate(*self.trained_models):
-            loss = self._loss(batch, p.epoch, batch_index)
-            self.acc.backward(loss)
+            if batch is None:
+                loss = torch.zeros((), device=self.device)
+            else:
+                loss = self._loss(batch, p.epoch, batch_index, global_size)
+                self.acc.backward(loss)
+            if self.acc.sync_gradients and self.acc.num_processes > 1:
+                distributed.average_gradients(self.acc, self.params)
             if self.acc.sync_gradients and s.training.max_grad_norm > 0:
                 clip_gradients(self.acc, self.params, s.training.max_grad_norm)
             self.optimizer.step()
@@ -208,6 +215,8 @@ class Trainer:
         # The step's loss is the mean over its accumulated micro-batches.
         micro, self._micro_losses = self._micro_losses, []
         step_loss = torch.stack(micro).mean() if len(micro) > 1 else micro[0]
+        if self.acc.num_processes > 1:  # the global batch's loss, the same on every process
+            step_loss = self.acc.reduce(step_loss, "mean")
         self._pending.append((p.step, p.epoch + 1, step_loss, self.lr_scheduler.get_last_lr()[0]))
         self._flush(force=p.step == self.plan.total_steps)
         if _every(s.training.validation_every_n_steps, p.step):
@@ -218,7 +227,7 @@ class Trainer:
 
     def _obey_commands(self) -> str | None:
         p = self.progress
-        for command in self.commands.poll():
+        for command in distributed.shared_commands(self):
             if isinstance(command, (ev.Stop, ev.ForceStop)):
                 self.log(f"Stopping at step {p.step}: saving the LoRA and the training state")
                 return "stop"
@@ -243,9 +252,11 @@ class Trainer:
 
     # --- the objective --------------------------------------------------------------------------
 
-    def _loss(self, batch, epoch: int, batch_index: int) -> torch.Tensor:
-        """Encode, noise, predict, weight: the diffusion training objective for one batch."""
-        seed = derive_seed(self.settings.training.seed, "step", epoch, batch_index)
+    def _loss(self, batch, epoch: int, batch_index: int, global_size: int = 0) -> torch.Tensor:
+        """Encode, noise, predict, weight: the diffusion training objective for one batch (one
+        process's slice of the global batch on several processes)."""
+        rank, world = self.acc.process_index, self.acc.num_processes
+        seed = derive_seed(self.settings.training.seed, "step", epoch, batch_index, *((rank,) if world > 1 else ()))
         # LoRA dropout draws from the global generator. On a CPU run the CPU generator is all that
         # torch.manual_seed sets that matters, and seeding it alone saves ~0.2 ms a step of probing
         # every other backend.
@@ -253,13 +264,27 @@ class Trainer:
             torch.default_generator.manual_seed(seed)
         else:
             torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
         latents = self._latents(batch)
-        noise = self._noise(latents, generator)
-        timesteps = host_to(self.family.sample_timesteps(self.model, latents, generator, self.settings),
-                            self.device)
-        return self._weighted_loss(latents, noise, timesteps, batch.captions, batch.is_reg,
+        first = rank * self.settings.training.batch_size  # this slice's place in the global batch
+        noise, timesteps = self._sample_draws(latents, epoch, batch_index, first)
+        loss = self._weighted_loss(latents, noise, timesteps, batch.captions, batch.is_reg,
                                    self.family.batch_conditioning(self.model, batch, self.device))
+        if world > 1 and global_size:
+            # The mean over the global batch once the processes' gradients are averaged: each
+            # slice's sum / global size, times the number of processes the average divides by.
+            loss = loss * (latents.shape[0] * world / global_size)
+        return loss
+
+    def _sample_draws(self, latents: torch.Tensor, epoch: int, batch_index: int, first: int):
+        """(noise, timesteps), each sample's from a generator seeded by the sample's place in the
+        epoch (epoch, global batch, position), not by the batch: the same sample gets the same
+        draws whether the batch is split between processes or not, and again on a resume."""
+        seed, noises, steps = self.settings.training.seed, [], []
+        for i in range(latents.shape[0]):
+            generator = torch.Generator().manual_seed(derive_seed(seed, "noise", epoch, batch_index, first + i))
+            noises.append(self._noise(latents[i:i + 1], generator))
+            steps.append(self.family.sample_timesteps(self.model, latents[i:i + 1], generator, self.settings))
+        return torch.cat(noises), host_to(torch.cat(steps), self.device)
 
     def _latents(self, batch) -> torch.Tensor:
         if batch.latents is not None:

@@ -613,6 +613,89 @@ class RunSettings(Group):
         return list(dict.fromkeys(k.split(".")[-1] for k in value))
 
 
+# accelerate launch's flags that extra_accelerate_launch_args may carry (flag -> takes a value);
+# anything else (a script, --config_file, a shell fragment) is refused.
+LAUNCH_FLAGS: dict[str, bool] = {
+    "--num_cpu_threads_per_process": True, "--dynamo_backend": True, "--rdzv_backend": True,
+    "--rdzv_conf": True, "--same_network": False, "--debug": False, "--enable_cpu_affinity": False,
+    "--tee": True, "--log_dir": True,
+}
+
+
+def parse_launch_args(text: str) -> list[str]:
+    """``extra_accelerate_launch_args`` as an argv list (shlex, never a shell); ValueError names
+    the first flag that is not allowed."""
+    import shlex
+
+    argv = shlex.split(text)
+    i = 0
+    while i < len(argv):
+        flag, _, inline = argv[i].partition("=")
+        if flag not in LAUNCH_FLAGS:
+            raise ValueError(f"{argv[i]!r} is not an accelerate launch flag lora-gui passes on "
+                             f"(allowed: {', '.join(sorted(LAUNCH_FLAGS))})")
+        i += 2 if LAUNCH_FLAGS[flag] and not inline else 1
+    if argv and LAUNCH_FLAGS.get(argv[-1].partition("=")[0]) and "=" not in argv[-1]:
+        raise ValueError(f"{argv[-1]} needs a value")
+    return argv
+
+
+class LaunchSettings(Group):
+    tab: ClassVar[str] = "launch"
+    title: ClassVar[str] = "GPUs and machines"
+
+    multi_gpu: bool = setting(
+        False, "Train on several processes (GPUs) at once with accelerate launch: each trains a "
+        "slice of every batch and their gradients are averaged (the global batch is batch size x "
+        "processes).", widget="checkbox", label="Several GPUs")
+    num_processes: int = setting(
+        1, "Processes in all (all machines together): usually one per GPU.", widget="number",
+        ge=1, le=1024)
+    gpu_ids: str = setting(
+        "", "The GPUs to use, e.g. 0,1 (empty = all). The Runs tab lists the GPUs found.",
+        widget="text", label="GPU ids")
+    num_machines: int = setting(
+        1, "Machines taking part. Each other machine starts the same settings with its own "
+        "machine_rank (see the README).", widget="number", ge=1, le=1024, advanced=True)
+    machine_rank: int = setting(
+        0, "This machine's number (0 = the main machine).", widget="number", ge=0, advanced=True)
+    main_process_ip: str = setting(
+        "", "The main machine's address, which the others connect to (several machines only).",
+        widget="text", advanced=True, label="Main process IP")
+    main_process_port: int = setting(
+        0, "The main machine's port for the processes to meet (0 = accelerate's default, 29500).",
+        widget="number", ge=0, le=65535, advanced=True)
+    extra_accelerate_launch_args: str = setting(
+        "", "More accelerate launch flags, e.g. --num_cpu_threads_per_process 4 (only launch "
+        "flags; never a shell command).", widget="text", advanced=True)
+
+    @field_validator("gpu_ids", mode="before")
+    @classmethod
+    def _gpu_list(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool):  # "gpu_ids": 1 in a file
+            value = str(value)
+        if not isinstance(value, str):
+            return value
+        parts = [p.strip() for p in value.replace(" ", "").split(",") if p.strip()]
+        if any(not p.isdigit() for p in parts):
+            raise PydanticCustomError("gpu_ids", "must be GPU numbers separated by commas, e.g. 0,1")
+        return ",".join(parts)
+
+    @field_validator("extra_accelerate_launch_args")
+    @classmethod
+    def _launch_args(cls, value: str) -> str:
+        try:
+            parse_launch_args(value)
+        except ValueError as exc:
+            raise PydanticCustomError("launch_args", "{why}", {"why": str(exc)}) from None
+        return value.strip()
+
+    @property
+    def processes(self) -> int:
+        """Processes the run is launched with (1: the plain trainer, no accelerate launch)."""
+        return self.num_processes if (self.multi_gpu or self.num_machines > 1) else 1
+
+
 GROUPS: dict[str, type[Group]] = {
     "model": ModelSettings,
     "triggers": TriggerSettings,
@@ -622,6 +705,7 @@ GROUPS: dict[str, type[Group]] = {
     "advanced": AdvancedSettings,
     "samples": SampleSettings,
     "runs": RunSettings,
+    "launch": LaunchSettings,
 }
 
 # field name -> group name. Field names are unique across groups, so a bare name is enough to find
@@ -654,6 +738,7 @@ class TrainingSettings(BaseModel):
     advanced: AdvancedSettings = Field(default_factory=AdvancedSettings)
     samples: SampleSettings = Field(default_factory=SampleSettings)
     runs: RunSettings = Field(default_factory=RunSettings)
+    launch: LaunchSettings = Field(default_factory=LaunchSettings)
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> TrainingSettings:
@@ -762,6 +847,15 @@ def cross_field_issues(s: TrainingSettings) -> list[tuple[str, str]]:
     """Rules that involve more than one field: (field path to change, what to do)."""
     issues: list[tuple[str, str]] = []
     img, tr = s.images, s.training
+    la = s.launch
+    if la.num_machines > 1 and la.machine_rank >= la.num_machines:
+        issues.append(("launch.machine_rank", f"must be below num_machines ({la.num_machines})"))
+    if la.num_machines > 1 and not la.main_process_ip.strip():
+        issues.append(("launch.main_process_ip", "is needed with several machines: give the main "
+                       "machine's address"))
+    if la.num_processes < la.num_machines and (la.multi_gpu or la.num_machines > 1):
+        issues.append(("launch.num_processes", "counts the processes of all machines: at least one "
+                       "per machine"))
     if img.buckets:
         if img.min_bucket_resolution > img.max_bucket_resolution:
             issues.append(("images.min_bucket_resolution",

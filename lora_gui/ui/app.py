@@ -63,6 +63,7 @@ def build_app(config: UIConfig | None = None, client: Any = None) -> gr.Blocks:
                     ctx.registry = build_tabs(values, extras={
                         "model": lambda: build_dataset_panel(ctx),
                         "runs": lambda: (build_files_panel(ctx), build_runs_panel(ctx)),
+                        "launch": _gpu_list,
                     })
                     build_tools_tab(ctx)
                     build_dataset_tab(ctx)
@@ -144,3 +145,13 @@ def wire_api(ctx: Ctx) -> None:
 
 
 __all__ = ["CSS", "build_app", "draw"]
+
+
+def _gpu_list() -> None:
+    """The GPUs this machine has (NVML, torch-free), under the GPUs and machines tab."""
+    from lora_gui.worker.launch import find_gpus
+
+    gpus = find_gpus()
+    text = "; ".join(g.describe() for g in gpus) if gpus else (
+        "No NVIDIA GPU found: several processes run on the CPU (correct, not faster).")
+    gr.Markdown(f"<small>GPUs found: {text}</small>", elem_id="gpu-list")

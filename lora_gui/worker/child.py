@@ -188,16 +188,87 @@ def _end_orphaned(paths: RunPaths) -> None:
     os._exit(EXIT_ORPHANED)
 
 
-def _install_signal_handlers(reporter: Reporter) -> None:
+def _install_signal_handlers(reporter: Reporter, ranks: Ranks | None = None) -> None:
     def handler(signum, _frame):
         name = signal.Signals(signum).name
-        reporter.fail(f"The trainer was ended by {name} at step {reporter.status.step} before it "
-                      "finished; LoRAs saved before that step are kept in the output folder.")
+        dead = ranks.dead_peer() if ranks is not None else None
+        reporter.fail(dead or f"The trainer was ended by {name} at step {reporter.status.step} before "
+                      "it finished; LoRAs saved before that step are kept in the output folder.")
         reporter.close()
         os._exit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
+
+
+class Ranks:
+    """The processes of an ``accelerate launch`` run on this machine, as one run: each writes its
+    pid into the run folder's ``ranks/``; a watchdog thread in each ends the run as soon as a
+    peer has died (rank 0 first writes the failure, naming the rank) or the launcher has gone (a
+    rank never outlives it). A rank that ends normally removes its file first."""
+
+    def __init__(self, paths: RunPaths, rank: int, world: int):
+        self.folder, self.rank, self.world = paths.root / "ranks", rank, world
+        self.folder.mkdir(exist_ok=True)
+        self.own = self.folder / f"{rank}.pid"
+        self.own.write_text(f"{os.getpid()} {_process_created() or 0}")
+        self.parent = os.getppid()
+
+    def dead_peer(self) -> str | None:
+        from lora_gui.worker.processes import pid_alive
+
+        for file in sorted(self.folder.glob("*.pid")):
+            try:
+                pid, created = file.read_text().split()
+            except (OSError, ValueError):
+                continue
+            if file != self.own and not pid_alive(int(pid), float(created) or None):
+                return (f"Process {file.stem} of {self.world} (rank {file.stem}, pid {pid}) died, which "
+                        "ended the whole run; LoRAs saved before are kept in the output folder. See "
+                        "train.log in the run folder for its last lines.")
+        if os.getppid() != self.parent:
+            return "The accelerate launcher of this run ended, which ended the whole run."
+        return None
+
+    def watch(self, reporter: Reporter) -> None:
+        def loop() -> None:
+            while True:
+                time.sleep(0.25)
+                dead = self.dead_peer()
+                if dead:
+                    self.leave()
+                    reporter.fail(dead)
+                    reporter.close()
+                    os._exit(1)
+
+        threading.Thread(target=loop, name="ranks", daemon=True).start()
+
+    def leave(self) -> None:
+        self.own.unlink(missing_ok=True)
+
+
+def _naming_dead_ranks(emit: Callable[[Event], None], ranks: Ranks) -> Callable[[Event], None]:
+    """The engine's sink; a failure caused by a peer's death (the collective operation broke)
+    says which rank died rather than the communication error."""
+    def sink(event: Event) -> None:
+        if isinstance(event, Failed):
+            deadline = time.monotonic() + 1.0  # the peer may be exiting still
+            while (dead := ranks.dead_peer()) is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if dead:
+                event = Failed(message=dead, step=event.step, detail=event.detail)
+        emit(event)
+
+    return sink
+
+
+def _end_from_result(reporter: Reporter, result) -> None:
+    status = getattr(result, "status", None)
+    if status in ("finished", "stopped"):
+        reporter.emit(Finished(step=result.step, output_path=str(result.output_path or ""),
+                               stopped=status == "stopped"))
+    elif status == "failed":
+        reporter.fail(result.message)
 
 
 def _claim(paths: RunPaths):
@@ -243,25 +314,41 @@ def run(run_dir: str | os.PathLike) -> int:
     if not paths.root.is_dir():
         print(f"There is no run folder {paths.root}.", file=sys.stderr)
         return 2
-    main_rank = int(os.environ.get("RANK", "0")) == 0
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    # The first process of each machine keeps that machine's run folder (status, heartbeat); the
+    # events come from the engine of rank 0 alone.
+    main_rank = int(os.environ.get("LOCAL_RANK", str(rank))) == 0
     lock, refusal = _claim(paths) if main_rank else (None, None)
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
     reporter = Reporter(paths, writes=main_rank)
     reporter.begin()
-    _install_signal_handlers(reporter)
+    ranks = Ranks(paths, rank, world) if world > 1 else None
+    _install_signal_handlers(reporter, ranks)
+    if ranks is not None:
+        ranks.watch(reporter)
     try:
         engine, job = _job(paths)
         reporter.set_state(RunState.RUNNING)
-        engine(job, reporter.emit, InboxCommands(paths, reporter))
+        sink = reporter.emit if ranks is None else _naming_dead_ranks(reporter.emit, ranks)
+        result = engine(job, sink, InboxCommands(paths, reporter))
+        if rank > 0:  # the engine reports through rank 0; this rank's end is its result
+            print(f"rank {rank}: {getattr(result, 'status', '?')} at step {getattr(result, 'step', 0)}",
+                  flush=True)
+            if main_rank and not reporter.ended:  # another machine's run folder
+                _end_from_result(reporter, result)
+            return 0 if getattr(result, "status", "failed") in ("finished", "stopped") else 1
         if not reporter.ended:
             reporter.fail("The trainer returned without reporting a result: see train.log in the "
                           "run folder.")
     except BaseException as exc:  # noqa: BLE001 - every way out must end the run with a sentence
         sys.stderr.write(traceback_tail(exc, 40) + "\n")
-        reporter.fail(explain_failure(exc, tail_text(paths.log)), traceback_tail(exc))
+        dead = ranks.dead_peer() if ranks is not None else None
+        reporter.fail(dead or explain_failure(exc, tail_text(paths.log)), traceback_tail(exc))
     finally:
+        if ranks is not None:
+            ranks.leave()
         reporter.close()
         if lock is not None:
             lock.close()
@@ -300,4 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python -m lora_gui.worker RUN_DIR | --warm", file=sys.stderr)
         return 2
-    return run(argv[0])
+    code = run(argv[0])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A rank has reported its end: leave at once. The interpreter's teardown of torch and the
+        # process group takes seconds, during which the run looks ended but its processes live.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -22,6 +22,7 @@ from lora_gui.settings import TrainingSettings
 from lora_gui.settings.io import save_settings, save_settings_copy
 from lora_gui.worker import queue_files
 from lora_gui.worker.failures import explain_failure, last_lines
+from lora_gui.worker.launch import find_gpus, gpu_ids_problem, trainer_argv, trainer_env
 from lora_gui.worker.processes import pid_alive, process_created, terminate_group
 from lora_gui.worker.protocol import (
     HEARTBEAT_INTERVAL_S,
@@ -229,16 +230,23 @@ class WorkerClient:
 
     def _spawn(self, settings: TrainingSettings, run_id: str, source: str) -> Run:
         self._refuse_if_active()
-        return self._launch(self._new_run_folder(settings, run_id, source))
+        return self._launch(self._new_run_folder(settings, run_id, source), settings)
 
-    def _launch(self, paths: RunPaths) -> Run:
+    def _launch(self, paths: RunPaths, settings: TrainingSettings | None = None) -> Run:
         run_id = paths.run_id
-        argv = launch_argv(paths.root, self.python, self.launch_prefix)
-        popen = self._warm.take(paths.root) if self._warm is not None else None
+        argv = trainer_argv(paths.root, settings, self.python, self.launch_prefix)
+        launched = argv[:3] == [self.python, "-m", "accelerate.commands.launch"]
+        gpus = find_gpus() if settings is not None and (launched or settings.launch.gpu_ids) else []
+        problem = gpu_ids_problem(settings.launch.gpu_ids, gpus) if settings is not None else None
+        if problem:
+            self._end(paths, RunState.FAILED, exit_code=None, message=problem)
+            return Run(self, paths)
+        # A warm trainer is a plain `python -m lora_gui.worker`: an accelerate launch starts cold.
+        popen = self._warm.take(paths.root) if self._warm is not None and not launched else None
         if popen is not None:
             argv = self._warm.argv
         else:
-            popen = self._spawn_cold(paths, argv)
+            popen = self._spawn_cold(paths, argv, trainer_env(settings, gpus) if launched else {})
             if popen is None:
                 return Run(self, paths)
         self._popens[run_id] = popen
@@ -257,8 +265,9 @@ class WorkerClient:
         if self._warm is not None and not self._closed:
             self.ensure_warm()
 
-    def _spawn_cold(self, paths: RunPaths, argv: list[str]) -> subprocess.Popen | None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def _spawn_cold(self, paths: RunPaths, argv: list[str],
+                    extra_env: dict[str, str] | None = None) -> subprocess.Popen | None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         try:
             with open(paths.log, "ab") as log:
                 popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
@@ -357,7 +366,9 @@ class WorkerClient:
         exit_code = None
         if popen is not None:
             exit_code = popen.poll()
-            alive = exit_code is None
+            # Under accelerate launch the popen is the launcher; rank 0 (status.pid) writes the end.
+            alive = exit_code is None or (pid is not None and pid != popen.pid and pid_alive(
+                pid, status.pid_created))
         elif pid is not None:
             alive = pid_alive(pid, status.pid_created if status.pid == pid else None)
         else:

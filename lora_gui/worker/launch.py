@@ -1,0 +1,94 @@
+"""How a run's trainer is started: ``python -m lora_gui.worker RUN_DIR``, or under
+``accelerate launch`` for several processes or machines; and the GPUs this machine has.
+
+Torch-free (the web process imports it): the GPUs come from NVML (nvidia-ml-py), and no NVML
+(no NVIDIA driver) means no GPUs: the processes then run on the CPU (gloo), which accelerate does
+with ``ACCELERATE_USE_CPU=1`` and ``--multi_gpu`` (``--cpu --num_processes 2`` silently runs one).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from lora_gui.settings import TrainingSettings
+from lora_gui.settings.schema import LaunchSettings, parse_launch_args
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    memory_mib: int
+
+    def describe(self) -> str:
+        return f"GPU {self.index}: {self.name}, {self.memory_mib / 1024:.0f} GiB"
+
+
+def find_gpus() -> list[Gpu]:
+    """This machine's NVIDIA GPUs (index, name, memory); [] without a driver or nvidia-ml-py."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no library, no driver, no GPU: the CPU it is
+        return []
+    try:
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(handle)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+            gpus.append(Gpu(i, name.decode() if isinstance(name, bytes) else name, memory // 2**20))
+        return gpus
+    except Exception:
+        return []
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def gpu_ids_problem(gpu_ids: str, gpus: list[Gpu]) -> str | None:
+    """A sentence when ``gpu_ids`` names a GPU this machine does not have, else None."""
+    wanted = [int(p) for p in gpu_ids.split(",") if p.strip()]
+    missing = [i for i in wanted if i not in {g.index for g in gpus}]
+    if not missing:
+        return None
+    found = ", ".join(str(g.index) for g in gpus) or "none (the CPU is used)"
+    return (f"launch.gpu_ids: this machine has no GPU {', '.join(map(str, missing))} (GPUs found: "
+            f"{found}): choose among those or leave it empty.")
+
+
+def trainer_argv(run_dir, settings: TrainingSettings | None, python: str = sys.executable,
+                 prefix=()) -> list[str]:
+    """The trainer's command line, an argv list (never a shell string)."""
+    la = settings.launch if settings is not None else None
+    if la is None or la.processes == 1 and la.num_machines == 1:
+        return [*prefix, python, "-m", "lora_gui.worker", str(run_dir)]
+    return [python, "-m", "accelerate.commands.launch", *accelerate_flags(la),
+            "-m", "lora_gui.worker", str(run_dir)]
+
+
+def accelerate_flags(la: LaunchSettings) -> list[str]:
+    flags = ["--multi_gpu", "--num_processes", str(la.num_processes),
+             "--num_machines", str(la.num_machines)]
+    if la.num_machines > 1:
+        flags += ["--machine_rank", str(la.machine_rank), "--main_process_ip", la.main_process_ip]
+    if la.main_process_port:
+        flags += ["--main_process_port", str(la.main_process_port)]
+    if la.gpu_ids:
+        flags += ["--gpu_ids", la.gpu_ids]
+    # A rank that dies ends the run at once: no restart, and the others are stopped (torchrun).
+    flags += ["--max_restarts", "0", "--monitor_interval", "0.5"]
+    return flags + parse_launch_args(la.extra_accelerate_launch_args)
+
+
+def trainer_env(settings: TrainingSettings | None, gpus: list[Gpu] | None = None) -> dict[str, str]:
+    """Variables the trainer needs besides the caller's: the CPU switch for accelerate when the
+    machine has no GPU and the run has several processes."""
+    if settings is None or settings.launch.processes == 1 and settings.launch.num_machines == 1:
+        return {}
+    gpus = find_gpus() if gpus is None else gpus
+    return {} if gpus else {"ACCELERATE_USE_CPU": "1"}
