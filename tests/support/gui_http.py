@@ -124,8 +124,8 @@ class Page:
 
     def load(self, timeout: float = 60) -> dict[int, object]:
         """The page's load event (what opening the page runs); outputs by component id."""
-        dep = next(d for d in self.config["dependencies"]
-                   if any(t[1] == "load" for t in d["targets"]))
+        dep = next(d for d in self.config["dependencies"]  # the one with a server-side function
+                   if any(t[1] == "load" for t in d["targets"]) and d.get("backend_fn", True))
         data = [self.by_id[i]["props"].get("value") for i in dep["inputs"]]
         return dict(zip(dep["outputs"], self._join(dep["id"], data, None, timeout), strict=False))
 
