@@ -101,8 +101,12 @@ def test_a_run_reaches_the_model_through_its_family(demo, tmp_path, monkeypatch)
     result = train_module.run_training(settings, lambda event: None)
     assert result.status == "finished", result.message
     assert calls["load"] == 1 and calls["apply_network"] == 1 and calls["metadata_versions"] == 1
-    for step_call in ("num_train_timesteps", "add_noise", "target", "batch_conditioning"):
+    for step_call in ("add_noise", "target", "batch_conditioning"):
         assert calls[step_call] == 2, step_call  # once per step
+    # timesteps are drawn per sample (each sample from its own seed, so a batch split between
+    # processes draws the same): once per sample of the two steps
+    per_sample = 2 * settings.training.batch_size
+    assert calls["sample_timesteps"] == calls["num_train_timesteps"] == per_sample
     # predict: once per step, and once on the meta device for the memory estimate's trace
     assert calls["predict"] == 3 and calls["meta_extra"] == 1 and calls["with_unet"] == 1
     assert calls["encode_text"] >= 1
