@@ -10,9 +10,29 @@ from lora_gui.engine.ldm_keys import to_single_file_state_dict
 DEMO_MERGES = 2000  # BPE merges of the demo tokenizer: 512 + 2000 + 2 = 2514 tokens
 
 
+def tiny_vae(**family_config):
+    """The demo VAE (4 levels, 8x downscale, 4 latent channels) of the SD and SDXL demos;
+    ``family_config`` adds what differs per family (SDXL: its scaling factor, fp32 upcast).
+    The caller seeds torch first."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        **family_config,
+    )
+
+
 def _tiny_components(seed: int):
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from lora_gui.engine.tokenizer import MAX_LENGTH, clip_tokenizer
@@ -32,17 +52,7 @@ def _tiny_components(seed: int):
         norm_num_groups=16,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    vae = tiny_vae()
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_gui.engine.families.sd_demo import DEMO_MERGES
+from lora_gui.engine.families.sd_demo import DEMO_MERGES, tiny_vae
 from lora_gui.engine.families.sdxl_convert import to_sdxl_single_file_state_dict
 
 TE1_WIDTH, TE2_WIDTH = 32, 64
@@ -50,7 +50,7 @@ def _text_encoders(tokenizer, seed: int):
 
 def _unet_and_vae(seed: int):
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -71,19 +71,7 @@ def _unet_and_vae(seed: int):
         norm_num_groups=16,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=SCALING_FACTOR,
-        force_upcast=True,
-    )
+    vae = tiny_vae(scaling_factor=SCALING_FACTOR, force_upcast=True)
     return unet, vae
 
 
