@@ -280,14 +280,23 @@ def _dataset_source_args(p: argparse.ArgumentParser, folder: bool = True) -> Non
 
 
 def add_dataset_parser(sub) -> None:
-    from lora_gui.dataset.autocaption import CAPTIONERS
-    from lora_gui.dataset.workbench import BULK_OPS
-
     dataset = sub.add_parser("dataset", help="check, caption-edit and convert a dataset")
     dsub = dataset.add_subparsers(dest="dataset_command", required=True)
     p = dsub.add_parser("check", help="checks before training (exit 1 when there are errors)")
     _dataset_source_args(p)
     p.set_defaults(func=cmd_dataset_check)
+    _add_dataset_edit_parser(dsub)
+    _add_dataset_caption_parser(dsub)
+    p = dsub.add_parser("tags", help="tag frequency over the caption files")
+    _dataset_source_args(p)
+    p.add_argument("--top", type=int, default=0, help="only the N most frequent")
+    p.set_defaults(func=cmd_dataset_tags)
+    _add_dataset_toml_parser(dsub)
+
+
+def _add_dataset_edit_parser(dsub) -> None:
+    from lora_gui.dataset.workbench import BULK_OPS
+
     p = dsub.add_parser("edit", help="edit captions: one caption, a bulk operation, or undo")
     _dataset_source_args(p)
     p.add_argument("--op", choices=list(BULK_OPS), help="; ".join(f"{k}: {v}" for k, v in BULK_OPS.items()))
@@ -301,6 +310,11 @@ def add_dataset_parser(sub) -> None:
     p.add_argument("--caption", help="write this caption for --image")
     p.add_argument("--undo", action="store_true", help="undo the last caption change")
     p.set_defaults(func=cmd_dataset_edit)
+
+
+def _add_dataset_caption_parser(dsub) -> None:
+    from lora_gui.dataset.autocaption import CAPTIONERS
+
     p = dsub.add_parser("caption", help="auto-caption images with a local WD14 tagger, BLIP, Florence-2 or "
                                         "Qwen2-VL model (background job)")
     _dataset_source_args(p)
@@ -324,10 +338,9 @@ def add_dataset_parser(sub) -> None:
     p.add_argument("--no-wait", action="store_true", help="start the job and return")
     p.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the job")
     p.set_defaults(func=cmd_dataset_caption)
-    p = dsub.add_parser("tags", help="tag frequency over the caption files")
-    _dataset_source_args(p)
-    p.add_argument("--top", type=int, default=0, help="only the N most frequent")
-    p.set_defaults(func=cmd_dataset_tags)
+
+
+def _add_dataset_toml_parser(dsub) -> None:
     toml = dsub.add_parser("toml", help="sd-scripts dataset_config TOML")
     tsub = toml.add_subparsers(dest="toml_command", required=True)
     p = tsub.add_parser("import", help="make N_name folders (links) and settings from a TOML")

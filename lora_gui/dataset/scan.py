@@ -196,44 +196,10 @@ def _scan_root(
     subsets: list[Subset] = []
     unused: list[str] = []  # "name (why)" of every sub-folder not used, for the error below
     if numbered:
-        for folder, match in numbered:
-            n, name = int(match.group(1)), match.group(2)
-            why = _unusable_repeats(n)
-            if why:
-                warnings.append(f"Skipped {folder}: {why}.")
-                unused.append(f"{folder.name} ({why})")
-                continue
-            subset = _scan_subset(folder, n, name, is_reg, extension, warnings, problems)
-            if not subset.images:
-                warnings.append(f"Skipped {folder}: it contains no usable images.")
-                unused.append(f"{folder.name} (no usable images)")
-                continue
-            subsets.append(subset)
-        others = [p.name for p in subfolders if not _REPEATS_FOLDER.match(p.name)]
-        if others:
-            warnings.append(
-                f"Ignored folders in {root} without an N_ prefix ({', '.join(others)}): "
-                "rename them like 10_name to use them."
-            )
-            unused += [f"{name} (no N_ prefix: rename it like 10_{name})" for name in others]
-        if loose:
-            warnings.append(
-                f"Ignored {len(loose)} images directly inside {root}: move them into an N_name folder "
-                "to use them."
-            )
+        subsets, unused = _scan_numbered(root, numbered, subfolders, loose, is_reg, extension,
+                                         warnings, problems)
     elif loose:
-        match = _REPEATS_FOLDER.match(root.name)
-        if match and not _unusable_repeats(int(match.group(1))):
-            n, name = int(match.group(1)), match.group(2)
-            warnings.append(
-                f"The {kind} {root} is itself named N_name: using repeats = {n} and class tokens "
-                f"'{name}' from its name."
-            )
-        else:
-            n = 1 if is_reg else repeats
-            name = root.name
-            warnings.append(f"The {kind} {root} has no N_ prefix: using repeats = {n}.")
-        subsets.append(_scan_subset(root, n, name, is_reg, extension, warnings, problems))
+        subsets.append(_scan_loose_root(root, kind, repeats, is_reg, extension, warnings, problems))
     elif subfolders:
         unused += [f"{p.name} (no N_ prefix: rename it like 10_{p.name})" for p in subfolders]
     if not any(s.images for s in subsets):
@@ -244,6 +210,61 @@ def _scan_root(
             + found
         )
     return subsets
+
+
+def _scan_numbered(
+    root: Path, numbered: list, subfolders: list[Path], loose: list[Path], is_reg: bool, extension: str,
+    warnings: list[str], problems: list[str],
+) -> tuple[list[Subset], list[str]]:
+    """The N_name sub-folders of a root; also warns about what is ignored beside them.
+    Returns the subsets and "name (why)" of every sub-folder not used."""
+    subsets: list[Subset] = []
+    unused: list[str] = []
+    for folder, match in numbered:
+        n, name = int(match.group(1)), match.group(2)
+        why = _unusable_repeats(n)
+        if why:
+            warnings.append(f"Skipped {folder}: {why}.")
+            unused.append(f"{folder.name} ({why})")
+            continue
+        subset = _scan_subset(folder, n, name, is_reg, extension, warnings, problems)
+        if not subset.images:
+            warnings.append(f"Skipped {folder}: it contains no usable images.")
+            unused.append(f"{folder.name} (no usable images)")
+            continue
+        subsets.append(subset)
+    others = [p.name for p in subfolders if not _REPEATS_FOLDER.match(p.name)]
+    if others:
+        warnings.append(
+            f"Ignored folders in {root} without an N_ prefix ({', '.join(others)}): "
+            "rename them like 10_name to use them."
+        )
+        unused += [f"{name} (no N_ prefix: rename it like 10_{name})" for name in others]
+    if loose:
+        warnings.append(
+            f"Ignored {len(loose)} images directly inside {root}: move them into an N_name folder "
+            "to use them."
+        )
+    return subsets, unused
+
+
+def _scan_loose_root(
+    root: Path, kind: str, repeats: int, is_reg: bool, extension: str, warnings: list[str],
+    problems: list[str],
+) -> Subset:
+    """A root that holds images itself: repeats and class tokens from its own N_name, else defaults."""
+    match = _REPEATS_FOLDER.match(root.name)
+    if match and not _unusable_repeats(int(match.group(1))):
+        n, name = int(match.group(1)), match.group(2)
+        warnings.append(
+            f"The {kind} {root} is itself named N_name: using repeats = {n} and class tokens "
+            f"'{name}' from its name."
+        )
+    else:
+        n = 1 if is_reg else repeats
+        name = root.name
+        warnings.append(f"The {kind} {root} has no N_ prefix: using repeats = {n}.")
+    return _scan_subset(root, n, name, is_reg, extension, warnings, problems)
 
 
 def _unusable_repeats(n: int) -> str | None:

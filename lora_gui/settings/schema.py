@@ -845,8 +845,11 @@ def parse_optimizer_args(text: str) -> dict:
 
 def cross_field_issues(s: TrainingSettings) -> list[tuple[str, str]]:
     """Rules that involve more than one field: (field path to change, what to do)."""
+    return _launch_issues(s) + _image_issues(s) + _training_issues(s)
+
+
+def _launch_issues(s: TrainingSettings) -> list[tuple[str, str]]:
     issues: list[tuple[str, str]] = []
-    img, tr = s.images, s.training
     la = s.launch
     if la.num_machines > 1 and la.machine_rank >= la.num_machines:
         issues.append(("launch.machine_rank", f"must be below num_machines ({la.num_machines})"))
@@ -856,6 +859,12 @@ def cross_field_issues(s: TrainingSettings) -> list[tuple[str, str]]:
     if la.num_processes < la.num_machines and (la.multi_gpu or la.num_machines > 1):
         issues.append(("launch.num_processes", "counts the processes of all machines: at least one "
                        "per machine"))
+    return issues
+
+
+def _image_issues(s: TrainingSettings) -> list[tuple[str, str]]:
+    issues: list[tuple[str, str]] = []
+    img = s.images
     if img.buckets:
         if img.min_bucket_resolution > img.max_bucket_resolution:
             issues.append(("images.min_bucket_resolution",
@@ -873,7 +882,12 @@ def cross_field_issues(s: TrainingSettings) -> list[tuple[str, str]]:
                 issues.append((f"images.{name}",
                                f"{what} changes the pixels every epoch, so latents cannot be cached: "
                                f"turn off {name} or cache_latents"))
-    adv = s.advanced
+    return issues
+
+
+def _training_issues(s: TrainingSettings) -> list[tuple[str, str]]:
+    issues: list[tuple[str, str]] = []
+    adv, tr = s.advanced, s.training
     if adv.dora_wd and adv.network_type not in ("LoRA", "LoCon", "LoHa", "LoKr"):
         issues.append(("advanced.dora_wd",
                        f"DoRA works with LoRA, LoCon, LoHa and LoKr, not {adv.network_type}: turn "

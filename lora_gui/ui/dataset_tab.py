@@ -172,10 +172,22 @@ def _filter(data: dict, comp: dict) -> RowFilter:
 
 
 def wire_dataset_tab(ctx: Ctx) -> None:
-    comp, reg = ctx.components, ctx.registry
+    comp = ctx.components
     filters = {comp[k] for k in ("ds_tag", "ds_no_caption", "ds_bucket", "ds_folder", "ds_page")}
     view_outs = [comp[k] for k in ("ds_gallery", "ds_paths", "ds_status", "ds_page", "ds_chart",
                                    "ds_bucket", "ds_folder", "ds_message")]
+    view = wire_grid(ctx, filters, view_outs)
+    wire_selection(ctx)
+    wire_edits(ctx, view, filters, view_outs)
+    wire_checks(ctx)
+    wire_captioning(ctx, view, filters, view_outs)
+    wire_toml_box(ctx, workbench_of)
+    wire_folders_box(ctx)
+
+
+def wire_grid(ctx: Ctx, filters: set, view_outs: list):
+    """Load, page and filter the grid; returns ``view``, which the other actions use to redraw it."""
+    comp, reg = ctx.components, ctx.registry
 
     def view(data: dict, page: int | None = None, message: str | None = None) -> dict:
         bench = workbench_of(reg.values(data))
@@ -201,6 +213,12 @@ def wire_dataset_tab(ctx: Ctx) -> None:
     comp["ds_tag"].submit(first_page, **listen)
     for key in ("ds_no_caption", "ds_bucket", "ds_folder"):
         comp[key].input(first_page, **listen)
+    return view
+
+
+def wire_selection(ctx: Ctx) -> None:
+    """Clicking an image shows it large with its caption; its loss mask is tinted in when asked."""
+    comp, reg = ctx.components, ctx.registry
 
     def shown(data: dict, path: str):
         """The selected image large: with its loss mask tinted in when asked."""
@@ -240,16 +258,17 @@ def wire_dataset_tab(ctx: Ctx) -> None:
                                outputs=[comp["ds_image"], comp["ds_mask_note"]], api_visibility="private")
     comp["ds_mask_folder"].submit(reshow, inputs=reg.inputs | mask_inputs,
                                   outputs=[comp["ds_image"], comp["ds_mask_note"]], api_visibility="private")
-    wire_edits(ctx, view, filters, view_outs)
+
+
+def wire_checks(ctx: Ctx) -> None:
+    """The checks before training, as a markdown report."""
+    comp, reg = ctx.components, ctx.registry
 
     def run_checks(values: dict):
         return workbench_of(values).check().to_markdown()
 
     comp["ds_check"].click(reg.handler(run_checks), inputs=reg.inputs, outputs=[comp["ds_report"]],
                            api_visibility="private")
-    wire_captioning(ctx, view, filters, view_outs)
-    wire_toml_box(ctx, workbench_of)
-    wire_folders_box(ctx)
 
 
 def wire_edits(ctx: Ctx, view, filters: set, view_outs: list) -> None:

@@ -9,30 +9,18 @@ from lora_gui.engine.ldm_keys import to_single_file_state_dict
 
 DEMO_MERGES = 2000  # BPE merges of the demo tokenizer: 512 + 2000 + 2 = 2514 tokens
 
+# The demo U-Net's shape that the SD and SDXL demos share: 3 levels of 32-64 channels, 2 layers each.
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
+                 layers_per_block=2, norm_num_groups=16)
 
-def _tiny_components(seed: int):
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lora_gui.engine.tokenizer import MAX_LENGTH, clip_tokenizer
+def tiny_vae(**family_config):
+    """The demo VAE (4 levels, 8x downscale, 4 latent channels) of the SD and SDXL demos;
+    ``family_config`` adds what differs per family (SDXL: its scaling factor, fp32 upcast).
+    The caller seeds torch first."""
+    from diffusers import AutoencoderKL
 
-    tokenizer = clip_tokenizer(DEMO_MERGES)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=2,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=16,
-    )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -42,7 +30,28 @@ def _tiny_components(seed: int):
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
+        **family_config,
     )
+
+
+def _tiny_components(seed: int):
+    import torch
+    from diffusers import PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lora_gui.engine.tokenizer import MAX_LENGTH, clip_tokenizer
+
+    tokenizer = clip_tokenizer(DEMO_MERGES)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        **TINY_UNET,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+    )
+    torch.manual_seed(seed + 1)
+    vae = tiny_vae()
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_gui.engine.families.sd_demo import DEMO_MERGES
+from lora_gui.engine.families.sd_demo import DEMO_MERGES, TINY_UNET, tiny_vae
 from lora_gui.engine.families.sdxl_convert import to_sdxl_single_file_state_dict
 
 TE1_WIDTH, TE2_WIDTH = 32, 64
@@ -50,17 +50,13 @@ def _text_encoders(tokenizer, seed: int):
 
 def _unet_and_vae(seed: int):
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
+        **TINY_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=2,
         transformer_layers_per_block=(1, 1, 2),
         attention_head_dim=(2, 4, 4),
         cross_attention_dim=TE1_WIDTH + TE2_WIDTH,
@@ -68,22 +64,9 @@ def _unet_and_vae(seed: int):
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=TE2_WIDTH + 6 * TIME_EMBED_DIM,
-        norm_num_groups=16,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=SCALING_FACTOR,
-        force_upcast=True,
-    )
+    vae = tiny_vae(scaling_factor=SCALING_FACTOR, force_upcast=True)
     return unet, vae
 
 
