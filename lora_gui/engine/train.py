@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,51 +29,13 @@ from lora_gui.engine.families import family_for, stack_conditioning
 from lora_gui.engine.loader import make_loader
 from lora_gui.engine.noise import host_to, offset_noise, pyramid_noise
 from lora_gui.engine.optim import clip_gradients
+from lora_gui.engine.run_types import RunPosition, TrainingResult, preload
 from lora_gui.settings import TrainingSettings
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-__all__ = ["Diverged", "EngineError", "RunPosition", "Trainer", "TrainingResult", "explain", "run_training"]
-
-
-@dataclass
-class TrainingResult:
-    status: str  # finished | stopped | failed
-    step: int = 0
-    output_path: Path | None = None
-    state_dir: Path | None = None
-    files: list[Path] = field(default_factory=list)
-    message: str = ""
-    losses: list[float] = field(default_factory=list)
-    validation_losses: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class RunPosition:
-    """Where the run is; saved in every state so a resume continues at the exact batch."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0  # index of the next batch of ``epoch``
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
-
-
-def preload() -> None:
-    """Import what a run imports lazily (the diffusers and transformers model classes, the
-    sampling pipeline: seconds), so that a warm trainer (worker/warm.py) has done it before Start."""
-    from diffusers import (  # noqa: F401
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from diffusers.optimization import get_scheduler  # noqa: F401
-    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+__all__ = ["Diverged", "EngineError", "RunPosition", "Trainer", "TrainingResult", "explain", "preload",
+           "run_training"]
 
 
 def run_training(settings: TrainingSettings, events: ev.EventSink,
