@@ -29,9 +29,11 @@ def setting(
     label: str | None = None,
     choices: list[str] | None = None,
     step: float | None = None,
+    custom: bool = False,
     **constraints: Any,
 ) -> Any:
-    """Declare one setting. ``constraints`` are pydantic's (ge, le, gt, lt, min_length, ...)."""
+    """Declare one setting. ``constraints`` are pydantic's (ge, le, gt, lt, min_length, ...).
+    ``custom``: a dropdown whose choices are suggestions; other values may be typed in."""
     if widget not in WIDGETS:
         raise ValueError(f"unknown widget kind {widget!r}")
     extra: dict[str, Any] = {"widget": widget, "advanced": advanced, "order": next(_order)}
@@ -41,4 +43,6 @@ def setting(
         extra["choices"] = list(choices)
     if step is not None:
         extra["step"] = step
+    if custom:
+        extra["custom"] = True
     return Field(default, description=description, json_schema_extra=extra, **constraints)
