@@ -9,9 +9,11 @@ that A1111, ComfyUI and diffusers load (REFERENCE.md, section 2):
 * forward ``W x + up(down(x)) * alpha / r`` (Hu et al. 2021, "LoRA", eq. 3 with the alpha / r scale);
   peft's default init (down Kaiming-uniform with a = sqrt(5), up zeros) is kohya's init.
 
-Dropout is peft's ``lora_dropout``, which drops the *input* of the down projection; kohya's
-``network_dropout`` drops the down projection's output. Both are off at 0 and both are inactive in
-eval mode; the expected value of the update is the same.
+Dropout follows kohya (``networks/lora.py`` ``LoRAModule.forward``), not peft's ``lora_dropout``
+(which drops the *input* of the down projection): a forward hook on each down projection drops its
+output features (``network_dropout``), whole rank channels per sample (``rank_dropout``, rescaled by
+1 / (1 - p)) or, with probability ``module_dropout``, the module's whole update. All three act only in
+train mode and change neither the weights nor the file format.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class NetworkSpec:
     conv_rank: int = 0
     conv_alpha: float | None = None
     dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
     train_unet: bool = True
     train_text_encoder: bool = True
 
@@ -73,8 +77,9 @@ class NetworkSpec:
             raise ValueError(f"The conv rank (conv_dim) must be 0 (off) or positive, got {self.conv_rank}.")
         if self.conv_alpha is not None and self.conv_alpha <= 0:
             raise ValueError(f"The conv alpha must be positive, got {self.conv_alpha}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"The network dropout is a probability in [0, 1), got {self.dropout}.")
+        for name in ("dropout", "rank_dropout", "module_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"The network {name} is a probability in [0, 1), got {getattr(self, name)}.")
         if not (self.train_unet or self.train_text_encoder):
             raise ValueError("Train at least one of the U-Net and the text encoder.")
 
@@ -146,7 +151,7 @@ def _inject(model: nn.Module, targets: list[_Target], spec: NetworkSpec) -> dict
         target_modules=[t.path for t in targets],
         rank_pattern={p: spec.conv_rank for p in conv_paths},
         alpha_pattern={p: spec.effective_conv_alpha for p in conv_paths},
-        lora_dropout=spec.dropout,
+        lora_dropout=0.0,  # kohya's dropouts act after lora_down: see kohya_dropout_hook
         init_lora_weights=True,  # A: kaiming_uniform_(a=sqrt(5)), B: zeros == kohya
         bias="none",
     )
@@ -160,7 +165,37 @@ def _inject(model: nn.Module, targets: list[_Target], spec: NetworkSpec) -> dict
         if layer.r[ADAPTER_NAME] != expected_r:
             raise RuntimeError(f"peft gave {t.path} rank {layer.r[ADAPTER_NAME]} instead of {expected_r}.")
         layers[t.kohya_name] = layer
+        if spec.dropout or spec.rank_dropout or spec.module_dropout:
+            layer.lora_A[ADAPTER_NAME].register_forward_hook(kohya_dropout_hook(spec))
     return layers
+
+
+def kohya_dropout_hook(spec: NetworkSpec):
+    """A forward hook for a LoRA down projection that applies kohya's three dropouts to its output
+    ``lx`` (sd-scripts ``LoRAModule.forward``), in kohya's order and with kohya's random draws:
+
+    * module dropout: with probability p (one draw per call) the update is 0 (lx * 0; up(0) = 0);
+    * network dropout: ``F.dropout(lx, p)`` (elements, scaled by 1 / (1 - p));
+    * rank dropout: a [batch, rank] keep-mask (broadcast over tokens or pixels) times 1 / (1 - p).
+    """
+    def hook(module: nn.Module, args, lx: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return lx
+        if spec.module_dropout and torch.rand(1) < spec.module_dropout:
+            return lx * 0
+        if spec.dropout:
+            lx = nn.functional.dropout(lx, p=spec.dropout)
+        if spec.rank_dropout:
+            mask = torch.rand((lx.size(0), lx.size(1 if lx.ndim == 4 else -1)), device=lx.device) \
+                > spec.rank_dropout
+            if lx.ndim == 3:
+                mask = mask.unsqueeze(1)  # [B, tokens, r]
+            elif lx.ndim == 4:
+                mask = mask[..., None, None]  # conv: [B, r, h, w]
+            lx = lx * mask.to(lx.dtype) / (1.0 - spec.rank_dropout)
+        return lx
+
+    return hook
 
 
 def _lora_params(layers: dict[str, LoraLayer]) -> list[nn.Parameter]:
@@ -234,6 +269,25 @@ class LoraNetwork:
             sd[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER_NAME]), dtype=dtype)
         return sd
 
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """Max-norm regularisation of each module's update (sd-scripts
+        ``LoRANetwork.apply_max_norm_regularization``): where ||up @ down * alpha / r|| (Frobenius,
+        the conv update for conv modules) exceeds ``max_norm``, scale up and down by
+        sqrt(max_norm / norm). Returns (modules scaled, mean and max of the norms afterwards)."""
+        norms, scaled = [], 0
+        for layer in self._all_layers().values():
+            down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+            scale = layer.lora_alpha[ADAPTER_NAME] / layer.r[ADAPTER_NAME]
+            norm = float(update_weight(down, up).norm()) * scale
+            ratio = max_norm / norm if norm > max_norm else 1.0
+            if ratio != 1.0:
+                scaled += 1
+                down.mul_(ratio**0.5)
+                up.mul_(ratio**0.5)
+            norms.append(norm * ratio)
+        return scaled, sum(norms) / max(1, len(norms)), max(norms, default=0.0)
+
     def load_state_dict_kohya(self, sd: dict[str, torch.Tensor]) -> None:
         """Load weights of an existing kohya LoRA (lora_model_for_resume).
 
@@ -279,6 +333,16 @@ class LoraNetwork:
                     )
                 layer.lora_alpha[ADAPTER_NAME] = alpha
                 layer.set_scale(ADAPTER_NAME, 1.0)  # scaling = alpha / r
+
+
+def update_weight(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """up @ down as a weight of the base layer's shape (without alpha / r): a matrix product for
+    Linear and 1x1 conv modules, the composed convolution for a kxk down with a 1x1 up."""
+    if down.ndim == 2:
+        return up @ down
+    if down.shape[2:] == (1, 1):
+        return (up.flatten(1) @ down.flatten(1))[..., None, None]
+    return nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
 
 
 def _key_mismatch_sentence(missing: list[str], unexpected: list[str]) -> str:

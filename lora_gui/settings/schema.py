@@ -27,7 +27,8 @@ LR_SCHEDULERS = (
 # class path such as ``pytorch_optimizer.CAME`` is accepted as well (see ``_optimizer_name``).
 OPTIMIZERS = (
     "AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion", "Lion8bit",
-    "PagedLion8bit", "SGDNesterov", "SGDNesterov8bit", "Prodigy", "DAdaptation", "DAdaptAdam",
+    "PagedLion8bit", "SGDNesterov", "SGDNesterov8bit", "Prodigy", "DAdaptation", "DAdaptAdamPreprint",
+    "DAdaptAdam",
     "DAdaptAdaGrad", "DAdaptAdan", "DAdaptAdanIP", "DAdaptLion", "DAdaptSGD", "Adafactor",
     "AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree", "CAME",
 )
