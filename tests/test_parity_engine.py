@@ -326,9 +326,8 @@ def test_loraplus_and_block_groups():
 
 
 def test_custom_scheduler_type_with_its_arguments():
-    s = settings("training.lr_scheduler=constant", "training.lr_warmup_steps=0")
-    s = s.model_copy(update={"training": s.training.model_copy(update={
-        "lr_scheduler_type": "CosineAnnealingLR", "lr_scheduler_args": "T_max=4"})})
+    s = settings("training.lr_scheduler=constant", "training.lr_warmup_steps=0",
+                 "training.lr_scheduler_type=CosineAnnealingLR", "training.lr_scheduler_args=T_max=4")
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = O.build_scheduler(s, opt, total_steps=4)
     lrs = []
@@ -338,8 +337,27 @@ def test_custom_scheduler_type_with_its_arguments():
         lrs.append(sched.get_last_lr()[0])
     assert lrs == pytest.approx([(1 + math.cos(math.pi * k / 4)) / 2 for k in (1, 2, 3)])
     bad = s.model_copy(update={"training": s.training.model_copy(update={"lr_scheduler_type": "os.system"})})
-    with pytest.raises(O.OptimizerSettingError, match="lr_scheduler_type"):
+    with pytest.raises(O.OptimizerSettingError, match="lr_scheduler_type"):  # even past the settings' check
         O.build_scheduler(bad, opt, total_steps=4)
+
+
+@pytest.mark.parametrize("name,overrides,expected", [
+    # transformers' formulas with sd-scripts' arguments, warm-up 2 of 10 steps, lr 1.
+    ("inverse_sqrt", ["training.lr_scheduler_timescale=4"], [0.0, 0.5, 1.0, 1 / math.sqrt(1.25),
+                                                             1 / math.sqrt(1.5)]),
+    ("cosine_with_min_lr", ["training.lr_scheduler_min_lr_ratio=0.2"],
+     [0.0, 0.5, 1.0] + [0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 0.5 * 2 * k / 8)) for k in (1, 2)]),
+])
+def test_transformers_schedulers_with_sd_scripts_arguments(name, overrides, expected):
+    s = settings(f"training.lr_scheduler={name}", "training.lr_warmup_steps=2", *overrides)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = O.build_scheduler(s, opt, total_steps=10)
+    lrs = []
+    for _ in range(5):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(expected)
 
 
 # --- network dropout and max norm (sd-scripts networks/lora.py LoRAModule) ---------------------------

@@ -182,7 +182,7 @@ def build_scheduler(settings: TrainingSettings, optimizer, total_steps: int, num
                                     "or choose another scheduler.")
     if type(optimizer).__name__.endswith("ScheduleFree"):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    custom = getattr(t, "lr_scheduler_type", "").strip()
+    custom = t.lr_scheduler_type.strip()
     if custom:
         cls = import_allowed(custom, "torch.optim.lr_scheduler", ALLOWED_SCHEDULER_PACKAGES,
                              "training.lr_scheduler_type")
@@ -210,9 +210,8 @@ def scheduler_arguments(settings: TrainingSettings) -> dict[str, Any]:
     """``lr_scheduler_args`` read as sd-scripts reads them: key=value pairs, literal values."""
     from lora_gui.settings.schema import parse_optimizer_args
 
-    text = getattr(settings.training, "lr_scheduler_args", "")  # declared by the parity settings
     try:
-        return parse_optimizer_args(text)
+        return parse_optimizer_args(settings.training.lr_scheduler_args)
     except ValueError as exc:
         raise OptimizerSettingError(f"training.lr_scheduler_args: {exc}") from None
 
@@ -226,9 +225,8 @@ def _construct(factory: Callable, optimizer, kwargs: dict[str, Any], setting: st
 
 
 def _named_scheduler(t, optimizer, warmup: int, total: int, extra: dict[str, Any]):
-    """sd-scripts' arguments per scheduler name (``get_scheduler_fix``); ``extra`` (the
-    lr_scheduler_args) are added, and may also give what has no setting here (``min_lr_rate``,
-    ``timescale``, ``num_decay_steps``, ``step_rules``)."""
+    """sd-scripts' arguments per scheduler name (``get_scheduler_fix``), plus ``extra`` (the
+    lr_scheduler_args, e.g. piecewise_constant's ``step_rules``)."""
     from diffusers import optimization as dif
     from transformers import optimization as tra
 
@@ -240,23 +238,24 @@ def _named_scheduler(t, optimizer, warmup: int, total: int, extra: dict[str, Any
         return _construct(tra.get_constant_schedule, optimizer, extra, "training.lr_scheduler_args")
     if name == "piecewise_constant":
         return _construct(dif.get_piecewise_constant_schedule, optimizer, extra, "training.lr_scheduler_args")
-    if name == "constant_with_warmup":
-        args = {"num_warmup_steps": warmup}
-    elif name == "inverse_sqrt":
-        args = {"num_warmup_steps": warmup}
-    else:
-        args = {"num_warmup_steps": warmup, "num_training_steps": total}
+    min_lr_ratio = t.lr_scheduler_min_lr_ratio or 0.0
+    args: dict[str, Any] = {"num_warmup_steps": warmup}
+    if name not in ("constant_with_warmup", "inverse_sqrt"):
+        args["num_training_steps"] = total
     if name == "cosine_with_restarts":
         args["num_cycles"] = t.lr_scheduler_num_cycles
     elif name == "polynomial":
         args["power"] = t.lr_scheduler_power
-    elif name == "cosine_with_min_lr":
-        args["num_cycles"] = t.lr_scheduler_num_cycles / 2  # sd-scripts halves it here
+    elif name == "inverse_sqrt":
+        args["timescale"] = t.lr_scheduler_timescale
+    elif name == "cosine_with_min_lr":  # sd-scripts halves the cycles here
+        args.update(num_cycles=t.lr_scheduler_num_cycles / 2, min_lr_rate=min_lr_ratio)
     elif name == "warmup_stable_decay":
-        decay = int(extra.pop("num_decay_steps", 0))
+        d = t.lr_decay_steps
+        decay = int(d * total) if d < 1 else int(d)
         args = {"num_warmup_steps": warmup, "num_decay_steps": decay,
                 "num_stable_steps": total - warmup - decay, "num_cycles": t.lr_scheduler_num_cycles / 2,
-                "min_lr_ratio": extra.pop("min_lr_ratio", 0.0)}
+                "min_lr_ratio": min_lr_ratio}
     functions = {"linear": dif.get_linear_schedule_with_warmup, "cosine": dif.get_cosine_schedule_with_warmup,
                  "cosine_with_restarts": dif.get_cosine_with_hard_restarts_schedule_with_warmup,
                  "polynomial": dif.get_polynomial_decay_schedule_with_warmup,
