@@ -143,15 +143,16 @@ def test_loss_types_by_hand():
 
 def test_huber_schedules_by_hand():
     t = torch.tensor([0, 500, 1000 - 1])
-    abar = torch.linspace(0.99, 0.01, 1000)
-    const = L.huber_threshold("constant", 0.1, 2.0, t, abar, 1000)
+    abar = torch.tensor([0.99, 0.5, 0.01])
+    snr = abar / (1 - abar)
+    const = L.huber_threshold("constant", 0.1, 2.0, t, snr, 1000)
     assert const.tolist() == pytest.approx([0.2, 0.2, 0.2])
     # exponential: exp(-a t) * scale with a = -ln(c) / T: 1 at t = 0, c at t = T.
-    expo = L.huber_threshold("exponential", 0.1, 1.0, t, abar, 1000)
+    expo = L.huber_threshold("exponential", 0.1, 1.0, t, snr, 1000)
     assert expo.tolist() == pytest.approx([1.0, 0.1**0.5, 0.1 ** (999 / 1000)])
-    # snr: (1 - c) / (1 + sigma)^2 + c, sigma = sqrt((1 - abar) / abar).
-    snr = L.huber_threshold("snr", 0.1, 1.0, t, abar, 1000)
-    expected = [(0.9 / (1 + math.sqrt((1 - a) / a)) ** 2 + 0.1) for a in abar[t].tolist()]
+    # snr: (1 - c) / (1 + sigma)^2 + c, sigma = sqrt((1 - abar) / abar): sqrt(1/99), 1, sqrt(99).
+    snr = L.huber_threshold("snr", 0.1, 1.0, t, snr, 1000)
+    expected = [0.9 / (1 + math.sqrt(1 / 99)) ** 2 + 0.1, 0.9 / 4 + 0.1, 0.9 / (1 + math.sqrt(99)) ** 2 + 0.1]
     assert snr.tolist() == pytest.approx(expected, rel=1e-6)
 
 
@@ -318,6 +319,10 @@ def test_loraplus_and_block_groups():
     groups = O.lora_param_groups(mods, "unet", 1e-4, plus_ratio=16)
     assert [(g["name"], g["lr"], len(g["params"])) for g in groups] == [
         ("unet", 1e-4, 2), ("unet plus", pytest.approx(16e-4), 2)]
+    downs = [d for d, _ in mods.values()]
+    assert groups[0]["params"] == [downs[0][0], downs[1][0]]
+    plain = O.lora_param_groups(mods, "unet", 1e-4)
+    assert plain == [{"params": [p for d, u in mods.values() for p in (*d, *u)], "lr": 1e-4, "name": "unet"}]
     weights = [1.0] * 25
     weights[1], weights[13] = 0.5, 0.0
     groups = O.lora_param_groups(mods, "unet", 1e-4, block_weights=weights)

@@ -3,15 +3,15 @@ report, the metadata facts), the LoRA saves, accelerate's state folders and resu
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import torch
 
 from lora_gui import events as ev
-from lora_gui.dataset.captions import tag_frequency, write_tag_report
+from lora_gui.dataset.captions import write_tag_report
 from lora_gui.engine.errors import Diverged, EngineError
-from lora_gui.engine.metadata import RunFacts, base_model_name, build_metadata, with_hashes
+from lora_gui.engine.metadata import build_metadata, gather_facts, with_hashes
+from lora_gui.engine.optim import set_optimizer_mode
 from lora_gui.settings import io as settings_io
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
@@ -50,13 +50,7 @@ def write_run_files(t) -> None:
             if not report.exists():
                 t.files.append(write_tag_report(
                     report, t.info, alphabetical=s.labels.sort_tag_occurrence_alphabetically))
-    t.facts = RunFacts(
-        versions=t.family.metadata_versions(t.model, s), base_model_name=base_model_name(s.model.base_model),
-        num_train_images=t.num_train_images, num_reg_images=t.info.num_reg_images,
-        num_epochs=t.plan.epochs, max_train_steps=t.plan.total_steps,
-        tag_frequency=tag_frequency(t.info), dataset_dirs=t.info.dataset_dirs(),
-        bucket_info={"buckets": {f"{w}x{h}": n for (w, h), n in sorted(t.dataset.bucket_counts().items())}},
-        session_id=uuid.uuid4().hex[:16], started_at=t.t_start, network_alpha=t.network_alpha)
+    t.facts = gather_facts(t)
 
 
 def save(t, stem: str, *, state: bool, final: bool = False) -> tuple[Path, Path | None]:
@@ -69,7 +63,9 @@ def save(t, stem: str, *, state: bool, final: bool = False) -> tuple[Path, Path 
     if path.exists() and path in t.files:  # saved at this very step already
         return path, (state_dir if state_dir.exists() else None)
     t.acc.wait_for_everyone()
+    set_optimizer_mode(t.optimizer, False)  # schedule-free: save the averaged weights
     tensors = t.network.state_dict_kohya(SAVE_DTYPES[m.save_precision])
+    set_optimizer_mode(t.optimizer, True)
     if not all(torch.isfinite(v.float()).all() for v in tensors.values()):
         raise Diverged("The LoRA weights are no longer finite numbers (NaN/inf): the learning rate "
                        "is probably too high. Lower training.learning_rate; the last saved "
@@ -78,8 +74,8 @@ def save(t, stem: str, *, state: bool, final: bool = False) -> tuple[Path, Path 
         metadata = None
         if m.save_as == "safetensors":
             metadata = build_metadata(t.settings, t.facts, epoch=p.epoch, step=p.step, final=final)
-            if not m.no_meta:
-                metadata = with_hashes(tensors, metadata)
+            # sd-scripts' LoRANetwork.save_weights adds the sshs_* hashes even with no_metadata.
+            metadata = with_hashes(tensors, metadata)
         path = save_lora(path, tensors, metadata, m.save_as)
         t.files.append(path)
     if state:

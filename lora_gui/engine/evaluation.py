@@ -47,6 +47,8 @@ def prepare_samples(t) -> None:
     defaults = SamplePrompt(prompt="", width=sm.sample_width, height=sm.sample_height,
                             cfg_scale=sm.sample_cfg_scale, steps=sm.sample_steps)
     t.sample_prompts = parse_prompts(sm.sample_prompts, defaults)
+    for note in (n for p in t.sample_prompts for n in p.notes):
+        t.log(note, "warning")
 
 
 def sample(t, step: int, epoch: int) -> None:
@@ -70,5 +72,8 @@ def sample(t, step: int, epoch: int) -> None:
 
 
 def _set_training(t, on: bool) -> None:
+    from lora_gui.engine.optim import set_optimizer_mode
+
     for model in t.trained_models:
         model.train(on)
+    set_optimizer_mode(t.optimizer, on)  # schedule-free: evaluate the averaged weights

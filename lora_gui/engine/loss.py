@@ -21,7 +21,7 @@ SNR_CAP = 1000.0
 
 
 def huber_threshold(schedule: str, huber_c: float, huber_scale: float, timesteps: torch.Tensor,
-                    alphas_cumprod: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+                    snr: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
     """The Huber parameter c per sample (sd-scripts ``get_huber_threshold_if_needed``;
     Khrapov & Popov 2024, "Improving Diffusion Models's Data-Corruption Resistance using Scheduled
     Pseudo-Huber Loss"):
@@ -30,7 +30,7 @@ def huber_threshold(schedule: str, huber_c: float, huber_scale: float, timesteps
     * ``exponential``: c = exp(-a t) * huber_scale with a = -ln(huber_c) / T, so c goes from
       huber_scale at t = 0 to huber_c * huber_scale at t = T;
     * ``snr``: c = (1 - huber_c) / (1 + sigma_t)^2 + huber_c with sigma_t = sqrt((1 - abar) / abar)
-      (sd-scripts applies no huber_scale here).
+      = 1 / sqrt(SNR) (sd-scripts applies no huber_scale here).
     """
     if schedule == "constant":
         return torch.full(timesteps.shape, huber_c * huber_scale, device=timesteps.device)
@@ -38,8 +38,7 @@ def huber_threshold(schedule: str, huber_c: float, huber_scale: float, timesteps
         alpha = -math.log(huber_c) / num_train_timesteps
         return torch.exp(-alpha * timesteps.float()) * huber_scale
     if schedule == "snr":
-        abar = alphas_cumprod.to(timesteps.device)[timesteps]
-        sigmas = ((1.0 - abar) / abar) ** 0.5
+        sigmas = snr.float().rsqrt()
         return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
     raise ValueError(f"advanced.huber_schedule: {schedule!r} is not one of {', '.join(HUBER_SCHEDULES)}")
 
@@ -121,3 +120,34 @@ def timestep_weights(snr: torch.Tensor, *, v_prediction: bool, min_snr_gamma: fl
     if debiased_estimation:
         weight = weight * debiased_weight(snr, v_prediction)
     return weight
+
+
+def needs_snr(adv) -> bool:
+    """Whether the advanced settings ``adv`` weight the loss by the timestep's SNR."""
+    return bool(adv.min_snr_gamma > 0 or adv.scale_v_pred_loss_like_noise_pred or adv.v_pred_like_loss
+                or adv.debiased_estimation_loss
+                or (adv.loss_type in ("huber", "smooth_l1") and adv.huber_schedule == "snr"))
+
+
+def per_sample_loss(adv, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                    snr: torch.Tensor | None, *, v_prediction: bool, num_train_timesteps: int,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of each sample as sd-scripts ``NetworkTrainer.process_batch`` computes it from the
+    advanced settings ``adv``: the elementwise loss of ``loss_type`` (with the scheduled Huber c),
+    times the mask, the mean over everything but the batch, times :func:`timestep_weights` (``snr``
+    may be None when :func:`needs_snr` is False)."""
+    huber_c = None
+    if adv.loss_type in ("huber", "smooth_l1"):
+        huber_c = huber_threshold(adv.huber_schedule, adv.huber_c, adv.huber_scale, timesteps, snr,
+                                  num_train_timesteps)
+    loss = elementwise_loss(pred.float(), target.float(), adv.loss_type, huber_c)
+    if mask is not None:
+        loss = masked(loss, mask)
+    loss = loss.mean(dim=tuple(range(1, loss.ndim)))
+    if snr is None:
+        return loss
+    weights = timestep_weights(
+        snr, v_prediction=v_prediction, min_snr_gamma=adv.min_snr_gamma,
+        scale_v_pred_loss_like_noise_pred=adv.scale_v_pred_loss_like_noise_pred,
+        v_pred_like_loss=adv.v_pred_like_loss, debiased_estimation=adv.debiased_estimation_loss)
+    return loss * weights.to(loss.device)

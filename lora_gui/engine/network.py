@@ -89,6 +89,7 @@ class NetworkSpec:
         tr, adv = settings.training, settings.advanced
         return cls(rank=tr.network_dim, alpha=tr.network_alpha, conv_rank=adv.conv_dim,
                    conv_alpha=adv.conv_alpha, dropout=adv.network_dropout,
+                   rank_dropout=adv.rank_dropout, module_dropout=adv.module_dropout,
                    train_unet=settings.train_unet, train_text_encoder=settings.train_text_encoder)
 
     @property
@@ -247,6 +248,12 @@ class LoraNetwork:
 
     def text_encoder_parameters(self) -> list[nn.Parameter]:
         return _lora_params(self._layers["text_encoder"])
+
+    def module_parameters(self, part: str) -> dict[str, tuple[list[nn.Parameter], list[nn.Parameter]]]:
+        """kohya name -> (lora_down parameters, lora_up parameters) of one part ("unet" or
+        "text_encoder"), for per-module optimizer groups (LoRA+, block-wise learning rates)."""
+        return {name: (list(layer.lora_A[ADAPTER_NAME].parameters()), list(layer.lora_B[ADAPTER_NAME].parameters()))
+                for name, layer in self._layers[part].items()}
 
     def module_names(self) -> dict[str, list[str]]:
         """Kohya module names (keys without .lora_down.weight / .lora_up.weight / .alpha) per part."""

@@ -87,13 +87,6 @@ def zero_terminal_snr(scheduler):
     return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
 
 
-def min_snr_weights(snr: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
-    Weighting Strategy"): min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v."""
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if v_prediction else clipped / snr
-
-
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor,
                     timesteps: torch.Tensor) -> torch.Tensor:
     """What the U-Net learns to predict: the noise (epsilon) or the velocity (v-prediction,

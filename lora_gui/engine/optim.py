@@ -121,9 +121,18 @@ def is_relative_step_adafactor(optimizer) -> bool:
 
 def is_schedule_free(optimizer) -> bool:
     """Schedule-free optimizers (Defazio et al. 2024) keep two points and must be switched with
-    ``optimizer.train()`` / ``optimizer.eval()`` around training and evaluation."""
-    return type(optimizer).__name__.endswith("ScheduleFree") or (
-        callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None)))
+    ``optimizer.train()`` / ``optimizer.eval()`` around training and evaluation (sd-scripts
+    ``get_optimizer_train_eval_fn``). ``optimizer`` may be accelerate's wrapper."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return callable(getattr(inner, "train", None)) and callable(getattr(inner, "eval", None))
+
+
+def set_optimizer_mode(optimizer, train: bool) -> None:
+    """Put a schedule-free optimizer's parameters at its training point (``train``) or at the
+    averaged point that is evaluated and saved; other optimizers have one point only."""
+    if is_schedule_free(optimizer):
+        inner = getattr(optimizer, "optimizer", optimizer)
+        inner.train() if train else inner.eval()
 
 
 def _check_arguments(cls, name: str, user: dict[str, Any]) -> None:
@@ -155,8 +164,7 @@ def build_optimizer(settings: TrainingSettings, groups: list[dict[str, Any]]) ->
     except (TypeError, ValueError) as exc:
         raise OptimizerSettingError(f"training.optimizer_args: {name} refused the arguments "
                                     f"({exc}): check their names and values") from None
-    if is_schedule_free(optimizer) and hasattr(optimizer, "train"):
-        optimizer.train()
+    set_optimizer_mode(optimizer, True)
     return optimizer
 
 
@@ -357,12 +365,12 @@ def lora_param_groups(modules: dict[str, tuple[list, list]], part: str, lr: floa
     for block, names in sorted(by_block.items()):
         block_lr = lr * (block_weights[block] if block_weights is not None and block >= 0 else 1.0)
         label = f"{part}_block{block}" if block_weights is not None else part
-        down = [p for n in names for p in modules[n][0]]
-        up = [p for n in names for p in modules[n][1]]
         if plus_ratio:
+            down = [p for n in names for p in modules[n][0]]
+            up = [p for n in names for p in modules[n][1]]
             candidates = [(label, down, block_lr), (f"{label} plus", up, block_lr * plus_ratio)]
-        else:
-            candidates = [(label, down + up, block_lr)]
+        else:  # module by module, down then up (the order of the network's parameters)
+            candidates = [(label, [p for n in names for p in (*modules[n][0], *modules[n][1])], block_lr)]
         groups += [{"params": params, "lr": group_lr, "name": group_name}
                    for group_name, params, group_lr in candidates if params and group_lr]
     return groups

@@ -4,6 +4,7 @@ the text cache, the optimizer and the log writer. Each function fills in attribu
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -84,6 +85,10 @@ def _accelerator(t) -> None:
 def _load_model(t) -> None:
     t.log(f"Loading the base model {t.settings.model.base_model}")
     t.model = model = t.family.load(t.settings)
+    if t.settings.advanced.zero_terminal_snr:
+        from lora_gui.engine.noise import zero_terminal_snr
+
+        model.noise_scheduler = zero_terminal_snr(model.noise_scheduler)
     for note in model.notes:
         t.log(note, "warning")
     t.text_encoders = t.family.text_encoders(model)
@@ -196,12 +201,12 @@ def _build_optimizer(t) -> None:
     from lora_gui.engine.optim import build_optimizer, build_scheduler
 
     s = t.settings
-    groups = []
-    if s.train_unet:
-        groups.append({"params": t.network.unet_parameters(), "lr": s.effective_unet_lr})
-    if s.train_text_encoder:
-        groups.append({"params": t.network.text_encoder_parameters(), "lr": s.effective_text_encoder_lr})
+    groups = _param_groups(t)
     t.params = [p for g in groups for p in g["params"]]
+    stop = s.training.stop_text_encoder_training
+    # Steps during which the text encoder trains (sd-scripts train_db: while global_step < N).
+    t.text_encoder_steps = (math.ceil(stop * t.plan.total_steps) if stop < 1 else int(stop)) if stop \
+        else t.plan.total_steps
     optimizer = build_optimizer(s, groups)
     scheduler = build_scheduler(s, optimizer, t.plan.total_steps, t.acc.num_processes)
     trained = ([t.unet] if s.train_unet else []) + (list(t.text_encoders) if s.train_text_encoder else [])
@@ -209,3 +214,29 @@ def _build_optimizer(t) -> None:
     t.trained_models = list(prepared[:len(trained)])
     t.optimizer, t.lr_scheduler = prepared[len(trained):]
     checkpoint.register_state(t)
+
+
+def _param_groups(t) -> list[dict]:
+    """The LoRA's optimizer groups (sd-scripts ``prepare_optimizer_params``): U-Net, then text
+    encoder, each with its LoRA+ ratio; the U-Net's split by block with block-wise LR weights."""
+    from lora_gui.engine.optim import OptimizerSettingError, block_lr_weights, lora_param_groups
+
+    s, adv = t.settings, t.settings.advanced
+    try:
+        blocks = block_lr_weights(adv.down_lr_weight, adv.mid_lr_weight, adv.up_lr_weight,
+                                  adv.block_lr_zero_threshold)
+    except OptimizerSettingError as exc:
+        raise EngineError(str(exc)) from None
+    groups = []
+    if s.train_unet:
+        groups += lora_param_groups(t.network.module_parameters("unet"), "unet", s.effective_unet_lr,
+                                    plus_ratio=adv.loraplus_unet_lr_ratio or adv.loraplus_lr_ratio,
+                                    block_weights=blocks)
+    if s.train_text_encoder:
+        groups += lora_param_groups(t.network.module_parameters("text_encoder"), "textencoder",
+                                    s.effective_text_encoder_lr,
+                                    plus_ratio=adv.loraplus_text_encoder_lr_ratio or adv.loraplus_lr_ratio)
+    if not groups:
+        raise EngineError("advanced.down_lr_weight: every block-wise LR weight is 0, so nothing would "
+                          "train: raise some of the down, mid or up LR weights.")
+    return groups

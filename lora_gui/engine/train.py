@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lora_gui import events as ev
 from lora_gui.dataset.summary import derive_seed
@@ -27,7 +26,8 @@ from lora_gui.engine import checkpoint, evaluation, reporting, setup
 from lora_gui.engine.errors import Diverged, EngineError, explain
 from lora_gui.engine.families import family_for, stack_conditioning
 from lora_gui.engine.loader import make_loader
-from lora_gui.engine.noise import host_to, offset_noise, pyramid_noise
+from lora_gui.engine.loss import needs_snr, per_sample_loss
+from lora_gui.engine.noise import host_to, input_perturbation, offset_noise, pyramid_noise, sample_timesteps
 from lora_gui.engine.optim import clip_gradients
 from lora_gui.settings import TrainingSettings
 
@@ -97,6 +97,7 @@ class Trainer:
         self.validation_losses: list[tuple[int, float]] = []
         self._pending: list[tuple[int, int, torch.Tensor, float]] = []
         self._micro_losses: list[torch.Tensor] = []
+        self._norm_figures: dict[int, dict] = {}  # step -> max-norm figures (scale_weight_norms)
         self._last_report = 0.0
         self._writer = None
         self.is_main = True
@@ -184,6 +185,11 @@ class Trainer:
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if self.acc.sync_gradients and s.advanced.scale_weight_norms:
+            # sd-scripts apply_max_norm_regularization after each step; its figures go with the loss.
+            scaled, mean, largest = self.network.apply_max_norm(s.advanced.scale_weight_norms)
+            self._norm_figures[p.step + 1] = {"keys_scaled": scaled, "average_key_norm": mean,
+                                              "max_key_norm": largest}
         p.batch = batch_index + 1
         self._micro_losses.append(loss.detach())
         if not self.acc.sync_gradients:
@@ -238,12 +244,16 @@ class Trainer:
         else:
             torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
+        adv = self.settings.advanced
         latents = self._latents(batch)
         noise = self._noise(latents, generator)
-        timesteps = host_to(torch.randint(0, self.family.num_train_timesteps(self.model),
-                                          (latents.shape[0],), generator=generator), self.device)
+        max_timestep = min(adv.max_timestep, self.family.num_train_timesteps(self.model))
+        timesteps = host_to(sample_timesteps(latents.shape[0], adv.min_timestep, max_timestep, generator),
+                            self.device)
+        noisy_with = input_perturbation(noise, adv.ip_noise_gamma, generator, adv.ip_noise_gamma_random_strength)
         return self._weighted_loss(latents, noise, timesteps, batch.captions, batch.is_reg,
-                                   self.family.batch_conditioning(self.model, batch, self.device))
+                                   self.family.batch_conditioning(self.model, batch, self.device),
+                                   noisy_with=noisy_with, mask=getattr(batch, "mask", None))
 
     def _latents(self, batch) -> torch.Tensor:
         if batch.latents is not None:
@@ -255,22 +265,26 @@ class Trainer:
     def _noise(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         adv = self.settings.advanced
         noise = host_to(torch.randn(latents.shape, generator=generator), latents.device)
-        noise = offset_noise(noise, adv.noise_offset, generator)
+        noise = offset_noise(noise, adv.noise_offset, generator, random_strength=adv.noise_offset_random_strength,
+                             adaptive_scale=adv.adaptive_noise_scale, latents=latents)
         return pyramid_noise(noise, adv.multires_noise_iterations, adv.multires_noise_discount, generator)
 
-    def _weighted_loss(self, latents, noise, timesteps, captions, is_reg, extra=None) -> torch.Tensor:
-        """MSE between the prediction and the target per sample, weighted for prior images
-        (DreamBooth's prior-preservation weight) and by Min-SNR-gamma, then the batch mean."""
+    def _weighted_loss(self, latents, noise, timesteps, captions, is_reg, extra=None, *,
+                       noisy_with=None, mask=None) -> torch.Tensor:
+        """The loss per sample (``engine.loss.per_sample_loss``: loss type, mask, timestep weights),
+        weighted for prior images (DreamBooth's prior-preservation weight), then the batch mean.
+        ``noisy_with``: the noise that makes the noisy latents when it is not the target's
+        (input perturbation)."""
         family, model, adv = self.family, self.model, self.settings.advanced
-        noisy = family.add_noise(model, latents, noise, timesteps)
+        noisy = family.add_noise(model, latents, noise if noisy_with is None else noisy_with, timesteps)
         with self.acc.autocast():
             text = self._text_states(captions)
             pred = family.predict(model, noisy, timesteps, text, extra, self.weight_dtype)
         target = family.target(model, latents, noise, timesteps)
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        snr = family.snr(model, timesteps) if needs_snr(adv) else None
+        loss = per_sample_loss(adv, pred, target, timesteps, snr, v_prediction=family.v_prediction(model),
+                               num_train_timesteps=family.num_train_timesteps(model), mask=mask)
         weights = torch.where(host_to(is_reg, loss.device), adv.prior_loss_weight, 1.0)
-        if adv.min_snr_gamma > 0:
-            weights = weights * family.min_snr_weights(model, timesteps, adv.min_snr_gamma).to(loss.device)
         return (loss * weights).mean()
 
     def _encode(self, captions: list[str]):
@@ -279,9 +293,9 @@ class Trainer:
     def _text_states(self, captions: list[str]):
         if self.text_cache is not None:
             return stack_conditioning([self.text_cache[c] for c in captions])
-        if self.settings.train_text_encoder:
+        if self.settings.train_text_encoder and self.progress.step < self.text_encoder_steps:
             return self._encode(captions)
-        with torch.no_grad():
+        with torch.no_grad():  # frozen, or stop_text_encoder_training reached
             return self._encode(captions)
 
     def _flush(self, force: bool = False) -> None:

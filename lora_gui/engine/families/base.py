@@ -91,8 +91,13 @@ class ModelFamily(ABC):
         """The denoiser's prediction for the noisy latents."""
 
     @abstractmethod
-    def min_snr_weights(self, model, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-        """Per-sample Min-SNR-gamma loss weights for ``timesteps``."""
+    def snr(self, model, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample signal-to-noise ratio of ``timesteps`` (the loss weights and Huber schedules
+        of ``engine.loss`` are functions of it)."""
+
+    @abstractmethod
+    def v_prediction(self, model) -> bool:
+        """Whether the denoiser predicts the velocity (the SNR weights differ for it)."""
 
     # --- the LoRA --------------------------------------------------------------------------------
 
