@@ -228,8 +228,8 @@ def test_sample_prompt_parsing():
     assert parse_prompt_line("   ", d) is None and parse_prompt_line("# comment", d) is None
     assert parse_prompt_line("plain prompt", d) == SamplePrompt("plain prompt", "", 512, 512, None, 7.0, 20)
     assert [x.prompt for x in parse_prompts("a\n\n# b\nc --s 3", d)] == ["a", "c"]
-    with pytest.raises(PromptLineError, match="line 2.*multiples of 8"):
-        parse_prompts("ok\nbad --w 100", d)
+    with pytest.raises(PromptLineError, match="line 2.*not a number"):
+        parse_prompts("ok\nbad --w wide", d)
     with pytest.raises(PromptLineError, match="--x"):
         parse_prompts("bad --x 1", d)
 

@@ -31,6 +31,7 @@ from lora_gui.settings.schema import (
     SAMPLERS,
     TrainingSettings,
     parse_optimizer_args,
+    sampler_name,
 )
 
 _OPTIMIZER_NAMES = {o.lower(): o for o in OPTIMIZERS} | {"adamw_8bit": "AdamW8bit"}
@@ -124,9 +125,6 @@ def _renamed(key: str, value: Any, out: ForeignImport, label: str) -> tuple[str,
             out.notes.append("xformers='none': using sdpa attention (PyTorch's own kernel)")
             return "attention", "sdpa"
         return "attention", str(value).lower()
-    if key == "sample_sampler":
-        name = str(value).lower().removeprefix("k_")
-        return "sample_sampler", {"dpmsingle": "dpmsolver"}.get(name, name)
     if key == "mixed_precision" and isinstance(_bool(value), bool):
         return "mixed_precision", "fp16" if _bool(value) else "no"
     if key == "save_precision":
@@ -169,8 +167,8 @@ def _checked(key: str, value: Any, out: ForeignImport, label: str) -> tuple[str,
             return None
         return "optimizer", name or text
     if key == "sample_sampler":
-        field_, name = _renamed(key, value, out, label)
-        if name not in SAMPLERS:
+        field_, name = "sample_sampler", sampler_name(value)
+        if name is None:
             out.rejected[label] = f"sampler {value!r} is not supported (choose one of " \
                                   f"{', '.join(SAMPLERS)})"
             return None

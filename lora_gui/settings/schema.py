@@ -48,6 +48,15 @@ SAMPLERS = (
     "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
 )
 
+
+def sampler_name(text: str) -> str | None:
+    """One of SAMPLERS for a kohya sampler name (sd-scripts get_my_scheduler also takes k_euler,
+    k_lms... and dpmsingle), or None when it is not one we have."""
+    name = str(text).strip().lower().removeprefix("k_")
+    name = {"dpmsingle": "dpmsolver"}.get(name, name)
+    return name if name in SAMPLERS else None
+
+
 # Keys that loading a settings file leaves alone: paths that only make sense on one machine, the
 # run's name and comment. The skip-list itself is never taken from a file.
 DEFAULT_SKIP_LIST = (
@@ -726,9 +735,11 @@ class SampleSettings(Group):
     title: ClassVar[str] = "Samples"
 
     sample_prompts: str = setting(
-        "", "One prompt per line for sample images during training. Options per line: --n negative "
-        "prompt, --w width, --h height, --d seed, --l CFG scale, --s steps. Lines starting with # "
-        "are skipped.", widget="textarea")
+        "", "One prompt per line for sample images during training, in kohya's syntax: --n negative "
+        "prompt, --w width, --h height (rounded down to a multiple of 8), --d seed, --l CFG scale, "
+        "--s steps, --ss sampler; flags in any case. --g, --cn, --ctr, --rcfg and --fs are accepted "
+        "and ignored with a note (other model families). Lines starting with # are skipped.",
+        widget="textarea")
     sample_sampler: Literal[SAMPLERS] = setting(  # type: ignore[valid-type]
         "euler_a", "Sampler (noise scheduler) used for sample images.", widget="dropdown")
     sample_width: int = setting(
@@ -740,8 +751,10 @@ class SampleSettings(Group):
     sample_cfg_scale: float = setting(
         7.0, "Default classifier-free guidance scale: how strongly samples follow the prompt "
         "(1 = no guidance).", widget="number", ge=0, le=50, label="Sample CFG scale")
-    test_seed: int = setting(
-        1234, "Seed for sample images, so samples from different epochs are comparable.",
+    test_seed: int | None = setting(
+        None, "Seed for the sample images of prompts without --d: prompt N uses this seed + N, so "
+        "samples from different epochs are comparable. Empty = a new random seed for every image, "
+        "as sd-scripts does; the seed used is written into the PNG either way.",
         widget="number", ge=0, le=2**32 - 1)
     sample_every_n_epochs: int = setting(
         0, "Make sample images every N epochs (0 = not per epoch).", widget="number", ge=0)

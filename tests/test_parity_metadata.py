@@ -1,0 +1,239 @@
+"""kohya parity of what a run writes: the safetensors metadata (read back as A1111's LoRA card reads
+it) and the sample prompts (kohya's prompt-line flags). Numbers are computed by hand from
+sd-scripts' formulas, named in each docstring."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+from lora_gui import events as ev
+from lora_gui.engine.metadata import model_hash, sha256_file
+from lora_gui.engine.sampling import PromptLineError, SamplePrompt, image_seed, parse_prompt_line
+from lora_gui.engine.train import run_training
+from lora_gui.settings import io
+
+D = SamplePrompt(prompt="", width=512, height=512, cfg_scale=7.0, steps=20)
+
+
+# --- sample prompts -------------------------------------------------------------------------------
+
+def test_kohya_flags_in_any_case_and_sizes_rounded_down_to_8():
+    """sd-scripts train_util.line_to_prompt_dict (re.IGNORECASE) and sample_image_inference
+    (side = max(64, side - side % 8); steps clamped to 1..1000)."""
+    p = parse_prompt_line("a cat --W 517 --H 70 --D 9 --L 4.5 --S 5000 --N dog --SS K_EULER", D)
+    assert (p.prompt, p.negative, p.width, p.height) == ("a cat", "dog", 512, 64)
+    assert (p.seed, p.cfg_scale, p.steps, p.sampler) == (9, 4.5, 1000, "euler")
+    small = parse_prompt_line("x --w 20 --h 0", D)
+    assert (small.width, small.height) == (64, 64)
+    assert p.notes == ()
+
+
+def test_flags_for_other_families_are_accepted_with_a_note():
+    p = parse_prompt_line("a cat --cn pose.png --g 3.5 --ctr 0.5 --rcfg 1 --fs 3 --ss ddpm", D)
+    assert p.prompt == "a cat" and p.sampler is None
+    assert [n.split(":")[0] for n in p.notes] == ["--cn pose.png", "--g 3.5", "--ctr 0.5", "--rcfg 1",
+                                                  "--fs 3", "--ss ddpm"]
+    assert "ControlNet" in p.notes[0] and "run's sampler" in p.notes[-1]
+    with pytest.raises(PromptLineError, match="--zz is not a sample option"):
+        parse_prompt_line("a --zz 1", D)
+    with pytest.raises(PromptLineError, match="seed"):
+        parse_prompt_line("a --d 99999999999", D)
+
+
+def test_a_prompt_without_a_seed_gets_a_random_one_unless_a_base_seed_is_set():
+    assert image_seed(SamplePrompt("a", seed=5), None, 3) == 5
+    assert image_seed(SamplePrompt("a"), 100, 3) == 103
+    seeds = {image_seed(SamplePrompt("a"), None, 0) for _ in range(8)}
+    assert len(seeds) > 1 and all(0 <= s < 2**32 for s in seeds)
+
+
+# --- a run with hand-made images --------------------------------------------------------------------
+
+def _image(path: Path, size: tuple[int, int], caption: str | None) -> None:
+    Image.new("RGB", size, (200, 30, 30)).save(path)
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """2_Shapes: 128x128, 96x64, 64x128 (2 repeats); 1_circles: 128x128, 64x64 (1 repeat);
+    reg 1_shape: 128x128, 100x100 (no captions: the class token 'shape')."""
+    root = tmp_path_factory.mktemp("parity-data")
+    shapes, circles, reg = root / "img" / "2_Shapes", root / "img" / "1_circles", root / "reg" / "1_shape"
+    for folder in (shapes, circles, reg):
+        folder.mkdir(parents=True)
+    _image(shapes / "a.png", (128, 128), "Red Square, White Background")
+    _image(shapes / "b.png", (96, 64), "red square, blue background")
+    _image(shapes / "c.png", (64, 128), "RED SQUARE")
+    _image(circles / "d.png", (128, 128), "red circle, white background")
+    _image(circles / "e.png", (64, 64), "Red Circle")
+    _image(reg / "f.png", (128, 128), None)
+    _image(reg / "g.png", (100, 100), None)
+    return root
+
+
+def _settings(demo, dataset: Path, out: Path, *extra: str):
+    s = io.load_preset("demo-tiny-cpu")
+    return io.apply_overrides(s, [
+        f"model.base_model={demo.single_file}", f"model.img_folder={dataset / 'img'}",
+        f"model.reg_img_folder={dataset / 'reg'}", f"model.output_folder={out}",
+        "images.resolution=128,128", "images.min_bucket_resolution=64", "images.max_bucket_resolution=128",
+        "images.flip_aug=false", "labels.shuffle_caption=false", "samples.sample_every_n_epochs=0",
+        "samples.sample_prompts=", "training.validation_split=0", "training.validation_every_n_steps=0",
+        "triggers.trigger_words=", *extra])
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def a1111_card(metadata: dict[str, str]) -> dict:
+    """What AUTOMATIC1111's extensions-builtin/Lora/ui_edit_user_metadata.py shows, reading the
+    metadata as its read_metadata_from_safetensors does (values starting with '{' parsed as JSON)."""
+    md = {k: (json.loads(v) if v.startswith("{") else v) for k, v in metadata.items()}
+    card = {label: md[key] for key, label in (("ss_output_name", "Output name"),
+                                              ("ss_sd_model_name", "Model"),
+                                              ("ss_clip_skip", "Clip skip"),
+                                              ("ss_network_module", "Kohya module"))
+            if md.get(key) not in (None, "None")}
+    card["Date trained"] = float(md["ss_training_started_at"])
+    resolutions: dict[str, int] = {}
+    for bucket in md["ss_bucket_info"]["buckets"].values():
+        resolution = bucket["resolution"]
+        key = f"{resolution[1]}x{resolution[0]}"
+        resolutions[key] = resolutions.get(key, 0) + int(bucket["count"])
+    card["Resolutions"] = resolutions
+    card["Dataset size"] = sum(int(p.get("img_count", 0)) for p in md["ss_dataset_dirs"].values())
+    tags: dict[str, int] = {}
+    for tag_counts in md["ss_tag_frequency"].values():
+        for tag, count in tag_counts.items():
+            tags[tag.strip()] = tags.get(tag.strip(), 0) + int(count)
+    card["Tags"] = tags
+    return card
+
+
+@pytest.fixture(scope="module")
+def run(demo, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("parity-run")
+    s = _settings(demo, dataset, out, "images.epochs=2", "images.save_every_n_epochs=1",
+                  "model.metadata_title=Red things", "model.metadata_author=Ann",
+                  "model.metadata_license=creativeml-openrail-m", "model.metadata_tags=red, shapes",
+                  "advanced.min_timestep=100", "advanced.rank_dropout=0.1")
+    events: list[ev.Event] = []
+    result = run_training(s, events.append)
+    assert result.status == "finished", result.message
+    return out, result, events
+
+
+def test_a1111_card_reads_every_field_from_a_saved_file(run, demo):
+    out, result, _ = run
+    card = a1111_card(_metadata(result.output_path))
+    assert card["Output name"] == "demo-lora" and card["Model"] == "model.safetensors"
+    assert card["Clip skip"] == "1" and card["Kohya module"] == "networks.lora"
+    # A1111 prints h x w. (128,128): a x2, d, e (64x64, aspect 1) and the 8 reg samples that
+    # match the 8 training samples; (128,64): b x2; (64,128): c x2
+    assert card["Resolutions"] == {"128x128": 2 + 1 + 1 + 8, "64x128": 2, "128x64": 2}
+    assert card["Dataset size"] == 5  # training images (ss_dataset_dirs has no reg folders)
+    assert card["Tags"] == {"red square": 3, "white background": 2, "blue background": 1,
+                            "red circle": 2, "shape": 2}
+    assert card["Date trained"] > 1.7e9
+
+
+def test_dataset_numbers_as_sd_scripts_records_them(run):
+    """train_util.DreamBoothDataset: num_train_images / num_reg_images = sum(repeats x images);
+    train_network.py: ss_dataset_dirs / ss_reg_dataset_dirs apart, ss_num_batches_per_epoch =
+    len(train_dataloader), ss_total_batch_size = batch x processes x accumulation."""
+    _, result, _ = run
+    md = _metadata(result.output_path)
+    assert md["ss_num_train_images"] == str(3 * 2 + 2 * 1)
+    assert md["ss_num_reg_images"] == str(2 * 1)
+    assert json.loads(md["ss_dataset_dirs"]) == {"2_Shapes": {"n_repeats": 2, "img_count": 3},
+                                                 "1_circles": {"n_repeats": 1, "img_count": 2}}
+    assert json.loads(md["ss_reg_dataset_dirs"]) == {"1_shape": {"n_repeats": 1, "img_count": 2}}
+    # 16 samples per epoch (8 train + 8 reg), batches never mix buckets: 1 + 1 + ceil(12 / 2) = 8
+    assert md["ss_num_batches_per_epoch"] == "8" and md["ss_total_batch_size"] == "2"
+    assert md["ss_steps"] == "16" and md["ss_epoch"] == "2"
+
+
+def test_bucket_info_has_sd_scripts_structure(run):
+    """train_util.BaseDataset.make_buckets: {"buckets": {i: {"resolution", "count"}},
+    "mean_img_ar_error"}: used buckets sorted, counts with repeats, error = bucket w/h - image
+    w/h averaged over the images: only b (96x64 -> 128x64) is off, by 2 - 1.5, over 7 images."""
+    _, result, _ = run
+    info = json.loads(_metadata(result.output_path)["ss_bucket_info"])
+    assert info["buckets"] == {"0": {"resolution": [64, 128], "count": 2},
+                               "1": {"resolution": [128, 64], "count": 2},
+                               "2": {"resolution": [128, 128], "count": 12}}
+    assert info["mean_img_ar_error"] == pytest.approx(0.5 / 7)
+
+
+def test_model_hashes_network_args_and_modelspec(run, demo):
+    """train_util.model_hash (sha256 of the 64 KiB at 1 MiB, 8 hex) and calculate_sha256 of the base
+    file; ss_network_args only with network args; ModelSpec from the metadata_* settings and
+    get_sai_model_spec's timestep range."""
+    _, result, _ = run
+    md = _metadata(result.output_path)
+    data = demo.single_file.read_bytes()
+    assert md["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert md["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
+    assert (model_hash(demo.single_file), sha256_file(demo.single_file)) == \
+        (md["ss_sd_model_hash"], md["ss_new_sd_model_hash"])
+    assert "ss_vae_name" not in md
+    assert json.loads(md["ss_network_args"]) == {"rank_dropout": "0.1"}
+    assert md["modelspec.title"] == "Red things" and md["modelspec.author"] == "Ann"
+    assert md["modelspec.license"] == "creativeml-openrail-m" and md["modelspec.tags"] == "red, shapes"
+    assert md["modelspec.timestep_range"] == "100,1000" and md["modelspec.encoder_layer"] == "1"
+    assert "modelspec.description" not in md
+    assert re.fullmatch(r"[0-9a-f]{64}", md["sshs_model_hash"])
+
+
+def test_every_save_records_when_it_finished(run):
+    out, result, events = run
+    saves = [e for e in events if isinstance(e, ev.CheckpointSaved)]
+    assert len(saves) == 2
+    first, final = (_metadata(Path(e.path)) for e in saves)
+    assert first["ss_epoch"] == "1" and first["ss_steps"] == "8"
+    assert float(first["ss_training_started_at"]) <= float(first["ss_training_finished_at"]) \
+        <= float(final["ss_training_finished_at"])
+
+
+def test_no_meta_keeps_modelspec_and_hashes_and_no_network_args_key(demo, dataset, tmp_path):
+    """train_network.py: minimum metadata (SS_METADATA_MINIMUM_KEYS) + the sai model spec, and
+    LoRANetwork.save_weights' sshs hashes; no ss_network_args key without network args."""
+    s = _settings(demo, dataset, tmp_path, "images.max_steps=1", "model.no_meta=true")
+    result = run_training(s, lambda e: None)
+    assert result.status == "finished", result.message
+    md = _metadata(result.output_path)
+    ss = {k for k in md if k.startswith("ss_")}
+    assert ss == {"ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_v2",
+                  "ss_base_model_version"}
+    assert md["modelspec.title"] == "demo-lora" and "modelspec.architecture" in md
+    assert {"sshs_model_hash", "sshs_legacy_hash"} <= set(md)
+
+
+def test_sample_png_of_a_prompt_without_seed_carries_the_random_seed(demo, dataset, tmp_path):
+    s = _settings(demo, dataset, tmp_path, "images.max_steps=1", "samples.sample_every_n_steps=1",
+                  "samples.sample_prompts=red square --W 67 --H 75 --SS ddim --cn pose.png --s 2\n"
+                  "red circle --s 2")
+    events: list[ev.Event] = []
+    result = run_training(s, events.append)
+    assert result.status == "finished", result.message
+    samples = [e for e in events if isinstance(e, ev.SampleReady)]
+    square, circle = (Image.open(e.path) for e in samples[-2:])
+    assert square.size == (64, 72)
+    text = square.text["parameters"]
+    assert "Sampler: ddim" in text and "Size: 64x72" in text
+    seeds = [int(re.search(r"Seed: (\d+)", Image.open(e.path).text["parameters"]).group(1))
+             for e in samples]
+    assert len(set(seeds)) > 1  # drawn afresh for each image
+    assert any("--cn pose.png" in e.message for e in events if isinstance(e, ev.Log))
+    assert circle.text["parameters"].startswith("red circle\nSteps: 2")
