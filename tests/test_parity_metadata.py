@@ -237,3 +237,79 @@ def test_sample_png_of_a_prompt_without_seed_carries_the_random_seed(demo, datas
     assert len(set(seeds)) > 1  # drawn afresh for each image
     assert any("--cn pose.png" in e.message for e in events if isinstance(e, ev.Log))
     assert circle.text["parameters"].startswith("red circle\nSteps: 2")
+
+
+# --- each parity setting where sd-scripts records it ------------------------------------------------
+
+def _facts():
+    from lora_gui.engine.metadata import RunFacts
+
+    return RunFacts(versions={"ss_v2": "False", "ss_base_model_version": "sd_v1",
+                              "modelspec.architecture": "stable-diffusion-v1/lora"},
+                    base_model_name="base.safetensors", num_train_images=8, num_reg_images=2,
+                    num_epochs=1, max_train_steps=4, tag_frequency={}, dataset_dirs={},
+                    bucket_info=None, session_id="s", started_at=1.0, network_alpha=8.0)
+
+
+# setting override -> (metadata key, value) as train_network.py's metadata dict (and
+# get_sai_model_spec for the modelspec keys) records it.
+RECORDED = [
+    ("advanced.noise_offset=0.05 & advanced.adaptive_noise_scale=0.01", "ss_adaptive_noise_scale", "0.01"),
+    ("advanced.zero_terminal_snr=true", "ss_zero_terminal_snr", "True"),
+    ("advanced.scale_weight_norms=1.5", "ss_scale_weight_norms", "1.5"),
+    ("advanced.ip_noise_gamma=0.1", "ss_ip_noise_gamma", "0.1"),
+    ("advanced.ip_noise_gamma_random_strength=true", "ss_ip_noise_gamma_random_strength", "True"),
+    ("advanced.noise_offset_random_strength=true", "ss_noise_offset_random_strength", "True"),
+    ("advanced.debiased_estimation_loss=true", "ss_debiased_estimation", "True"),
+    ("advanced.loss_type=huber", "ss_loss_type", "huber"),
+    ("advanced.huber_schedule=exponential", "ss_huber_schedule", "exponential"),
+    ("advanced.huber_c=0.2", "ss_huber_c", "0.2"),
+    ("advanced.huber_scale=2", "ss_huber_scale", "2.0"),
+    ("advanced.network_dropout=0.1", "ss_network_dropout", "0.1"),
+    ("advanced.min_timestep=200", "modelspec.timestep_range", "200,1000"),
+    ("advanced.max_timestep=800", "modelspec.timestep_range", "0,800"),
+    ("model.metadata_title=T", "modelspec.title", "T"),
+    ("model.metadata_author=A", "modelspec.author", "A"),
+    ("model.metadata_description=D", "modelspec.description", "D"),
+    ("model.metadata_license=L", "modelspec.license", "L"),
+    ("model.metadata_tags=a,b", "modelspec.tags", "a,b"),
+]
+# network args (kohya_ss passes them as --network_args key=value; ss_network_args keeps the strings)
+NETWORK_ARGS = [
+    ("advanced.rank_dropout=0.25", "rank_dropout", "0.25"),
+    ("advanced.module_dropout=0.1", "module_dropout", "0.1"),
+    ("advanced.loraplus_lr_ratio=16", "loraplus_lr_ratio", "16.0"),
+    ("advanced.loraplus_unet_lr_ratio=8", "loraplus_unet_lr_ratio", "8.0"),
+    ("advanced.loraplus_text_encoder_lr_ratio=4", "loraplus_text_encoder_lr_ratio", "4.0"),
+    ("advanced.down_lr_weight=sine+0.5", "down_lr_weight", "sine+0.5"),
+    ('advanced.mid_lr_weight="0.5"', "mid_lr_weight", "0.5"),
+    ("advanced.up_lr_weight=0,0,0,0,0,0,1,1,1,1,1,1", "up_lr_weight", "0,0,0,0,0,0,1,1,1,1,1,1"),
+    ("advanced.block_dims=" + ",".join(["4"] * 25), "block_dims", ",".join(["4"] * 25)),
+    ("advanced.block_alphas=" + ",".join(["2"] * 25), "block_alphas", ",".join(["2"] * 25)),
+    ("advanced.conv_block_dims=" + ",".join(["2"] * 25), "conv_block_dims", ",".join(["2"] * 25)),
+    ("advanced.conv_block_alphas=" + ",".join(["1"] * 25), "conv_block_alphas", ",".join(["1"] * 25)),
+]
+
+
+@pytest.mark.parametrize(("override", "key", "value"), RECORDED)
+def test_parity_setting_is_recorded_where_sd_scripts_records_it(override, key, value):
+    from lora_gui.engine.metadata import build_metadata
+
+    s = io.apply_overrides(io.validate_document({}), override.split(" & "))
+    md = build_metadata(s, _facts(), epoch=1, step=4, final=False)
+    assert md[key] == value
+    default = build_metadata(io.validate_document({}), _facts(), epoch=1, step=4, final=False)
+    assert default.get(key) != value
+
+
+@pytest.mark.parametrize(("override", "key", "value"), NETWORK_ARGS)
+def test_network_arg_settings_are_recorded_in_ss_network_args(override, key, value):
+    from lora_gui.engine.metadata import build_metadata
+
+    s = io.apply_overrides(io.validate_document({}), [override])
+    for meta in (build_metadata(s, _facts(), epoch=1, step=4, final=False),
+                 build_metadata(io.apply_overrides(s, ["model.no_meta=true"]), _facts(), epoch=1,
+                                step=4, final=False)):
+        assert json.loads(meta["ss_network_args"]) == {key: value}
+    assert "ss_network_args" not in build_metadata(io.validate_document({}), _facts(), epoch=1,
+                                                   step=4, final=False)

@@ -255,7 +255,7 @@ def _settings_record(s: TrainingSettings) -> dict:
         "ss_learning_rate": _s(tr.learning_rate),
         "ss_unet_lr": _s(s.effective_unet_lr),
         "ss_text_encoder_lr": _s(s.effective_text_encoder_lr),
-        "ss_lr_scheduler": tr.lr_scheduler_type or tr.lr_scheduler,
+        "ss_lr_scheduler": tr.lr_scheduler,
         "ss_lr_warmup_steps": _s(tr.lr_warmup_steps),
         "ss_optimizer": tr.optimizer + (f"({tr.optimizer_args})" if tr.optimizer_args else ""),
         "ss_seed": _s(tr.seed),
