@@ -347,9 +347,10 @@ class TrainingGroup(Group):
     optimizer: str = setting(
         "AdamW", "Optimizer, by kohya's names. The 8bit and Paged ones (bitsandbytes) save memory; "
         "Prodigy and the DAdapt ones set their own step size (use learning rate 1); the "
-        "ScheduleFree ones need no scheduler (constant); Adafactor can use its own schedule. A "
-        "dotted class path such as pytorch_optimizer.CAME is also accepted, with its arguments "
-        "below.", widget="dropdown", choices=list(OPTIMIZERS), custom=True)
+        "ScheduleFree ones need no scheduler (constant). Adafactor, as in sd-scripts, uses relative "
+        "steps (its own step size and schedule, whatever the scheduler says) unless the arguments "
+        "say relative_step=False. A dotted class path such as pytorch_optimizer.CAME is also "
+        "accepted, with its arguments below.", widget="dropdown", choices=list(OPTIMIZERS), custom=True)
     optimizer_args: str = setting(
         "", "Extra optimizer arguments as key=value pairs separated by spaces or commas, e.g. "
         "'weight_decay=0.01 betas=0.9,0.99' (kohya's --optimizer_args). Values are numbers, "
