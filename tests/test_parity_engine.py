@@ -478,3 +478,50 @@ def test_long_caption_states_are_bos_75_per_chunk_and_the_last_eos():
     assert joined[0, :, 0].tolist() == expected
     assert joined[1, :, 0].tolist() == [v + 1000 for v in expected]
     assert torch.equal(join_chunks(chunks[:1], 1), chunks[:1])  # 75 tokens: the 77 states as they are
+
+
+# --- regularisation images (sd-scripts DreamBoothDataset.__init__) ---------------------------------
+
+
+def test_reg_repeats_by_hand():
+    from lora_gui.dataset.summary import reg_repeats
+
+    # First pass: each image with its folder's repeats until 10 is reached (4, 8, 12: overshoots).
+    assert reg_repeats([4, 4, 4], 10) == [4, 4, 4]
+    # 3 after the first pass; then one more each in turn up to 7.
+    assert reg_repeats([1, 1, 1], 7) == [3, 2, 2]
+    # More reg images than needed: the later ones are not used.
+    assert reg_repeats([2, 1, 1, 1], 2) == [2, 0, 0, 0]
+    # Two folders 1_a (2 images) and 3_b (1 image) against 10: 1, 1, 3 = 5, then +1 in turn.
+    assert reg_repeats([1, 1, 3], 10) == [3, 3, 4]
+    assert reg_repeats([], 5) == [] and reg_repeats([2, 2], 0) == [0, 0]
+
+
+def test_reg_images_in_folder_order_with_their_repeats(tmp_path):
+    """2_train: 3 images -> 6 training samples. reg/1_a (r0, r1), reg/3_b (r2): r0 1, r1 1, r2 3
+    (= 5), then r0 once more: {r0: 2, r1: 1, r2: 3}, in every epoch."""
+    from collections import Counter
+
+    import numpy as np
+    from PIL import Image
+
+    from lora_gui.dataset.scan import scan_dataset
+    from lora_gui.engine.data import DataOptions, TrainDataset
+
+    def image(path, seed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+
+    for i in range(3):
+        image(tmp_path / "img" / "2_train" / f"t{i}.png", i)
+    image(tmp_path / "reg" / "1_a" / "r0.png", 10)
+    image(tmp_path / "reg" / "1_a" / "r1.png", 11)
+    image(tmp_path / "reg" / "3_b" / "r2.png", 12)
+    info = scan_dataset(tmp_path / "img", tmp_path / "reg", repeats=1)
+    s = settings("images.resolution=64,64", "images.buckets=false", "training.batch_size=1")
+    ds = TrainDataset(info, DataOptions.from_settings(s))
+    assert Counter(i.path.name for i in ds.reg_items) == {"r0.png": 2, "r1.png": 1, "r2.png": 3}
+    for epoch in (0, 1):
+        seen = Counter(i.path.name for b in ds.epoch_batches(epoch) for i in b if i.is_reg)
+        assert seen == {"r0.png": 2, "r1.png": 1, "r2.png": 3}

@@ -30,10 +30,10 @@ from lora_gui.dataset.scan import DatasetInfo, ImageEntry, Subset
 from lora_gui.dataset.summary import (
     DatasetSummary,
     count_batches,
-    cycle_to_length,
     dataset_summary,
     derive_seed,
     plan_buckets,
+    reg_schedule,
     split_validation,
 )
 
@@ -128,10 +128,8 @@ class TrainDataset:
             if i.path not in self.held_out
             for _ in range(s.repeats)
         ]
-        reg_pool = [
-            self._item(s, i, "") for s in info.reg_subsets for i in s.images for _ in range(s.repeats)
-        ]
-        self.reg_items = cycle_to_length(reg_pool, len(self.train_items), options.seed)
+        reg = [(self._item(s, i, ""), s.repeats) for s in info.reg_subsets for i in s.images]
+        self.reg_items = reg_schedule(reg, len(self.train_items))  # sd-scripts' order and repeats
         self._validation = [self._item(s, i, trigger) for s, i in train_images if i.path in self.held_out]
         self.latent_cache: LatentCache | None = None
 
