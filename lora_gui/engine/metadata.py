@@ -69,7 +69,8 @@ def gather_facts(t) -> RunFacts:
         session_id=uuid.uuid4().hex[:16], started_at=t.t_start, network_alpha=t.network_alpha,
         num_batches_per_epoch=math.ceil(t.plan.batches_per_epoch / processes),
         total_batch_size=s.effective_batch_size(processes), num_validation_images=len(held_out),
-        file_hashes=model_file_hashes(s.model.base_model, s.model.vae))
+        # Only the main process saves, so only it reads the base model file through for its hash.
+        file_hashes=model_file_hashes(s.model.base_model, s.model.vae) if t.is_main else {})
 
 
 def kohya_tag_frequency(info) -> dict[str, dict[str, int]]:
