@@ -11,7 +11,7 @@ from lora_gui import events as ev
 from lora_gui.dataset.captions import write_tag_report
 from lora_gui.engine.errors import Diverged, EngineError
 from lora_gui.engine.metadata import build_metadata, gather_facts, with_hashes
-from lora_gui.engine.optim import set_optimizer_mode
+from lora_gui.engine.optim import averaged_weights
 from lora_gui.settings import io as settings_io
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
@@ -63,9 +63,8 @@ def save(t, stem: str, *, state: bool, final: bool = False) -> tuple[Path, Path 
     if path.exists() and path in t.files:  # saved at this very step already
         return path, (state_dir if state_dir.exists() else None)
     t.acc.wait_for_everyone()
-    set_optimizer_mode(t.optimizer, False)  # schedule-free: save the averaged weights
-    tensors = t.network.state_dict_kohya(SAVE_DTYPES[m.save_precision])
-    set_optimizer_mode(t.optimizer, True)
+    with averaged_weights(t.optimizer):  # schedule-free: save the averaged weights
+        tensors = t.network.state_dict_kohya(SAVE_DTYPES[m.save_precision])
     if not all(torch.isfinite(v.float()).all() for v in tensors.values()):
         raise Diverged("The LoRA weights are no longer finite numbers (NaN/inf): the learning rate "
                        "is probably too high. Lower training.learning_rate; the last saved "

@@ -25,7 +25,7 @@ import numpy as np
 from lora_gui.atomic import atomic_open
 from lora_gui.dataset.buckets import Bucket, BucketOptions
 from lora_gui.dataset.captions import CaptionOptions, process_caption
-from lora_gui.dataset.images import load_image_array, random_hue_shift
+from lora_gui.dataset.images import find_mask, load_image_array, load_mask_array, random_hue_shift
 from lora_gui.dataset.scan import DatasetInfo, ImageEntry, Subset
 from lora_gui.dataset.summary import (
     DatasetSummary,
@@ -63,12 +63,18 @@ class DataOptions:
     batch_size: int
     seed: int
     validation_split: float
+    masked_loss: bool
+    mask_folder: Path | None  # None: the images' alpha channels are the masks
+    image_root: Path | None  # the image folder, which the mask folder mirrors
 
     @classmethod
     def from_settings(cls, settings: TrainingSettings) -> DataOptions:
-        same = {f.name: settings.get(f.name) for f in fields(cls) if f.name not in ("buckets", "captions")}
+        paths = {"mask_folder": settings.advanced.mask_folder, "image_root": settings.model.img_folder}
+        same = {f.name: settings.get(f.name) for f in fields(cls)
+                if f.name not in ("buckets", "captions", *paths)}
         return cls(buckets=BucketOptions.from_settings(settings),
-                   captions=CaptionOptions.from_settings(settings), **same)
+                   captions=CaptionOptions.from_settings(settings),
+                   **{k: Path(v).expanduser() if v.strip() else None for k, v in paths.items()}, **same)
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ class Batch:
     flipped: list[bool]
     pixels: torch.Tensor | None = None
     latents: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # [B,1,H,W] in [0, 1] with masked_loss
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,38 @@ class TrainDataset:
         reg = [(self._item(s, i, ""), s.repeats) for s in info.reg_subsets for i in s.images]
         self.reg_items = reg_schedule(reg, len(self.train_items))  # sd-scripts' order and repeats
         self._validation = [self._item(s, i, trigger) for s, i in train_images if i.path in self.held_out]
+        self._masks = self._find_masks() if options.masked_loss and options.mask_folder else {}
         self.latent_cache: LatentCache | None = None
+
+    def _find_masks(self) -> dict[Path, Path]:
+        """image -> mask file below the mask folder, for every training image (regularisation
+        images have no masks there: their loss counts everywhere)."""
+        from lora_gui.dataset.scan import IMAGE_EXTENSIONS, DatasetError
+
+        o, masks = self.options, {}
+        for subset in self.info.train_subsets:
+            for image in subset.images:
+                try:
+                    relative = image.path.relative_to(o.image_root)
+                except ValueError:
+                    relative = Path(image.path.name)
+                mask = find_mask(o.mask_folder, relative, IMAGE_EXTENSIONS)
+                if mask is None:
+                    raise DatasetError(f"advanced.mask_folder: there is no mask for {image.path.name} (expected "
+                                       f"{o.mask_folder / relative}, any image format): add it or clear the "
+                                       "mask folder to use the images' alpha channels.")
+                masks[image.path] = mask
+        return masks
+
+    def _mask(self, item: Item, draw: _Draw):
+        """The loss mask of one sample: from the mask folder, or the image's alpha channel."""
+        if self.options.mask_folder is None:
+            return load_mask_array(item.path, item.bucket, alpha=True, flip=draw.flip,
+                                   crop_position=draw.crop_position)
+        if item.path not in self._masks:  # a regularisation image: everywhere
+            return np.ones((1, item.bucket[1], item.bucket[0]), dtype=np.float32)
+        return load_mask_array(self._masks[item.path], item.bucket, alpha=False, flip=draw.flip,
+                               crop_position=draw.crop_position)
 
     def _item(self, subset: Subset, image: ImageEntry, trigger: str) -> Item:
         return Item(image.path, subset.caption_for(image), self.bucket_of[image.path], subset.is_reg, trigger)
@@ -250,6 +288,8 @@ class TrainDataset:
                 for i, d in zip(items, draws)
             ]
             batch.pixels = torch.from_numpy(np.stack(arrays))
+        if self.options.masked_loss:
+            batch.mask = torch.from_numpy(np.stack([self._mask(i, d) for i, d in zip(items, draws)]))
         return batch
 
     # --- latent cache -----------------------------------------------------------------------------

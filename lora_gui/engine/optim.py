@@ -7,6 +7,7 @@ Follows kohya-ss/sd-scripts ``library/train_util.py`` (``get_optimizer``, ``get_
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
@@ -133,6 +134,26 @@ def set_optimizer_mode(optimizer, train: bool) -> None:
     if is_schedule_free(optimizer):
         inner = getattr(optimizer, "optimizer", optimizer)
         inner.train() if train else inner.eval()
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer):
+    """Inside: a schedule-free optimizer's parameters at the averaged point (what is evaluated and
+    saved). Afterwards the training point comes back bit for bit (the eval/train interpolations
+    would round), so evaluating or saving never changes the course of training."""
+    if not is_schedule_free(optimizer):
+        yield
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    snapshot = [p.detach().clone() for p in params]
+    set_optimizer_mode(optimizer, False)
+    try:
+        yield
+    finally:
+        set_optimizer_mode(optimizer, True)
+        with torch.no_grad():
+            for p, saved in zip(params, snapshot):
+                p.copy_(saved)
 
 
 def _check_arguments(cls, name: str, user: dict[str, Any]) -> None:

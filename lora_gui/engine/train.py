@@ -253,7 +253,7 @@ class Trainer:
         noisy_with = input_perturbation(noise, adv.ip_noise_gamma, generator, adv.ip_noise_gamma_random_strength)
         return self._weighted_loss(latents, noise, timesteps, batch.captions, batch.is_reg,
                                    self.family.batch_conditioning(self.model, batch, self.device),
-                                   noisy_with=noisy_with, mask=getattr(batch, "mask", None))
+                                   noisy_with=noisy_with, mask=batch.mask)
 
     def _latents(self, batch) -> torch.Tensor:
         if batch.latents is not None:
@@ -283,7 +283,8 @@ class Trainer:
         target = family.target(model, latents, noise, timesteps)
         snr = family.snr(model, timesteps) if needs_snr(adv) else None
         loss = per_sample_loss(adv, pred, target, timesteps, snr, v_prediction=family.v_prediction(model),
-                               num_train_timesteps=family.num_train_timesteps(model), mask=mask)
+                               num_train_timesteps=family.num_train_timesteps(model),
+                               mask=None if mask is None else host_to(mask, target.device))
         weights = torch.where(host_to(is_reg, loss.device), adv.prior_loss_weight, 1.0)
         return (loss * weights).mean()
 

@@ -1,0 +1,276 @@
+"""kohya parity options reach the training step (issue 12): each option, switched on in the settings,
+changes what the Trainer computes exactly as the sd-scripts formula says (hand-computed from the
+step's own noise), on the tiny demo model."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lora_gui import events as ev
+from lora_gui.dataset.summary import derive_seed
+from lora_gui.engine import checkpoint
+from lora_gui.engine.network import load_lora_file, update_weight
+from lora_gui.engine.train import Trainer, run_training
+from lora_gui.settings import io
+
+
+def demo_settings(demo, out: Path, *overrides: str):
+    return io.apply_overrides(io.load_preset("demo-tiny-cpu"), [
+        f"model.base_model={demo.model_dir}", f"model.img_folder={demo.dataset_dir}",
+        f"model.output_folder={out}", "samples.sample_every_n_epochs=0", "images.save_every_n_epochs=0",
+        "images.max_steps=2", "training.validation_split=0", *overrides])
+
+
+def set_up(settings) -> Trainer:
+    trainer = Trainer(settings, [].append, ev.CommandQueue())
+    trainer.t_start = time.time()
+    trainer._setup()
+    trainer.close()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def trainer(demo, tmp_path_factory):
+    return set_up(demo_settings(demo, tmp_path_factory.mktemp("parity")))
+
+
+@pytest.fixture
+def configured(trainer):
+    """The module's Trainer with other settings, for the step functions that read them."""
+    original = trainer.settings
+
+    def change(*overrides: str) -> Trainer:
+        trainer.settings = io.apply_overrides(original, list(overrides))
+        return trainer
+
+    yield change
+    trainer.settings = original
+
+
+@pytest.fixture
+def zero_prediction(trainer, monkeypatch):
+    """The denoiser predicts 0, and each call's (noisy latents, timesteps) is recorded."""
+    calls = []
+
+    def predict(model, noisy, timesteps, text, extra, dtype):
+        calls.append((noisy.detach().clone(), timesteps.detach().clone()))
+        return torch.zeros_like(noisy)
+
+    monkeypatch.setattr(trainer.family, "predict", predict)
+    return calls
+
+
+def _inputs(trainer, t=500):
+    batch = trainer.dataset.load_batch(trainer.dataset.epoch_batches(0)[0][:1], 0, 0)
+    latents = trainer._latents(batch)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2))
+    return batch, latents, noise, torch.tensor([t])
+
+
+# --- loss types, weights, masks (sd-scripts conditional_loss, post_process_loss, apply_masked_loss) --
+
+
+def test_loss_types_in_the_step(configured, zero_prediction):
+    """Prediction 0 and target = the noise n (epsilon): l2 = mean n^2, l1 = mean |n|, constant
+    pseudo-Huber c = 0.5 x 2: mean 2c (sqrt(n^2 + c^2) - c), smooth L1 with exponential c at
+    t = 0 (c = 1): mean 2 (sqrt(n^2 + 1) - 1)."""
+    trainer = configured()
+    batch, latents, n, t = _inputs(trainer)
+
+    def loss(*overrides, timesteps=t):
+        tr = configured(*overrides)
+        return float(tr._weighted_loss(latents, n, timesteps, batch.captions, batch.is_reg))
+
+    assert loss("advanced.loss_type=l2") == pytest.approx(float((n**2).mean()), rel=1e-5)
+    assert loss("advanced.loss_type=l1") == pytest.approx(float(n.abs().mean()), rel=1e-5)
+    c = 1.0
+    huber = 2 * c * (torch.sqrt(n**2 + c**2) - c)
+    assert loss("advanced.loss_type=huber", "advanced.huber_schedule=constant", "advanced.huber_c=0.5",
+                "advanced.huber_scale=2") == pytest.approx(float(huber.mean()), rel=1e-5)
+    smooth = 2 * (torch.sqrt(n**2 + 1) - 1)
+    assert loss("advanced.loss_type=smooth_l1", "advanced.huber_schedule=exponential",
+                timesteps=torch.tensor([0])) == pytest.approx(float(smooth.mean()), rel=1e-5)
+
+
+def test_timestep_weights_in_the_step(configured, zero_prediction):
+    """debiased estimation at t = 500: the l2 loss times 1 / sqrt(SNR(500))."""
+    trainer = configured()
+    batch, latents, n, t = _inputs(trainer)
+    abar = float(trainer.model.noise_scheduler.alphas_cumprod[500])
+    tr = configured("advanced.debiased_estimation_loss=true")
+    got = float(tr._weighted_loss(latents, n, t, batch.captions, batch.is_reg))
+    assert got == pytest.approx(float((n**2).mean()) / math.sqrt(abar / (1 - abar)), rel=1e-5)
+
+
+def test_masked_loss_in_the_step(configured, zero_prediction):
+    """A mask whose left half is 1 (in image pixels): latent pixels there count fully, the rest 0."""
+    trainer = configured()
+    batch, latents, n, t = _inputs(trainer)
+    h, w = latents.shape[2] * 8, latents.shape[3] * 8
+    mask = torch.zeros(1, 1, h, w)
+    mask[..., : w // 2] = 1.0
+    got = float(trainer._weighted_loss(latents, n, t, batch.captions, batch.is_reg, mask=mask))
+    expected = (n[..., : latents.shape[3] // 2] ** 2).sum() / n.numel()
+    assert got == pytest.approx(float(expected), rel=1e-5)
+
+
+# --- timesteps and noise (sd-scripts get_noise_noisy_latents_and_timesteps) -------------------------
+
+
+def test_fixed_timestep_and_input_perturbation_in_the_step(configured, zero_prediction):
+    """min = max = 500: every timestep is 500 (and nothing is drawn for it); ip_noise_gamma 0.5: the
+    noisy latents are add_noise(latents, n + 0.5 e, 500), with n and e the step's next two draws."""
+    trainer = configured("advanced.min_timestep=500", "advanced.max_timestep=500",
+                         "advanced.ip_noise_gamma=0.5", "advanced.noise_offset=0",
+                         "advanced.multires_noise_iterations=0")
+    batch = trainer.dataset.load_batch(trainer.dataset.epoch_batches(0)[0], 0, 0)
+    trainer._loss(batch, 0, 0)
+    noisy, timesteps = zero_prediction[-1]
+    assert timesteps.tolist() == [500] * len(batch.paths)
+    latents = trainer._latents(batch)
+    g = torch.Generator().manual_seed(derive_seed(trainer.settings.training.seed, "step", 0, 0))
+    n = torch.randn(latents.shape, generator=g)
+    e = torch.randn(latents.shape, generator=g)
+    expected = trainer.model.noise_scheduler.add_noise(latents, n + 0.5 * e, timesteps)
+    torch.testing.assert_close(noisy, expected)
+
+
+def test_timesteps_stay_in_the_range(configured, zero_prediction):
+    trainer = configured("advanced.min_timestep=900", "advanced.max_timestep=1000")
+    for index, items in enumerate(trainer.dataset.epoch_batches(0)[:4]):
+        trainer._loss(trainer.dataset.load_batch(items, 0, index), 0, index)
+    drawn = torch.cat([t for _, t in zero_prediction])
+    assert int(drawn.min()) >= 900 and int(drawn.max()) <= 999
+
+
+def test_zero_terminal_snr_rescales_the_run_scheduler(demo, tmp_path):
+    plain = set_up(demo_settings(demo, tmp_path / "a"))
+    ztsnr = set_up(demo_settings(demo, tmp_path / "b", "advanced.zero_terminal_snr=true"))
+    assert float(ztsnr.model.noise_scheduler.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-12)
+    assert float(plain.model.noise_scheduler.alphas_cumprod[-1]) > 1e-4
+    assert float(ztsnr.model.noise_scheduler.alphas_cumprod[0]) == pytest.approx(
+        float(plain.model.noise_scheduler.alphas_cumprod[0]), rel=1e-5)
+
+
+# --- optimizer groups (sd-scripts prepare_optimizer_params) -----------------------------------------
+
+
+def test_loraplus_and_block_lr_groups_in_the_run(demo, tmp_path):
+    t = set_up(demo_settings(demo, tmp_path, "training.learning_rate=0.001", "advanced.loraplus_lr_ratio=16",
+                             "advanced.loraplus_text_encoder_lr_ratio=4", "advanced.down_lr_weight=1,0.5",
+                             "training.lr_scheduler=constant", "training.lr_warmup_steps=0"))
+    groups = {g["name"]: g for g in t.optimizer.param_groups}
+    assert groups["textencoder"]["lr"] == pytest.approx(1e-3)
+    assert groups["textencoder plus"]["lr"] == pytest.approx(4e-3)
+    assert groups["unet_block1"]["lr"] == pytest.approx(0.5e-3)  # down block IN1, weight 0.5
+    assert groups["unet_block1 plus"]["lr"] == pytest.approx(0.5e-3 * 16)
+    ups = {id(p) for g in t.optimizer.param_groups if g["name"].endswith("plus") for p in g["params"]}
+    layer = t.unet.get_submodule("down_blocks.0.attentions.0.proj_in")
+    assert id(layer.lora_B["default"].weight) in ups and id(layer.lora_A["default"].weight) not in ups
+    assert len(t.params) == sum(len(g["params"]) for g in t.optimizer.param_groups)
+
+
+# --- runs -------------------------------------------------------------------------------------------
+
+
+def _run(demo, out, *overrides):
+    events: list = []
+    result = run_training(demo_settings(demo, out, "training.lr_scheduler=constant", "training.lr_warmup_steps=0",
+                                        "labels.shuffle_caption=false", *overrides), events.append)
+    assert result.status == "finished", result.message
+    return load_lora_file(result.output_path)[0], events
+
+
+def test_stop_text_encoder_training_freezes_the_text_encoder_lora(demo, tmp_path):
+    """sd-scripts train_db: the text encoder trains while step < N. 4 steps with N = 2 leave the
+    text encoder's LoRA as 2 steps do, while the U-Net's goes on."""
+    two, _ = _run(demo, tmp_path / "two", "images.max_steps=2")
+    stopped, _ = _run(demo, tmp_path / "four", "images.max_steps=4", "training.stop_text_encoder_training=2")
+    te = [k for k in two if k.startswith("lora_te_") and "lora_" in k.split(".")[-2]]
+    unet = [k for k in two if k.startswith("lora_unet_") and k.endswith("lora_up.weight")]
+    assert te and all(torch.equal(two[k], stopped[k]) for k in te)
+    assert any(not torch.equal(two[k], stopped[k]) for k in unet)
+
+
+def test_scale_weight_norms_caps_every_module_and_reports_keys_scaled(demo, tmp_path):
+    tensors, events = _run(demo, tmp_path, "advanced.scale_weight_norms=0.001", "training.learning_rate=0.01")
+    losses = [e for e in events if isinstance(e, ev.LossReported)]
+    assert losses and all(e.keys_scaled is not None and e.keys_scaled > 0 for e in losses)
+    assert all(e.max_key_norm <= 0.001 * (1 + 1e-4) for e in losses)
+    for key in (k for k in tensors if k.endswith("lora_down.weight")):
+        name = key[: -len(".lora_down.weight")]
+        down, up = tensors[key], tensors[f"{name}.lora_up.weight"]
+        norm = float(update_weight(down, up).norm()) * float(tensors[f"{name}.alpha"]) / down.shape[0]
+        assert norm <= 0.001 * (1 + 1e-4), name
+    _, plain = _run(demo, tmp_path / "plain")
+    assert all(e.keys_scaled is None for e in plain if isinstance(e, ev.LossReported))
+
+
+def test_schedule_free_saves_the_averaged_weights(demo, tmp_path):
+    t = set_up(demo_settings(demo, tmp_path, "training.optimizer=AdamWScheduleFree", "training.lr_scheduler=constant",
+                             "training.lr_warmup_steps=0"))
+    t._t_loop, t._step_at_loop = time.time(), 0
+    for index, items in enumerate(t.dataset.epoch_batches(0)[:2]):
+        t._step(t.dataset.load_batch(items, 0, index), index)
+    training_point = [p.detach().clone() for p in t.params]
+    path, _ = checkpoint.save(t, "sf", state=False)
+    assert all(torch.equal(a, p) for a, p in zip(training_point, t.params))  # back in train mode
+    t.optimizer.optimizer.eval()
+    averaged = t.network.state_dict_kohya()
+    t.optimizer.optimizer.train()
+    saved = load_lora_file(path)[0]
+    assert all(torch.equal(saved[k], averaged[k]) for k in saved)
+    assert any(not torch.equal(saved[k], v) for k, v in t.network.state_dict_kohya().items())
+
+
+def test_kohya_dropouts_come_from_the_settings(demo, tmp_path):
+    t = set_up(demo_settings(demo, tmp_path, "advanced.rank_dropout=0.25", "advanced.module_dropout=0.1",
+                             "advanced.network_dropout=0.1"))
+    spec = t.network.spec
+    assert (spec.dropout, spec.rank_dropout, spec.module_dropout) == (0.1, 0.25, 0.1)
+
+
+# --- masks (sd-scripts alpha_mask / conditioning images) -------------------------------------------
+
+
+def _rgba(path: Path, transparent_left: bool = True) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((64, 64, 4), 255, dtype=np.uint8)
+    if transparent_left:
+        pixels[:, :32, 3] = 0
+    Image.fromarray(pixels, "RGBA").save(path)
+
+
+def test_alpha_channel_and_mask_folder_masks(tmp_path):
+    from lora_gui.dataset.scan import DatasetError, scan_dataset
+    from lora_gui.engine.data import DataOptions, TrainDataset
+
+    _rgba(tmp_path / "img" / "1_x" / "a.png")
+    base = ["images.resolution=64,64", "images.buckets=false", "training.batch_size=1",
+            f"model.img_folder={tmp_path / 'img'}", "advanced.masked_loss=true"]
+    info = scan_dataset(tmp_path / "img", None, repeats=1)
+    alpha = TrainDataset(info, DataOptions.from_settings(io.apply_overrides(io.defaults(), base)))
+    mask = alpha.load_batch(alpha.epoch_batches(0)[0]).mask
+    assert mask.shape == (1, 1, 64, 64)
+    assert float(mask[..., :32].max()) == 0.0 and float(mask[..., 32:].min()) == 1.0
+    # A mask folder mirroring the image folder (any format): the red channel of the mask file.
+    masks = tmp_path / "masks" / "1_x"
+    masks.mkdir(parents=True)
+    grey = np.zeros((64, 64, 3), dtype=np.uint8)
+    grey[32:] = 255
+    Image.fromarray(grey).save(masks / "a.jpg", quality=100)
+    folder = TrainDataset(info, DataOptions.from_settings(io.apply_overrides(
+        io.defaults(), base + [f"advanced.mask_folder={tmp_path / 'masks'}"])))
+    mask = folder.load_batch(folder.epoch_batches(0)[0]).mask
+    assert float(mask[..., :30, :].max()) < 0.05 and float(mask[..., 34:, :].min()) > 0.95
+    (masks / "a.jpg").unlink()
+    with pytest.raises(DatasetError, match="mask_folder.*a.png"):
+        TrainDataset(info, DataOptions.from_settings(io.apply_overrides(
+            io.defaults(), base + [f"advanced.mask_folder={tmp_path / 'masks'}"])))
