@@ -218,6 +218,7 @@ def build_scheduler(settings: TrainingSettings, optimizer, total_steps: int, num
         return _construct(cls, optimizer, extra, "training.lr_scheduler_args")
     return _named_scheduler(t, optimizer, warmup, total_steps * num_processes, extra)
 
+
 def clip_gradients(acc, params: list, max_norm: float) -> None:
     """``accelerate.clip_grad_norm_``; on the CPU the same computation (torch's total norm, then
     every gradient times clamp(max_norm / (norm + eps), max=1)) without the multiplication when
