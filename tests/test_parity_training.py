@@ -274,3 +274,64 @@ def test_alpha_channel_and_mask_folder_masks(tmp_path):
     with pytest.raises(DatasetError, match="mask_folder.*a.png"):
         TrainDataset(info, DataOptions.from_settings(io.apply_overrides(
             io.defaults(), base + [f"advanced.mask_folder={tmp_path / 'masks'}"])))
+
+
+# --- block-wise ranks (sd-scripts get_block_dims_and_alphas, create_network_from_weights) ----------
+
+
+def _ranks(t) -> dict[str, tuple[int, float]]:
+    from lora_gui.engine.network import ranks_in_file
+
+    return ranks_in_file(t.network.state_dict_kohya())
+
+
+def test_block_dims_alphas_and_conv_block_dims(demo, tmp_path):
+    """25 blocks IN0..IN11, MID, OUT0..OUT11: IN1 rank 8 alpha 4, IN2 rank 0 (no LoRA), the rest rank 4
+    alpha 2; conv (3x3) LoRA only in IN4 (rank 3, alpha 1.5)."""
+    from lora_gui.engine.network import block_index
+
+    dims = ["4"] * 25
+    dims[1], dims[2] = "8", "0"
+    alphas = ["2"] * 25
+    alphas[1] = "4"
+    conv = ["0"] * 25
+    conv[4] = "3"
+    t = set_up(demo_settings(demo, tmp_path, f"advanced.block_dims={','.join(dims)}",
+                             f"advanced.block_alphas={','.join(alphas)}",
+                             f"advanced.conv_block_dims={','.join(conv)}",
+                             f"advanced.conv_block_alphas={','.join(['1.5'] * 25)}"))
+    ranks = {k: v for k, v in _ranks(t).items() if k.startswith("lora_unet_")}
+    by_block: dict[int, set] = {}
+    for name, rank in ranks.items():
+        by_block.setdefault(block_index(name), set()).add(rank)
+    assert by_block[1] == {(8, 4.0)} and 2 not in by_block
+    assert by_block[4] == {(4, 2.0), (3, 1.5)}  # 1x1/linear modules, and the 3x3 convs
+    assert all(v == {(4, 2.0)} for b, v in by_block.items() if b not in (1, 4))
+    conv_modules = [n for n, r in ranks.items() if r == (3, 1.5)]
+    assert conv_modules and all("resnets" in n and n.endswith(("conv1", "conv2")) for n in conv_modules)
+    # The text encoder keeps the network rank and alpha.
+    assert {v for k, v in _ranks(t).items() if k.startswith("lora_te_")} == {(4, 2.0)}
+
+
+def test_zero_block_lr_weight_leaves_the_block_out(demo, tmp_path):
+    """remove_block_dims_and_alphas: a block whose LR weight is 0 (or not above the threshold) gets
+    no LoRA module at all, so the saved file has none there either."""
+    from lora_gui.engine.network import block_index
+
+    t = set_up(demo_settings(demo, tmp_path, "advanced.down_lr_weight=1,1,0.2", "advanced.block_lr_zero_threshold=0.3"))
+    blocks = {block_index(n) for n in _ranks(t) if n.startswith("lora_unet_")}
+    assert 1 in blocks and 2 not in blocks and 4 in blocks
+
+
+def test_dim_from_weights_takes_every_rank_from_the_file(demo, tmp_path):
+    dims = ",".join(["2"] * 12 + ["6"] + ["3"] * 12)
+    first = set_up(demo_settings(demo, tmp_path / "a", f"advanced.block_dims={dims}"))
+    with torch.no_grad():
+        for p in first.params:
+            p.add_(0.01)
+    path, _ = checkpoint.save(first, "source", state=False)
+    second = set_up(demo_settings(demo, tmp_path / "b", f"model.lora_model_for_resume={path}",
+                                  "advanced.dim_from_weights=true"))
+    assert _ranks(second) == _ranks(first)
+    saved = load_lora_file(path)[0]
+    assert all(torch.equal(v, saved[k]) for k, v in second.network.state_dict_kohya().items())

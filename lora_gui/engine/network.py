@@ -67,6 +67,12 @@ class NetworkSpec:
     module_dropout: float = 0.0
     train_unet: bool = True
     train_text_encoder: bool = True
+    # sd-scripts block_dims/block_alphas (25 U-Net blocks, Linear and 1x1 conv modules) and
+    # conv_block_dims/_alphas (kxk convs; None = no conv LoRA); a rank of 0 leaves a block out.
+    block_ranks: tuple[tuple[int, float], ...] | None = None
+    conv_block_ranks: tuple[tuple[int, float], ...] | None = None
+    # dim_from_weights: kohya name -> (rank, alpha) read from a LoRA file; other modules get none.
+    module_ranks: dict[str, tuple[int, float]] | None = None
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -87,15 +93,75 @@ class NetworkSpec:
     def from_settings(cls, settings) -> NetworkSpec:
         """The network a run trains, read from its (already validated) settings."""
         tr, adv = settings.training, settings.advanced
-        return cls(rank=tr.network_dim, alpha=tr.network_alpha, conv_rank=adv.conv_dim,
+        spec = cls(rank=tr.network_dim, alpha=tr.network_alpha, conv_rank=adv.conv_dim,
                    conv_alpha=adv.conv_alpha, dropout=adv.network_dropout,
                    rank_dropout=adv.rank_dropout, module_dropout=adv.module_dropout,
                    train_unet=settings.train_unet, train_text_encoder=settings.train_text_encoder)
+        spec.block_ranks, spec.conv_block_ranks = spec.per_block(adv)
+        return spec
+
+    def per_block(self, adv) -> tuple[tuple | None, tuple | None]:
+        """(block ranks, conv block ranks) as sd-scripts ``create_network`` builds them
+        (``get_block_dims_and_alphas``, ``remove_block_dims_and_alphas``): only when block dims or
+        block-wise LR weights are given; missing lists are the network's rank/alpha (conv: the conv
+        rank/alpha, or none); blocks whose LR weight is 0 get no LoRA at all."""
+        from lora_gui.engine.optim import block_lr_weights
+
+        lr_weights = block_lr_weights(adv.down_lr_weight, adv.mid_lr_weight, adv.up_lr_weight,
+                                      adv.block_lr_zero_threshold)
+        if not adv.block_dims.strip() and lr_weights is None:
+            return None, None
+
+        def table(dims: str, alphas: str, rank: int, alpha: float) -> list[tuple[int, float]]:
+            d = [int(v) for v in dims.split(",")] if dims.strip() else [rank] * NUM_BLOCKS
+            a = [float(v) for v in alphas.split(",")] if alphas.strip() else [alpha] * NUM_BLOCKS
+            return [(r if lr_weights is None or lr_weights[i] else 0, a[i]) for i, r in enumerate(d)]
+
+        blocks = table(adv.block_dims, adv.block_alphas, self.rank, self.alpha)
+        conv = None
+        if adv.conv_block_dims.strip() or self.conv_rank:
+            conv = table(adv.conv_block_dims, adv.conv_block_alphas, self.conv_rank, self.effective_conv_alpha)
+        return tuple(blocks), tuple(conv) if conv else None
+
+    def rank_of(self, target: _Target) -> tuple[int, float]:
+        """(rank, alpha) of one target module; rank 0 = no LoRA there (sd-scripts ``create_modules``)."""
+        if self.module_ranks is not None:
+            return self.module_ranks.get(target.kohya_name, (0, 0.0))
+        if target.part == "unet" and self.block_ranks is not None:
+            table = self.conv_block_ranks if target.is_conv else self.block_ranks
+            index = block_index(target.kohya_name)
+            return table[index] if table is not None and index >= 0 else (0, 0.0)
+        return (self.conv_rank, self.effective_conv_alpha) if target.is_conv else (self.rank, self.alpha)
+
+    @property
+    def locon(self) -> bool:
+        """Whether the kxk convolutions are targets at all."""
+        return bool(self.conv_rank or self.conv_block_ranks or self.module_ranks)
 
     @property
     def effective_conv_alpha(self) -> float:
         """kohya's default: conv_alpha falls back to 1.0 when only conv_dim is given."""
         return 1.0 if self.conv_alpha is None else float(self.conv_alpha)
+
+
+# sd-scripts networks/lora.py: the SD 1.x/2.x U-Net's blocks IN0..IN11, MID, OUT0..OUT11.
+NUM_OF_BLOCKS = 12  # down (and up) blocks: 4 levels x (2 resnets/attentions + 1 sampler)
+NUM_BLOCKS = 2 * NUM_OF_BLOCKS + 1
+_RE_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
+
+
+def block_index(kohya_name: str) -> int:
+    """The block of a U-Net LoRA module (sd-scripts ``get_block_index``, SD 1.x/2.x): 1..12 for
+    the down blocks (3 per level: 2 resnets/attentions, then the downsampler), 12 for the middle
+    block, 13..24 for the up blocks; -1 when the name is in none of them."""
+    m = _RE_UPDOWN.search(kohya_name)
+    if m:
+        direction, level, kind, index = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
+        idx = 3 * level + (2 if kind in ("upsamplers", "downsamplers") else index)
+        return 1 + idx if direction == "down" else NUM_OF_BLOCKS + 1 + idx
+    if "mid_block_" in kohya_name:
+        return NUM_OF_BLOCKS
+    return -1
 
 
 @dataclass(frozen=True)
@@ -145,13 +211,18 @@ def _inject(model: nn.Module, targets: list[_Target], spec: NetworkSpec) -> dict
         raise ValueError(
             f"{type(model).__name__} already has LoRA adapters; apply the network to a fresh model."
         )
-    conv_paths = [re.escape(t.path) for t in targets if t.is_conv]
+    ranks = {t.path: spec.rank_of(t) for t in targets}
+    targets = [t for t in targets if ranks[t.path][0] > 0]
+    if not targets:
+        return {}
+    # Full module paths as peft patterns: each target gets exactly its own rank and alpha.
+    differing = [t.path for t in targets if ranks[t.path] != (spec.rank, spec.alpha)]
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
         target_modules=[t.path for t in targets],
-        rank_pattern={p: spec.conv_rank for p in conv_paths},
-        alpha_pattern={p: spec.effective_conv_alpha for p in conv_paths},
+        rank_pattern={re.escape(p): ranks[p][0] for p in differing},
+        alpha_pattern={re.escape(p): ranks[p][1] for p in differing},
         lora_dropout=0.0,  # kohya's dropouts act after lora_down: see kohya_dropout_hook
         init_lora_weights=True,  # A: kaiming_uniform_(a=sqrt(5)), B: zeros == kohya
         bias="none",
@@ -162,7 +233,7 @@ def _inject(model: nn.Module, targets: list[_Target], spec: NetworkSpec) -> dict
         layer = model.get_submodule(t.path)
         if not isinstance(layer, LoraLayer) or ADAPTER_NAME not in layer.lora_A:
             raise RuntimeError(f"peft did not wrap {t.path} ({type(layer).__name__}) with a LoRA layer.")
-        expected_r = spec.conv_rank if t.is_conv else spec.rank
+        expected_r = ranks[t.path][0]
         if layer.r[ADAPTER_NAME] != expected_r:
             raise RuntimeError(f"peft gave {t.path} rank {layer.r[ADAPTER_NAME]} instead of {expected_r}.")
         layers[t.kohya_name] = layer
@@ -225,10 +296,13 @@ class LoraNetwork:
         if spec.train_unet:
             if unet is None:
                 raise ValueError("train_unet is set but no U-Net was given.")
-            targets = _unet_targets(unet, locon=spec.conv_rank > 0)
+            targets = _unet_targets(unet, locon=spec.locon)
             if not targets:
                 raise ValueError("The U-Net has no Transformer2DModel (or ResNet) blocks to put LoRA on.")
             unet_layers = _inject(unet, targets, spec)
+            if not unet_layers and spec.module_ranks is None:
+                raise ValueError("advanced.block_dims: every U-Net block has rank 0 (from the block dims or "
+                                 "block-wise LR weights of 0): give some blocks a rank.")
         if spec.train_text_encoder:
             if text_encoder is None:
                 raise ValueError("train_text_encoder is set but no text encoder was given.")
@@ -340,6 +414,16 @@ class LoraNetwork:
                     )
                 layer.lora_alpha[ADAPTER_NAME] = alpha
                 layer.set_scale(ADAPTER_NAME, 1.0)  # scaling = alpha / r
+
+
+def ranks_in_file(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, float]]:
+    """kohya name -> (rank, alpha) of every module of a LoRA file (sd-scripts
+    ``create_network_from_weights``: the rank is lora_down's first dimension, a missing alpha is the
+    rank)."""
+    ranks = {k[: -len(".lora_down.weight")]: int(v.shape[0]) for k, v in tensors.items()
+             if k.endswith(".lora_down.weight")}
+    return {name: (r, float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else float(r))
+            for name, r in ranks.items()}
 
 
 def update_weight(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

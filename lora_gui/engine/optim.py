@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lora_gui.engine.network import NUM_OF_BLOCKS, block_index
 from lora_gui.settings import TrainingSettings
 
 
@@ -300,26 +301,6 @@ def _named_scheduler(t, optimizer, warmup: int, total: int, extra: dict[str, Any
 
 # --- LoRA parameter groups ---------------------------------------------------------------------
 
-# sd-scripts networks/lora.py: SD 1.x/2.x U-Net blocks for block-wise learning rates.
-NUM_OF_BLOCKS = 12  # down (and up) blocks: 4 x (2 resnets/attentions + 1 sampler)
-NUM_OF_MID_BLOCKS = 1
-_RE_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
-
-
-def block_index(kohya_name: str) -> int:
-    """The block of a U-Net LoRA module (sd-scripts ``get_block_index``, SD 1.x/2.x): 1..12 for
-    the down blocks (3 per level: 2 resnets/attentions, then the downsampler), 12 for the middle
-    block, 13..24 for the up blocks; -1 when the name is in none of them."""
-    m = _RE_UPDOWN.search(kohya_name)
-    if m:
-        direction, level, kind, index = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
-        idx = 3 * level + (2 if kind in ("upsamplers", "downsamplers") else index)
-        return 1 + idx if direction == "down" else NUM_OF_BLOCKS + 1 + idx
-    if "mid_block_" in kohya_name:
-        return NUM_OF_BLOCKS
-    return -1
-
-
 def _preset_weights(spec: str) -> list[float] | None:
     """sd-scripts' named curves for down/up_lr_weight ('cosine', 'sine', 'linear',
     'reverse_linear', 'zeros', each optionally '+base')."""
@@ -357,13 +338,13 @@ def block_lr_weights(down: str, mid: str, up: str, zero_threshold: float = 0.0) 
     """The LR factor of each U-Net block 0..24 (sd-scripts ``get_block_lr_weight``): lists of 12,
     1 and 12 numbers (shorter lists are filled with 1, longer ones cut), a factor not above
     ``zero_threshold`` becomes 0; None when none of the three is given."""
-    lists = [_weight_list(down, NUM_OF_BLOCKS, "network.down_lr_weight"),
-             _weight_list(mid, NUM_OF_MID_BLOCKS, "network.mid_lr_weight"),
-             _weight_list(up, NUM_OF_BLOCKS, "network.up_lr_weight")]
+    lists = [_weight_list(down, NUM_OF_BLOCKS, "advanced.down_lr_weight"),
+             _weight_list(mid, 1, "advanced.mid_lr_weight"),
+             _weight_list(up, NUM_OF_BLOCKS, "advanced.up_lr_weight")]
     if all(v is None for v in lists):
         return None
     weights: list[float] = []
-    for values, length in zip(lists, (NUM_OF_BLOCKS, NUM_OF_MID_BLOCKS, NUM_OF_BLOCKS)):
+    for values, length in zip(lists, (NUM_OF_BLOCKS, 1, NUM_OF_BLOCKS)):
         values = [1.0] * length if values is None else [w if w > zero_threshold else 0.0 for w in values]
         weights += values
     return weights

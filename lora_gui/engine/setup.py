@@ -144,15 +144,24 @@ def _cache_latents(t) -> None:
 
 
 def _build_network(t) -> None:
-    from lora_gui.engine.network import load_lora_file
+    from lora_gui.engine.network import NetworkSpec, load_lora_file, ranks_in_file
     from lora_gui.engine.network_lycoris import check_file_type, network_spec, spec_label
+    from lora_gui.engine.optim import OptimizerSettingError
 
     s, m = t.settings, t.settings.model
-    spec = network_spec(s)
-    t.network = t.family.apply_network(t.model, spec)
+    tensors = load_lora_file(m.lora_model_for_resume)[0] if m.lora_model_for_resume.strip() else None
+    try:
+        spec = network_spec(s)  # kohya's LoRA or a LyCORIS network
+    except OptimizerSettingError as exc:  # a block-wise LR weight that is not a number list
+        raise EngineError(str(exc)) from None
+    if s.advanced.dim_from_weights and tensors is not None and isinstance(spec, NetworkSpec):
+        spec.module_ranks = ranks_in_file(tensors)  # sd-scripts create_network_from_weights
+    try:
+        t.network = t.family.apply_network(t.model, spec)
+    except ValueError as exc:  # one sentence naming the setting (the ranks of the blocks)
+        raise EngineError(str(exc)) from None
     t.network_alpha = s.training.network_alpha
-    if m.lora_model_for_resume.strip():
-        tensors, _ = load_lora_file(m.lora_model_for_resume)
+    if tensors is not None:
         try:
             check_file_type(spec, tensors, f"The file {m.lora_model_for_resume}")
             t.network.load_state_dict_kohya(tensors)
