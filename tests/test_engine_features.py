@@ -440,7 +440,8 @@ def test_saved_lora_records_every_feature(demo, tmp_path):
         "ss_num_reg_images": "4",
     }
     assert {k: meta.get(k) for k in expected} == expected
-    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2.0", "dropout": "0.1"}
+    # network_dropout is sd-scripts' own flag (ss_network_dropout), not a network arg
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2.0"}
     assert "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in tensors
     assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape[2:] == (3, 3)
     assert any("_resnets_" in k and k.endswith("conv2.lora_up.weight") for k in tensors)

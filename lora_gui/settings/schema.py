@@ -61,7 +61,7 @@ def sampler_name(text: str) -> str | None:
 # run's name and comment. The skip-list itself is never taken from a file.
 DEFAULT_SKIP_LIST = (
     "base_model", "img_folder", "reg_img_folder", "output_folder", "log_dir", "vae",
-    "lora_model_for_resume", "output_name", "training_comment",
+    "lora_model_for_resume", "output_name", "training_comment", "mask_folder", "log_tracker_config",
 )
 
 
