@@ -313,3 +313,21 @@ def test_network_arg_settings_are_recorded_in_ss_network_args(override, key, val
         assert json.loads(meta["ss_network_args"]) == {key: value}
     assert "ss_network_args" not in build_metadata(io.validate_document({}), _facts(), epoch=1,
                                                    step=4, final=False)
+
+
+def test_vae_and_base_file_hashes_as_train_network_writes_them(tmp_path):
+    """train_network.py: ss_vae_name = the file's name, ss_vae_hash = train_util.model_hash (sha256
+    of bytes 0x100000..0x110000, 8 hex digits), ss_new_vae_hash = calculate_sha256; a diffusers
+    folder gets no hash keys (sd-scripts would write 'IsADirectory')."""
+    from lora_gui.engine.metadata import model_file_hashes
+
+    data = bytes(range(256)) * 5000  # 1.28 MB: the 64 KiB window at 1 MiB is inside
+    vae = tmp_path / "vae-ft-mse.safetensors"
+    vae.write_bytes(data)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    hashes = model_file_hashes(str(folder), str(vae))
+    assert hashes == {"ss_vae_name": "vae-ft-mse.safetensors",
+                      "ss_vae_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8],
+                      "ss_new_vae_hash": hashlib.sha256(data).hexdigest()}
+    assert model_file_hashes("", "") == {}
