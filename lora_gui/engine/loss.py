@@ -129,8 +129,13 @@ def needs_snr(adv) -> bool:
                 or (adv.loss_type in ("huber", "smooth_l1") and adv.huber_schedule == "snr"))
 
 
+def needs_timestep_count(adv) -> bool:
+    """Whether the loss needs the number of training timesteps (the exponential Huber schedule)."""
+    return adv.loss_type in ("huber", "smooth_l1") and adv.huber_schedule == "exponential"
+
+
 def per_sample_loss(adv, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
-                    snr: torch.Tensor | None, *, v_prediction: bool, num_train_timesteps: int,
+                    snr: torch.Tensor | None, *, v_prediction: bool, num_train_timesteps: int | None,
                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """The loss of each sample as sd-scripts ``NetworkTrainer.process_batch`` computes it from the
     advanced settings ``adv``: the elementwise loss of ``loss_type`` (with the scheduled Huber c),

@@ -26,7 +26,7 @@ from lora_gui.engine import checkpoint, evaluation, reporting, setup
 from lora_gui.engine.errors import Diverged, EngineError, explain
 from lora_gui.engine.families import family_for, stack_conditioning
 from lora_gui.engine.loader import make_loader
-from lora_gui.engine.loss import needs_snr, per_sample_loss
+from lora_gui.engine.loss import needs_snr, needs_timestep_count, per_sample_loss
 from lora_gui.engine.noise import host_to, input_perturbation, offset_noise, pyramid_noise, sample_timesteps
 from lora_gui.engine.optim import clip_gradients
 from lora_gui.settings import TrainingSettings
@@ -283,7 +283,8 @@ class Trainer:
         target = family.target(model, latents, noise, timesteps)
         snr = family.snr(model, timesteps) if needs_snr(adv) else None
         loss = per_sample_loss(adv, pred, target, timesteps, snr, v_prediction=family.v_prediction(model),
-                               num_train_timesteps=family.num_train_timesteps(model),
+                               num_train_timesteps=family.num_train_timesteps(model)
+                               if needs_timestep_count(adv) else None,
                                mask=None if mask is None else host_to(mask, target.device))
         weights = torch.where(host_to(is_reg, loss.device), adv.prior_loss_weight, 1.0)
         return (loss * weights).mean()
