@@ -331,3 +331,41 @@ def test_vae_and_base_file_hashes_as_train_network_writes_them(tmp_path):
                       "ss_vae_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8],
                       "ss_new_vae_hash": hashlib.sha256(data).hexdigest()}
     assert model_file_hashes("", "") == {}
+
+
+# --- saving and retention -------------------------------------------------------------------------
+
+def _saved(out: Path) -> set[str]:
+    return {p.name for p in out.iterdir() if p.suffix == ".safetensors" or p.name.endswith("-state")}
+
+
+@pytest.mark.slow
+def test_step_saves_keep_the_last_n_steps_as_sd_scripts(demo, dataset, tmp_path):
+    """train_network.py saves every N steps; train_util.get_remove_step_no deletes the save at
+    step - last_n - 1 floored to a multiple of N (files: last_n 3 -> at 6 delete 2, at 8 delete 4);
+    save_and_remove_state_stepwise does so for the states by save_last_n_steps_state (1: at 4
+    delete 2, at 6 delete 4, at 8 delete 6). The final LoRA and its state stay."""
+    s = _settings(demo, dataset, tmp_path, "images.max_steps=9", "images.save_every_n_steps=2",
+                  "images.save_last_n_steps=3", "images.save_last_n_steps_state=1",
+                  "model.save_state=true")
+    result = run_training(s, lambda e: None)
+    assert result.status == "finished", result.message
+    assert _saved(tmp_path) == {"demo-lora-step000006.safetensors", "demo-lora-step000008.safetensors",
+                                "demo-lora.safetensors", "demo-lora-step000008-state", "demo-lora-state"}
+    assert {p.name for p in result.files if p.exists()} >= {"demo-lora.safetensors"}
+    assert all(p.exists() for p in result.files)
+
+
+@pytest.mark.slow
+def test_epoch_saves_keep_the_last_n_epochs_and_the_state_on_train_end(demo, dataset, tmp_path):
+    """train_util.get_remove_epoch_no: epoch - save_every_n_epochs x save_last_n_epochs (4 epochs,
+    every 1, last 2: saves at 1, 2, 3; at 3 epoch 1 is deleted); save_state_on_train_end writes
+    NAME-state at the end without per-epoch states (train_util.save_state_on_train_end)."""
+    s = _settings(demo, dataset, tmp_path, "images.epochs=4", "images.save_every_n_epochs=1",
+                  "images.save_last_n_epochs=2", "model.save_state_on_train_end=true",
+                  "training.batch_size=8")
+    result = run_training(s, lambda e: None)
+    assert result.status == "finished", result.message
+    assert _saved(tmp_path) == {"demo-lora-000002.safetensors", "demo-lora-000003.safetensors",
+                                "demo-lora.safetensors", "demo-lora-state"}
+    assert result.state_dir is not None and result.state_dir.name == "demo-lora-state"

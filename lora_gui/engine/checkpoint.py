@@ -86,6 +86,53 @@ def save(t, stem: str, *, state: bool, final: bool = False) -> tuple[Path, Path 
     return path, (state_dir if state else None)
 
 
+def save_epoch(t, epoch: int) -> None:
+    """The per-epoch save NAME-0000EE (and its state), then sd-scripts' retention: the save of epoch
+    ``epoch - save_every_n_epochs * save_last_n_epochs`` is deleted (train_util.get_remove_epoch_no;
+    the states by save_last_n_epochs_state when set, save_and_remove_state_on_epoch_end)."""
+    img = t.settings.images
+    save(t, f"{t.name}-{epoch:06d}", state=t.settings.model.save_state)
+    keep_states = img.save_last_n_epochs_state or img.save_last_n_epochs
+    for last_n, what in ((img.save_last_n_epochs, "file"), (keep_states, "state")):
+        old = epoch - img.save_every_n_epochs * last_n
+        if last_n and old > 0:
+            _remove_save(t, f"{t.name}-{old:06d}", what)
+
+
+def save_step(t, step: int) -> None:
+    """The per-step save NAME-stepSSSSSS (and its state), then sd-scripts' retention: keep the saves
+    of the last ``save_last_n_steps`` steps (train_util.get_remove_step_no: the save at
+    step - last_n - 1, floored to a multiple of save_every_n_steps, is deleted; the states by
+    save_last_n_steps_state when set, save_and_remove_state_stepwise)."""
+    img = t.settings.images
+    save(t, f"{t.name}-step{step:06d}", state=t.settings.model.save_state)
+    keep_states = img.save_last_n_steps_state or img.save_last_n_steps
+    for last_n, what in ((img.save_last_n_steps, "file"), (keep_states, "state")):
+        if last_n:
+            old = step - last_n - 1
+            old -= old % img.save_every_n_steps
+            if old > 0:
+                _remove_save(t, f"{t.name}-step{old:06d}", what)
+
+
+def _remove_save(t, stem: str, what: str) -> None:
+    """Delete an older intermediate save (never the final LoRA, whose name has no suffix)."""
+    import shutil
+
+    if not t.is_main:
+        return
+    target = t.out_dir / (f"{stem}.{t.settings.model.save_as}" if what == "file" else f"{stem}-state")
+    if not target.exists():
+        return
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+    if target in t.files:
+        t.files.remove(target)
+    t.log(f"Removed the older save {target} (keeping the last saves as the settings ask)")
+
+
 def register_state(t) -> None:
     """What accelerate's state folders hold besides the optimizer and scheduler: the run position
     and the LoRA weights (the base model is read again from its file)."""

@@ -162,7 +162,9 @@ class Trainer:
         if stopped:
             path, state = checkpoint.save(self, f"{self.name}-step{p.step:06d}", state=True)
         else:
-            path, state = checkpoint.save(self, self.name, state=self.settings.model.save_state, final=True)
+            m = self.settings.model  # sd-scripts: save_state or save_state_on_train_end -> NAME-state
+            path, state = checkpoint.save(self, self.name, state=m.save_state or m.save_state_on_train_end,
+                                          final=True)
         self.emit(ev.Finished(step=p.step, output_path=str(path), state_dir=str(state) if state else None,
                               stopped=stopped, files=tuple(map(str, self.files))))
         return TrainingResult("stopped" if stopped else "finished", step=p.step, output_path=path,
@@ -204,6 +206,8 @@ class Trainer:
             evaluation.validate(self)
         if _every(s.samples.sample_every_n_steps, p.step):
             evaluation.sample(self, p.step, p.epoch + 1)
+        if _every(s.images.save_every_n_steps, p.step) and p.step < self.plan.total_steps:
+            checkpoint.save_step(self, p.step)
         return self._obey_commands()
 
     def _obey_commands(self) -> str | None:
@@ -227,7 +231,7 @@ class Trainer:
                 and not _every(s.training.validation_every_n_steps, p.step):
             evaluation.validate(self, epoch)
         if _every(s.images.save_every_n_epochs, epoch) and not last:
-            checkpoint.save(self, f"{self.name}-{epoch:06d}", state=s.model.save_state)
+            checkpoint.save_epoch(self, epoch)
         if _every(s.samples.sample_every_n_epochs, epoch):
             evaluation.sample(self, p.step, epoch)
 

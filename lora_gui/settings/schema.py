@@ -205,7 +205,8 @@ class ImageSettings(Group):
         0, "Also save an intermediate LoRA every N epochs (NAME-000002...). 0 = only the final one.",
         widget="number", ge=0)
     save_every_n_steps: int = setting(
-        0, "Also save an intermediate LoRA every N optimizer steps (NAME-step00000500...). 0 = off.",
+        0, "Also save an intermediate LoRA every N optimizer steps (NAME-step000500...; not at the "
+        "last step, which is the final LoRA). 0 = off.",
         widget="number", ge=0)
     save_last_n_epochs: int = setting(
         0, "Keep only the last N per-epoch saves: older NAME-0000XX files are deleted when a new "
