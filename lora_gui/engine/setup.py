@@ -39,10 +39,10 @@ def set_up(t) -> None:
     if m.load_previous_save_state.strip():
         checkpoint.resume(t, Path(m.load_previous_save_state).expanduser())
     if t.is_main:
-        from torch.utils.tensorboard import SummaryWriter
+        from lora_gui.engine.trackers import open_trackers
 
         log_root = Path(m.log_dir).expanduser() if m.log_dir.strip() else t.out_dir / "logs"
-        t._writer = SummaryWriter(log_dir=str(log_root / t.name))
+        t._writer = open_trackers(t.settings, log_root, t.name, t.log)
 
 
 def _require_paths(settings) -> None:
@@ -144,15 +144,15 @@ def _cache_latents(t) -> None:
 
 
 def _build_network(t) -> None:
+    from lora_gui.engine.blocks import BlockSettingError
     from lora_gui.engine.network import NetworkSpec, load_lora_file, ranks_in_file
     from lora_gui.engine.network_lycoris import check_file_type, network_spec, spec_label
-    from lora_gui.engine.optim import OptimizerSettingError
 
     s, m = t.settings, t.settings.model
     tensors = load_lora_file(m.lora_model_for_resume)[0] if m.lora_model_for_resume.strip() else None
     try:
         spec = network_spec(s)  # kohya's LoRA or a LyCORIS network
-    except OptimizerSettingError as exc:  # a block-wise LR weight that is not a number list
+    except BlockSettingError as exc:  # a block-wise LR weight that is not a number list
         raise EngineError(str(exc)) from None
     if s.advanced.dim_from_weights and tensors is not None and isinstance(spec, NetworkSpec):
         spec.module_ranks = ranks_in_file(tensors)  # sd-scripts create_network_from_weights
@@ -228,13 +228,14 @@ def _build_optimizer(t) -> None:
 def _param_groups(t) -> list[dict]:
     """The LoRA's optimizer groups (sd-scripts ``prepare_optimizer_params``): U-Net, then text
     encoder, each with its LoRA+ ratio; the U-Net's split by block with block-wise LR weights."""
-    from lora_gui.engine.optim import OptimizerSettingError, block_lr_weights, lora_param_groups
+    from lora_gui.engine.blocks import BlockSettingError, block_lr_weights
+    from lora_gui.engine.optim import lora_param_groups
 
     s, adv = t.settings, t.settings.advanced
     try:
         blocks = block_lr_weights(adv.down_lr_weight, adv.mid_lr_weight, adv.up_lr_weight,
                                   adv.block_lr_zero_threshold)
-    except OptimizerSettingError as exc:
+    except BlockSettingError as exc:
         raise EngineError(str(exc)) from None
     groups = []
     if s.train_unet:
