@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from lora_gui.engine import blocks as B
 from lora_gui.engine import loss as L
 from lora_gui.engine import noise as N
 from lora_gui.engine import optim as O
@@ -294,18 +295,18 @@ def test_schedule_free_gets_a_constant_scheduler_and_train_mode():
 
 
 def test_block_index_and_weights_as_sd_scripts():
-    assert O.block_index("lora_unet_down_blocks_0_attentions_0_proj_in") == 1
-    assert O.block_index("lora_unet_down_blocks_0_downsamplers_0_conv") == 3
-    assert O.block_index("lora_unet_down_blocks_2_resnets_1_conv1") == 1 + 3 * 2 + 1
-    assert O.block_index("lora_unet_mid_block_attentions_0_proj_out") == 12
-    assert O.block_index("lora_unet_up_blocks_0_resnets_0_conv1") == 13
-    assert O.block_index("lora_unet_up_blocks_3_attentions_2_proj_out") == 13 + 11
-    w = O.block_lr_weights("0,0.5", "", "1,1,1,0.2", zero_threshold=0.3)
+    assert B.block_index("lora_unet_down_blocks_0_attentions_0_proj_in") == 1
+    assert B.block_index("lora_unet_down_blocks_0_downsamplers_0_conv") == 3
+    assert B.block_index("lora_unet_down_blocks_2_resnets_1_conv1") == 1 + 3 * 2 + 1
+    assert B.block_index("lora_unet_mid_block_attentions_0_proj_out") == 12
+    assert B.block_index("lora_unet_up_blocks_0_resnets_0_conv1") == 13
+    assert B.block_index("lora_unet_up_blocks_3_attentions_2_proj_out") == 13 + 11
+    w = B.block_lr_weights("0,0.5", "", "1,1,1,0.2", zero_threshold=0.3)
     assert len(w) == 25 and w[:3] == [0.0, 0.5, 1.0] and w[12] == 1.0 and w[13:18] == [1, 1, 1, 0.0, 1]
-    assert O.block_lr_weights("", "", "") is None
-    assert O.block_lr_weights("linear", "", "")[:12] == pytest.approx([i / 11 for i in range(12)])
-    with pytest.raises(O.OptimizerSettingError, match="down_lr_weight"):
-        O.block_lr_weights("a,b", "", "")
+    assert B.block_lr_weights("", "", "") is None
+    assert B.block_lr_weights("linear", "", "")[:12] == pytest.approx([i / 11 for i in range(12)])
+    with pytest.raises(B.BlockSettingError, match="down_lr_weight"):
+        B.block_lr_weights("a,b", "", "")
 
 
 def test_loraplus_and_block_groups():

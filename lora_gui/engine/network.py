@@ -38,6 +38,7 @@ from peft.tuners.lora import LoraLayer  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 
 from lora_gui.atomic import atomic_open  # noqa: E402
+from lora_gui.engine.blocks import NUM_BLOCKS, block_index, block_lr_weights  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,6 @@ class NetworkSpec:
         (``get_block_dims_and_alphas``, ``remove_block_dims_and_alphas``): only when block dims or
         block-wise LR weights are given; missing lists are the network's rank/alpha (conv: the conv
         rank/alpha, or none); blocks whose LR weight is 0 get no LoRA at all."""
-        from lora_gui.engine.optim import block_lr_weights
-
         lr_weights = block_lr_weights(adv.down_lr_weight, adv.mid_lr_weight, adv.up_lr_weight,
                                       adv.block_lr_zero_threshold)
         if not adv.block_dims.strip() and lr_weights is None:
@@ -142,26 +141,6 @@ class NetworkSpec:
     def effective_conv_alpha(self) -> float:
         """kohya's default: conv_alpha falls back to 1.0 when only conv_dim is given."""
         return 1.0 if self.conv_alpha is None else float(self.conv_alpha)
-
-
-# sd-scripts networks/lora.py: the SD 1.x/2.x U-Net's blocks IN0..IN11, MID, OUT0..OUT11.
-NUM_OF_BLOCKS = 12  # down (and up) blocks: 4 levels x (2 resnets/attentions + 1 sampler)
-NUM_BLOCKS = 2 * NUM_OF_BLOCKS + 1
-_RE_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
-
-
-def block_index(kohya_name: str) -> int:
-    """The block of a U-Net LoRA module (sd-scripts ``get_block_index``, SD 1.x/2.x): 1..12 for
-    the down blocks (3 per level: 2 resnets/attentions, then the downsampler), 12 for the middle
-    block, 13..24 for the up blocks; -1 when the name is in none of them."""
-    m = _RE_UPDOWN.search(kohya_name)
-    if m:
-        direction, level, kind, index = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
-        idx = 3 * level + (2 if kind in ("upsamplers", "downsamplers") else index)
-        return 1 + idx if direction == "down" else NUM_OF_BLOCKS + 1 + idx
-    if "mid_block_" in kohya_name:
-        return NUM_OF_BLOCKS
-    return -1
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,7 @@
 """Optimizers, learning-rate schedulers and LoRA parameter groups, by the names kohya_ss users know.
 
 Follows kohya-ss/sd-scripts ``library/train_util.py`` (``get_optimizer``, ``get_scheduler_fix``) and
-``networks/lora.py`` (``LoRANetwork.prepare_optimizer_params``, ``get_block_index``,
-``get_block_lr_weight``) for what each name builds and with which defaults.
+``networks/lora.py`` (``LoRANetwork.prepare_optimizer_params``; the blocks are ``engine.blocks``) for what each name builds and with which defaults.
 """
 
 from __future__ import annotations
@@ -10,14 +9,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import math
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from lora_gui.engine.network import NUM_OF_BLOCKS, block_index
+from lora_gui.engine.blocks import block_index
 from lora_gui.settings import TrainingSettings
 
 
@@ -300,55 +298,6 @@ def _named_scheduler(t, optimizer, warmup: int, total: int, extra: dict[str, Any
 
 
 # --- LoRA parameter groups ---------------------------------------------------------------------
-
-def _preset_weights(spec: str) -> list[float] | None:
-    """sd-scripts' named curves for down/up_lr_weight ('cosine', 'sine', 'linear',
-    'reverse_linear', 'zeros', each optionally '+base')."""
-    name, _, base = spec.partition("+")
-    base_lr = float(base) if base else 0.0
-    n = NUM_OF_BLOCKS
-    curves = {
-        "cosine": [math.sin(math.pi * (i / (n - 1)) / 2) for i in reversed(range(n))],
-        "sine": [math.sin(math.pi * (i / (n - 1)) / 2) for i in range(n)],
-        "linear": [i / (n - 1) for i in range(n)],
-        "reverse_linear": [i / (n - 1) for i in reversed(range(n))],
-        "zeros": [0.0] * n,
-    }
-    if name.strip() not in curves:
-        return None
-    return [w + base_lr for w in curves[name.strip()]]
-
-
-def _weight_list(text: str, length: int, setting: str) -> list[float] | None:
-    text = text.strip()
-    if not text:
-        return None
-    values = _preset_weights(text) if length == NUM_OF_BLOCKS else None
-    if values is None:
-        try:
-            values = [float(s) if s.strip() else 0.0 for s in text.split(",")]
-        except ValueError:
-            raise OptimizerSettingError(
-                f"{setting}: {text!r} is not a list of numbers separated by commas (or cosine, sine, "
-                "linear, reverse_linear, zeros).") from None
-    return (values + [1.0] * length)[:length]
-
-
-def block_lr_weights(down: str, mid: str, up: str, zero_threshold: float = 0.0) -> list[float] | None:
-    """The LR factor of each U-Net block 0..24 (sd-scripts ``get_block_lr_weight``): lists of 12,
-    1 and 12 numbers (shorter lists are filled with 1, longer ones cut), a factor not above
-    ``zero_threshold`` becomes 0; None when none of the three is given."""
-    lists = [_weight_list(down, NUM_OF_BLOCKS, "advanced.down_lr_weight"),
-             _weight_list(mid, 1, "advanced.mid_lr_weight"),
-             _weight_list(up, NUM_OF_BLOCKS, "advanced.up_lr_weight")]
-    if all(v is None for v in lists):
-        return None
-    weights: list[float] = []
-    for values, length in zip(lists, (NUM_OF_BLOCKS, 1, NUM_OF_BLOCKS)):
-        values = [1.0] * length if values is None else [w if w > zero_threshold else 0.0 for w in values]
-        weights += values
-    return weights
-
 
 def lora_param_groups(modules: dict[str, tuple[list, list]], part: str, lr: float, *,
                       plus_ratio: float = 0.0, block_weights: list[float] | None = None
