@@ -526,3 +526,91 @@ def test_reg_images_in_folder_order_with_their_repeats(tmp_path):
     for epoch in (0, 1):
         seen = Counter(i.path.name for b in ds.epoch_batches(epoch) for i in b if i.is_reg)
         assert seen == {"r0.png": 2, "r1.png": 1, "r2.png": 3}
+
+
+# --- captions (sd-scripts BaseDataset.process_caption) ---------------------------------------------
+
+
+def _captions(**values):
+    from lora_gui.dataset.captions import CaptionOptions
+
+    s = settings(*(f"labels.{k}={v}" for k, v in values.items()))
+    return CaptionOptions.from_settings(s)
+
+
+def test_caption_prefix_suffix_and_separators():
+    import random
+
+    o = _captions(caption_prefix="photo of", caption_suffix="best quality")
+    assert o.apply("mychar, red", "", 0, random.Random(0)) == "photo of mychar, red best quality"
+    # keep_tokens_separator: the head (and a second-separator tail) stay; only the middle moves.
+    o = _captions(keep_tokens_separator="|||", shuffle_caption="true", keep_tokens="5")
+    outs = {o.apply("a, b ||| c, d, e, f ||| g", "", 0, random.Random(seed)) for seed in range(30)}
+    assert all(x.startswith("a, b, ") and x.endswith(", g") for x in outs) and len(outs) > 1
+    assert {frozenset(x.split(", ")[2:6]) for x in outs} == {frozenset("cdef")}
+    # secondary separator: one unit while shuffling, then sd-scripts' caption separator ",".
+    o = _captions(secondary_separator=";;;", shuffle_caption="true")
+    outs = {o.apply("red hair;;;long hair, smile, hat", "", 0, random.Random(seed)) for seed in range(30)}
+    assert all("red hair,long hair" in x for x in outs) and len(outs) > 1
+
+
+def test_wildcards():
+    import random
+
+    from lora_gui.dataset.captions import expand_wildcards
+
+    seen = {expand_wildcards("a {red|blue|green} dress, {{braces}}", random.Random(s)) for s in range(40)}
+    assert seen == {f"a {c} dress, {{braces}}" for c in ("red", "blue", "green")}
+    o = _captions(enable_wildcard="true")
+    assert o.varies and o.plain("{red|blue} dress", "") in ("red dress", "blue dress")
+
+
+def test_token_warmup_by_hand():
+    """sd-scripts: while step < warmup, the movable tags are cut to floor(step (n - min) / warmup) +
+    min; from the warm-up step on, all of them. 6 movable tags, min 1, warm-up 10 steps."""
+    import random
+
+    from lora_gui.dataset.captions import token_warmup_count
+
+    assert [token_warmup_count(6, s, 1, 10) for s in (0, 1, 2, 5, 9)] == [1, 1, 2, 3, 5]
+    o = _captions(token_warmup_min="1", token_warmup_step="10", keep_tokens="1")
+    caption = "k, a, b, c, d, e, f"
+    assert o.apply(caption, "", 0, random.Random(0), step=5, total_steps=100) == "k, a, b, c"
+    assert o.apply(caption, "", 0, random.Random(0), step=10, total_steps=100) == caption
+    # A fraction: floor(0.1 x 100) = 10 steps.
+    o = _captions(token_warmup_min="1", token_warmup_step="0.1", keep_tokens="1")
+    assert o.apply(caption, "", 0, random.Random(0), step=5, total_steps=100) == "k, a, b, c"
+
+
+# --- weighted captions (sd-scripts parse_prompt_attention) -----------------------------------------
+
+
+def test_parse_attention_as_a1111():
+    from lora_gui.engine.text import parse_attention
+
+    got = parse_attention("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")
+    expected = [("a ", 1.0), ("house", 1.1 * 1.1 * 1.3), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+                (", sun, ", 1.1), ("sky", 1.1**4), (".", 1.1)]
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    assert [w for _, w in got] == pytest.approx([w for _, w in expected])
+    assert parse_attention(r"\(literal\]") == [("(literal]", 1.0)]
+    assert parse_attention("(unbalanced") == [("unbalanced", pytest.approx(1.1))]
+    assert parse_attention("[a]") == [("a", pytest.approx(1 / 1.1))]
+
+
+def test_weighted_token_ids_carry_each_run_weight():
+    from lora_gui.engine.text import chunk_token_ids, weighted_token_ids
+    from lora_gui.engine.tokenizer import clip_tokenizer
+
+    tok = clip_tokenizer()
+    ids, weights = weighted_token_ids(tok, ["(red:1.5) circle, [blue]"], 150)
+    plain = chunk_token_ids(tok, ["red circle, blue"], 150)
+    assert torch.equal(ids, plain) and weights.shape == (1, 2, 77)
+    red, circle = tok("red", add_special_tokens=False).input_ids, tok(" circle", add_special_tokens=False).input_ids
+    n_red = len(red)
+    assert weights[0, 0, 0] == 1.0  # BOS
+    assert weights[0, 0, 1:1 + n_red].tolist() == [1.5] * n_red
+    assert weights[0, 0, 1 + n_red:1 + n_red + len(circle)].tolist() == [1.0] * len(circle)
+    blue = [i for i, t in enumerate(ids[0, 0].tolist()) if t in tok("blue", add_special_tokens=False).input_ids]
+    assert blue and all(weights[0, 0, i] == pytest.approx(1 / 1.1) for i in blue)
+    assert torch.all(weights[0, 1] == 1.0)  # the empty second chunk

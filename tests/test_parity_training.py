@@ -335,3 +335,27 @@ def test_dim_from_weights_takes_every_rank_from_the_file(demo, tmp_path):
     assert _ranks(second) == _ranks(first)
     saved = load_lora_file(path)[0]
     assert all(torch.equal(v, saved[k]) for k, v in second.network.state_dict_kohya().items())
+
+
+# --- captions in the run -----------------------------------------------------------------------------
+
+
+def test_weighted_captions_scale_the_states_of_their_tokens(configured):
+    """sd-scripts encode_tokens_with_weights: (red:1.5) multiplies the states of red's tokens by 1.5
+    and leaves every other state as the plain caption's."""
+    plain = configured("labels.weighted_captions=false")._encode(["red circle"])
+    tr = configured("labels.weighted_captions=true")
+    weighted = tr._encode(["(red:1.5) circle"])
+    n_red = len(tr.model.tokenizer("red", add_special_tokens=False).input_ids)
+    torch.testing.assert_close(weighted[:, 1:1 + n_red], plain[:, 1:1 + n_red] * 1.5)
+    torch.testing.assert_close(weighted[:, 1 + n_red:], plain[:, 1 + n_red:])
+    torch.testing.assert_close(weighted[:, :1], plain[:, :1])
+
+
+def test_token_warmup_cuts_the_captions_of_early_steps(demo, tmp_path):
+    t = set_up(demo_settings(demo, tmp_path, "labels.token_warmup_step=1000", "labels.token_warmup_min=1",
+                             "labels.shuffle_caption=false", "labels.keep_tokens=0"))
+    assert t.text_cache is None  # captions change with the step: no text-encoder cache
+    batch = t.dataset.load_batch(t.dataset.epoch_batches(0)[0], 0, 0)
+    # The trigger word stays; of the caption's tags only the first (min 1) at step 0.
+    assert all(len(c.split(", ")) == 2 and c.startswith("demoshape, ") for c in batch.captions)

@@ -24,7 +24,7 @@ import numpy as np
 
 from lora_gui.atomic import atomic_open
 from lora_gui.dataset.buckets import Bucket, BucketOptions
-from lora_gui.dataset.captions import CaptionOptions, process_caption
+from lora_gui.dataset.captions import CaptionOptions
 from lora_gui.dataset.images import find_mask, load_image_array, load_mask_array, random_hue_shift
 from lora_gui.dataset.scan import DatasetInfo, ImageEntry, Subset
 from lora_gui.dataset.summary import (
@@ -139,7 +139,13 @@ class TrainDataset:
         self.reg_items = reg_schedule(reg, len(self.train_items))  # sd-scripts' order and repeats
         self._validation = [self._item(s, i, trigger) for s, i in train_images if i.path in self.held_out]
         self._masks = self._find_masks() if options.masked_loss and options.mask_folder else {}
+        self._step_plan: tuple[int, int, int] | None = None
         self.latent_cache: LatentCache | None = None
+
+    def set_step_plan(self, steps_per_epoch: int, accumulation: int, total_steps: int) -> None:
+        """The run's step plan, so that a batch knows its optimizer step (epoch x steps per epoch +
+        batch // accumulation): the tag warm-up depends on it, and a resumed run computes the same."""
+        self._step_plan = (steps_per_epoch, accumulation, total_steps)
 
     def _find_masks(self) -> dict[Path, Path]:
         """image -> mask file below the mask folder, for every training image (regularisation
@@ -243,7 +249,12 @@ class TrainDataset:
         flip = o.flip_aug and rng.random() < 0.5
         crop = (rng.random(), rng.random()) if o.random_crop else None
         hue = random_hue_shift(rng) if o.color_aug else 0.0
-        caption = o.captions.apply(item.caption, item.trigger_words, epoch, rng)
+        step = None
+        if self._step_plan is not None:  # the optimizer step this batch is trained at (tag warm-up)
+            steps_per_epoch, accumulation, total = self._step_plan
+            step = epoch * steps_per_epoch + batch_index // accumulation
+        caption = o.captions.apply(item.caption, item.trigger_words, epoch, rng, step,
+                                   self._step_plan[2] if self._step_plan else 0)
         return _Draw(flip, crop, hue, caption)
 
     def fixed_caption(self, item: Item) -> str:
@@ -251,7 +262,7 @@ class TrainDataset:
         return self._fixed_draw(item).caption
 
     def _fixed_draw(self, item: Item) -> _Draw:
-        caption = process_caption(item.caption, trigger_words=item.trigger_words, rng=random.Random(0))
+        caption = self.options.captions.plain(item.caption, item.trigger_words)
         return _Draw(False, None, 0.0, caption)
 
     def load_batch(

@@ -123,6 +123,7 @@ def _load_data(t) -> None:
     # Distinct images trained on (the held-out validation images are not).
     t.num_train_images = t.info.num_train_images - len(t.dataset.validation_items())
     t.plan = s.plan_steps(per_epoch * t.acc.num_processes, t.acc.num_processes)
+    t.dataset.set_step_plan(t.plan.steps_per_epoch, s.training.gradient_accumulation_steps, t.plan.total_steps)
     if s.images.cache_latents:
         _cache_latents(t)
 
@@ -184,16 +185,10 @@ def _build_network(t) -> None:
         encoder.train(s.train_text_encoder)
 
 
-def _static_captions(settings) -> bool:
-    lab = settings.labels
-    return not (lab.shuffle_caption or lab.caption_dropout_rate or lab.caption_tag_dropout_rate
-                or lab.caption_dropout_every_n_epochs)
-
-
 def _prepare_text_cache(t) -> None:
     """Frozen text encoders with captions that never change: encode each caption once."""
     t.text_cache = None
-    if t.settings.train_text_encoder or not _static_captions(t.settings):
+    if t.settings.train_text_encoder or t.dataset.options.captions.varies:
         return
     ds = t.dataset
     captions = sorted({ds.fixed_caption(item) for item in

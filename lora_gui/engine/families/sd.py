@@ -42,7 +42,8 @@ class StableDiffusion(ModelFamily):
 
         return encode_prompts(model.tokenizer, model.text_encoder, captions,
                               max_token_length=settings.labels.max_token_length,
-                              clip_skip=settings.training.clip_skip, device=device)
+                              clip_skip=settings.training.clip_skip, device=device,
+                              weighted=settings.labels.weighted_captions)
 
     def num_train_timesteps(self, model) -> int:
         return model.noise_scheduler.config.num_train_timesteps
