@@ -335,18 +335,21 @@ class LoraNetwork:
         ``LoRANetwork.apply_max_norm_regularization``): where ||up @ down * alpha / r|| (Frobenius,
         the conv update for conv modules) exceeds ``max_norm``, scale up and down by
         sqrt(max_norm / norm). Returns (modules scaled, mean and max of the norms afterwards)."""
-        norms, scaled = [], 0
-        for layer in self._all_layers().values():
-            down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
-            scale = layer.lora_alpha[ADAPTER_NAME] / layer.r[ADAPTER_NAME]
-            norm = float(update_weight(down, up).norm()) * scale
-            ratio = max_norm / norm if norm > max_norm else 1.0
-            if ratio != 1.0:
-                scaled += 1
-                down.mul_(ratio**0.5)
-                up.mul_(ratio**0.5)
-            norms.append(norm * ratio)
-        return scaled, sum(norms) / max(1, len(norms)), max(norms, default=0.0)
+        layers = list(self._all_layers().values())
+        if not layers:
+            return 0, 0.0, 0.0
+        pairs = [(layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight) for layer in layers]
+        norms = torch.stack([update_weight(down, up).norm() * (layer.lora_alpha[ADAPTER_NAME] / layer.r[ADAPTER_NAME])
+                             for (down, up), layer in zip(pairs, layers)])
+        # 1 where the norm is within the limit (x * 1.0 == x: those weights stay bit for bit).
+        ratios = torch.clamp(max_norm / norms, max=1.0)
+        for (down, up), ratio in zip(pairs, ratios.sqrt()):
+            down.mul_(ratio)
+            up.mul_(ratio)
+        after = norms * ratios
+        # One read of the device for the three figures, not one per module.
+        scaled, mean, largest = torch.stack([(ratios < 1).sum().float(), after.mean(), after.max()]).tolist()
+        return int(scaled), mean, largest
 
     def load_state_dict_kohya(self, sd: dict[str, torch.Tensor]) -> None:
         """Load weights of an existing kohya LoRA (lora_model_for_resume).
