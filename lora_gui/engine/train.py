@@ -85,7 +85,8 @@ class Trainer:
     ``model`` (the family's loaded base) with ``unet``, ``text_encoders``, ``vae``, ``scheduler``;
     ``info``, ``dataset``, ``run_batches``, ``plan``, ``num_train_images``; ``network``,
     ``network_alpha``, ``text_cache``; ``params``, ``optimizer``, ``lr_scheduler``,
-    ``trained_models``; ``sample_prompts``; ``facts`` (the metadata's run facts).
+    ``trained_models``, ``text_encoder_steps`` (the steps in which the text encoder trains);
+    ``sample_prompts``; ``facts`` (the metadata's run facts).
     """
 
     def __init__(self, settings: TrainingSettings, events: ev.EventSink, commands: ev.CommandSource):
