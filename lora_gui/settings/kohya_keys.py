@@ -53,7 +53,6 @@ _SDXL = "issue #13 (SDXL)"
 _FLUX = "issue #14 (Flux.1)"
 _MULTI = "issue #15 (several GPUs / machines)"
 _LYCORIS = "issue #16 (LyCORIS network types)"
-_DATASET = "issue #17 (dataset workbench: kohya's dataset_config TOML)"
 
 # foreign key -> the open issue that adds the setting (the value is kept out until it lands).
 LATER: dict[str, str] = {
@@ -74,7 +73,6 @@ LATER: dict[str, str] = {
                      "train_norm", "unit", "use_cp", "use_scalar", "use_tucker", "train_on_input",
                      "algo", "preset"),
                   _LYCORIS),
-    "dataset_config": _DATASET,
 }
 
 _TI = "a textual-inversion key (kohya_ss's TI tab); lora-gui trains LoRAs"
@@ -130,5 +128,8 @@ NOT_APPLICABLE: dict[str, str] = {
     "network_module": "lora-gui writes kohya's networks.lora format (the LyCORIS modules come with "
                       "issue #16)",
     "log_prefix": "lora-gui names the log folder after the run; use log_tracker_name for the tracker",
+    "dataset_config": "a dataset_config TOML is not a setting here: import it in the Dataset tab or "
+                      "with 'lora-gui dataset toml import FILE --out FOLDER', which lays its subsets "
+                      "out as N_name folders and writes the matching settings",
     "json_load_skip_list": "the skip-list is never loaded from a file (your current one is kept)",
 }
