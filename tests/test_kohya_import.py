@@ -85,8 +85,8 @@ def test_locon_config_values_arrive_as_kohya_ss_passes_them():
     assert adv.adaptive_noise_scale == 0.005
     assert (adv.min_timestep, adv.max_timestep, adv.loss_type) == (0, 1000, "l2")
     assert s.labels.caption_dropout_rate == 0.05 and s.samples.sample_every_n_steps == 25
-    assert report.mapped["LoRA_type"] == "advanced.conv_dim"
-    assert report.later["LyCORIS_preset"].startswith("issue #16")
+    assert report.mapped["LoRA_type"] == "advanced.network_type" and adv.network_type == "LoRA"
+    assert report.mapped["LyCORIS_preset"] == "advanced.lycoris_preset"
 
 
 def _with(name: str, **changes) -> dict:
@@ -141,7 +141,8 @@ def test_network_args_flags_map_to_settings():
     s, report = convert({"additional_parameters": '--network_args "rank_dropout=0.2" '
                                                    '"loraplus_lr_ratio=16" "algo=loha"'})
     assert s.advanced.rank_dropout == 0.2 and s.advanced.loraplus_lr_ratio == 16
-    assert report.later["--network_args algo"].startswith("issue #16")
+    assert s.advanced.network_type == "LoHa"
+    assert report.mapped["--network_args algo"] == "advanced.network_type"
 
 
 def test_kohya_ss_unset_markers_and_old_strings():
@@ -187,7 +188,7 @@ def test_quoted_optimizer_args_as_kohya_ss_writes_them():
 
 def test_use_wandb_and_lycoris_and_flux_types():
     s, report = convert({"use_wandb": True, "LoRA_type": "LyCORIS/LoHa", "conv_dim": 4})
-    assert s.model.log_with == "wandb" and s.advanced.conv_dim == 0
-    assert report.later["LoRA_type"].startswith("issue #16")
+    assert s.model.log_with == "wandb" and s.advanced.conv_dim == 4
+    assert s.advanced.network_type == "LoHa" and report.mapped["LoRA_type"] == "advanced.network_type"
     _, report = convert({"LoRA_type": "Flux1"})
     assert report.later["LoRA_type"].startswith("issue #14")

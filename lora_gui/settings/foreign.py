@@ -35,7 +35,12 @@ from lora_gui.settings.schema import (
 )
 
 _OPTIMIZER_NAMES = {o.lower(): o for o in OPTIMIZERS} | {"adamw_8bit": "AdamW8bit"}
-_LOCON_TYPES = {"kohya locon", "locon", "lora-c3lier", "kohya lora-c3lier"}
+_LOCON_TYPES = {"kohya locon", "lora-c3lier", "kohya lora-c3lier"}  # kohya's LoRA with conv_dim
+# kohya_ss LoRA_type (lowercase) -> our network_type (kohya_ss/lora_gui.py: algo=... of lycoris.kohya)
+_LYCORIS_TYPES = {"locon": "LoCon", "lycoris/locon": "LoCon", "lycoris/loha": "LoHa",
+                  "lycoris/lokr": "LoKr", "lycoris/ia3": "IA3", "lycoris/glora": "GLoRA",
+                  "lycoris/native fine-tuning": "Full", "lycoris/diag-oft": "Diag-OFT",
+                  "lycoris/boft": "BOFT"}
 # When both keys of a pair are set, the second one wins (as sd-scripts reads them).
 _LOSES_TO = {"epoch": "max_train_epochs", "num_epochs": "max_train_epochs",
              "learning_rate_te": "text_encoder_lr"}
@@ -284,18 +289,24 @@ def _import_flags(doc: dict[str, Any], out: ForeignImport) -> None:
     for name, value in flags.items():
         if name == "network_args" and isinstance(value, str):
             for arg, arg_value in parse_optimizer_args(value).items():
-                _import_key(doc, arg, arg_value, out, f"--network_args {arg}")
-        elif name == "network_module":
-            _network_module(value, out)
+                if arg == "algo":
+                    _algo(arg_value, out)
+                else:
+                    _import_key(doc, arg, arg_value, out, f"--network_args {arg}")
         else:
             _import_key(doc, name, value, out, f"--{name}")
 
 
-def _network_module(value: Any, out: ForeignImport) -> None:
-    if "lycoris" in str(value).lower():
-        out.later["--network_module"] = LATER["algo"]
-    else:
-        out.not_applicable["--network_module"] = NOT_APPLICABLE["network_module"]
+def _algo(value: Any, out: ForeignImport) -> None:
+    """``--network_args algo=loha`` (lycoris.kohya): the network type."""
+    name = _LYCORIS_TYPES.get(f"lycoris/{str(value).strip().lower()}")
+    if name is None:
+        out.rejected["--network_args algo"] = f"LyCORIS algorithm {value!r} is not one of lora-gui's " \
+                                              "network types"
+        return
+    _override(out, "network_type", "--network_args algo")
+    _set(out, "network_type", name)
+    out.mapped["--network_args algo"] = "advanced.network_type"
 
 
 def import_foreign(doc: dict[str, Any]) -> ForeignImport:
@@ -350,26 +361,45 @@ def _eight_bit_adam(doc: dict[str, Any], out: ForeignImport) -> None:
 
 
 def _lora_type(doc: dict[str, Any], out: ForeignImport) -> None:
+    """kohya_ss's LoRA_type: kohya's LoRA (Standard; with conv_dim: Kohya LoCon), a LyCORIS algo
+    (kohya_ss lora_gui.py passes algo=... to lycoris.kohya), or a Flux LoRA (issue #14)."""
     if "LoRA_type" not in doc:
         return
     kind = str(doc["LoRA_type"]).strip().lower()
-    if kind in _LOCON_TYPES or kind == "lycoris/locon":
-        out.mapped["LoRA_type"] = "advanced.conv_dim"
-        if kind == "lycoris/locon":
-            out.notes.append("LoRA_type 'LyCORIS/LoCon' imported as kohya's LoCon (LoRA on the "
-                             "convolutions too); LyCORIS's own module comes with issue #16")
-        return
-    if _get(out, "conv_dim", 0):
-        out.notes.append("conv_dim ignored: the file's LoRA_type has no convolution LoRA")
-    _set(out, "conv_dim", 0)
-    if kind == "standard":
-        out.mapped["LoRA_type"] = "advanced.conv_dim"
-    elif kind.startswith("flux"):
+    if kind.startswith("flux"):
         out.later["LoRA_type"] = LATER["flux1_checkbox"]
-    else:
-        out.later["LoRA_type"] = LATER["LyCORIS_preset"]
-        out.notes.append(f"LoRA_type {doc['LoRA_type']!r} is a LyCORIS type (issue #16): imported "
-                         "as a standard LoRA until then")
+        return
+    out.mapped["LoRA_type"] = "advanced.network_type"
+    lycoris = _LYCORIS_TYPES.get(kind)
+    _set(out, "network_type", lycoris or "LoRA")
+    if lycoris is None:
+        if kind not in _LOCON_TYPES:
+            if kind != "standard":
+                out.notes.append(f"LoRA_type {doc['LoRA_type']!r} is not one of lora-gui's network "
+                                 "types: importing it as a standard LoRA")
+            if _get(out, "conv_dim", 0):
+                out.notes.append("conv_dim ignored: the file's LoRA_type has no convolution LoRA")
+            _set(out, "conv_dim", 0)
+        return
+    _lycoris_dims(doc, out, lycoris)
+
+
+def _lycoris_dims(doc: dict[str, Any], out: ForeignImport, lycoris: str) -> None:
+    """lycoris.kohya's reading of kohya_ss's values: use_tucker = use_cp or use_tucker; a conv_dim
+    that is absent or 0 means conv_dim = network_dim (conv layers on); LoKr above 1024 is full."""
+    if any(_bool(doc.get(k)) is True for k in ("use_cp", "use_tucker")):
+        _set(out, "use_tucker", True)
+    dim = _get(out, "network_dim", TrainingSettings().training.network_dim)
+    if lycoris == "Full" or not _get(out, "conv_dim", 0):
+        _set(out, "conv_dim", dim)
+        _set(out, "conv_alpha", _get(out, "network_alpha", TrainingSettings().training.network_alpha))
+    if lycoris == "LoKr":
+        for name in ("network_dim", "conv_dim"):
+            value = _get(out, name, 0)
+            if isinstance(value, int) and value > 1024:
+                _set(out, name, 1024)
+                out.notes.append(f"{name} {value} imported as 1024: LoKr at that rank already uses "
+                                 "the full matrix (LyCORIS' full-matrix mode) for SD and SDXL layers")
 
 
 def _warmup(doc: dict[str, Any], out: ForeignImport) -> None:

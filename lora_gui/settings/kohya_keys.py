@@ -36,6 +36,9 @@ ALIASES: dict[str, str] = {
     # advanced
     "xformers": "attention", "conditioning_data_dir": "mask_folder", "alpha_mask": "masked_loss",
     "use_wandb": "log_with",
+    # LyCORIS (lycoris.kohya's names; kohya_ss writes use_cp for use_tucker)
+    "LyCORIS_preset": "lycoris_preset", "preset": "lycoris_preset", "use_cp": "use_tucker",
+    "constraint": "constrain",
     # samples
     "sample_every_n_epoch": "sample_every_n_epochs",
 }
@@ -52,7 +55,6 @@ EMPTY_IS_UNSET = frozenset({"caption_extension"})
 _SDXL = "issue #13 (SDXL)"
 _FLUX = "issue #14 (Flux.1)"
 _MULTI = "issue #15 (several GPUs / machines)"
-_LYCORIS = "issue #16 (LyCORIS network types)"
 
 # foreign key -> the open issue that adds the setting (the value is kept out until it lands).
 LATER: dict[str, str] = {
@@ -68,11 +70,6 @@ LATER: dict[str, str] = {
                      "mode_scale"), _FLUX),
     **dict.fromkeys(("multi_gpu", "gpu_ids", "num_processes", "num_machines", "main_process_port",
                      "extra_accelerate_launch_args", "num_cpu_threads_per_process"), _MULTI),
-    **dict.fromkeys(("LyCORIS_preset", "bypass_mode", "constrain", "conv_alphas", "conv_dims",
-                     "decompose_both", "dora_wd", "factor", "rank_dropout_scale", "rescaled",
-                     "train_norm", "unit", "use_cp", "use_scalar", "use_tucker", "train_on_input",
-                     "algo", "preset"),
-                  _LYCORIS),
 }
 
 _TI = "a textual-inversion key (kohya_ss's TI tab); lora-gui trains LoRAs"
@@ -125,11 +122,18 @@ NOT_APPLICABLE: dict[str, str] = {
     "wandb_api_key": "an API key is a secret and lora-gui does not keep secrets in settings files: "
                      "run 'wandb login' once (offline logging needs no key)",
     "wandb_run_name": "the W&B run is named after the output name; the project is log_tracker_name",
-    "network_module": "lora-gui writes kohya's networks.lora format (the LyCORIS modules come with "
-                      "issue #16)",
+    "network_module": "lora-gui picks the module from the network type (networks.lora for LoRA, "
+                      "lycoris.kohya for the LyCORIS types)",
     "log_prefix": "lora-gui names the log folder after the run; use log_tracker_name for the tracker",
     "dataset_config": "a dataset_config TOML is not a setting here: import it in the Dataset tab or "
                       "with 'lora-gui dataset toml import FILE --out FOLDER', which lays its subsets "
                       "out as N_name folders and writes the matching settings",
+    "train_on_input": "lycoris.kohya does not pass it on (only its ia3 preset sets it per layer)",
+    "unit": "a DyLoRA key: DyLoRA is not among lora-gui's network types (LoRA, LoCon, LoHa, LoKr, "
+            "IA3, GLoRA, Full, Diag-OFT, BOFT)",
+    **dict.fromkeys(("conv_dims", "conv_alphas"),
+                    "an old kohya_ss LyCORIS key that its GUI no longer passes to sd-scripts (conv_dim "
+                    "and conv_alpha are read instead)"),
+    "algo": "the LyCORIS algorithm comes from LoRA_type (lora-gui's network type)",
     "json_load_skip_list": "the skip-list is never loaded from a file (your current one is kept)",
 }
