@@ -359,3 +359,23 @@ def test_token_warmup_cuts_the_captions_of_early_steps(demo, tmp_path):
     batch = t.dataset.load_batch(t.dataset.epoch_batches(0)[0], 0, 0)
     # The trigger word stays; of the caption's tags only the first (min 1) at step 0.
     assert all(len(c.split(", ")) == 2 and c.startswith("demoshape, ") for c in batch.captions)
+
+
+# --- LyCORIS networks ---------------------------------------------------------------------------------
+
+
+def test_loraplus_and_max_norm_with_a_lycoris_network(demo, tmp_path):
+    """lycoris-lora's own rules: LoRA+ speeds up the parameters named lora_up (LoCon), and max-norm is
+    its apply_max_norm_regularization, reported like kohya's LoRA."""
+    t = set_up(demo_settings(demo, tmp_path / "plus", "advanced.network_type=LoCon", "advanced.conv_dim=2",
+                             "advanced.loraplus_lr_ratio=16", "training.learning_rate=0.001",
+                             "training.lr_scheduler=constant", "training.lr_warmup_steps=0"))
+    groups = {g["name"]: g for g in t.optimizer.param_groups}
+    assert groups["unet plus"]["lr"] == pytest.approx(16e-3) and groups["unet"]["lr"] == pytest.approx(1e-3)
+    ups = {id(p) for p in groups["unet plus"]["params"]}
+    lora = t.network.net.unet_loras[0]
+    assert id(lora.lora_up.weight) in ups and id(lora.lora_down.weight) not in ups
+    _, events = _run(demo, tmp_path / "norm", "advanced.network_type=LoCon", "advanced.scale_weight_norms=0.001",
+                     "training.learning_rate=0.01")
+    losses = [e for e in events if isinstance(e, ev.LossReported)]
+    assert losses and all(e.keys_scaled is not None and e.keys_scaled > 0 for e in losses)
