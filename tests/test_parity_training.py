@@ -199,6 +199,7 @@ def test_stop_text_encoder_training_freezes_the_text_encoder_lora(demo, tmp_path
     assert any(not torch.equal(two[k], stopped[k]) for k in unet)
 
 
+@pytest.mark.slow
 def test_scale_weight_norms_caps_every_module_and_reports_keys_scaled(demo, tmp_path):
     tensors, events = _run(demo, tmp_path, "advanced.scale_weight_norms=0.001", "training.learning_rate=0.01")
     losses = [e for e in events if isinstance(e, ev.LossReported)]
