@@ -1,11 +1,12 @@
 """``python -m bench`` (``make bench``): benchmarks 1-5 on this machine, printed as tables and
 appended, with the machine's description, to BENCHMARKS.md. They measure; they never fail a build.
 
-    python -m bench                 # 1-5 (about 6-7 minutes on 2 cores)
+    python -m bench                 # 1-5 and 8 (about 8 minutes on 2 cores)
     python -m bench --only 1,5      # some of them
     python -m bench --no-report     # print only
 
-6 (``bench/gpu_sd15.py``) is for a CUDA machine and is run on its own. Every process uses one
+6 and 7 (``bench/gpu_sd15.py``, ``bench/gpu_sdxl.py``) are for a CUDA machine and are run on their own;
+8 (the SDXL demo: engine/bare ratio, memory estimate beside peak RSS) runs on the CPU. Every process uses one
 torch thread unless BENCH_THREADS says otherwise (see bench/common.py); BENCH_WORKDIR keeps the
 scratch files (demo model, datasets, runs) in a folder of your choice.
 """
@@ -25,6 +26,7 @@ BENCHMARKS = {
     "3": ("startup", "3. Start-up"),
     "4": ("streaming", "4. Streaming"),
     "5": ("scale", "5. Scale"),
+    "8": ("sdxl_demo", "8. SDXL demo"),
 }
 
 

@@ -61,7 +61,7 @@ def cmd_config_presets(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lora_gui.engine.demo import build_demo
 
-    paths = build_demo(args.out, seed=args.seed)
+    paths = build_demo(args.out, seed=args.seed, family=args.family)
     print(f"Demo model (diffusers folder): {paths.model_dir}")
     print(f"Demo model (single file):      {paths.single_file}")
     print(f"Demo dataset:                  {paths.dataset_dir}")
@@ -363,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build the tiny offline demo model and dataset")
     p.add_argument("--out", default="demo")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", choices=("sd", "sdxl"), default="sd", help="the tiny model's family")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a LoRA headless")

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from lora_gui import events as ev
 from lora_gui.settings import TrainingSettings
 from lora_gui.settings.io import save_settings_copy
-from lora_gui.worker.demo import demo_dir_for
+from lora_gui.worker.demo import demo_dir_for, demo_family
 
 
 def ensure_demo(settings: TrainingSettings) -> None:
@@ -23,7 +23,7 @@ def ensure_demo(settings: TrainingSettings) -> None:
         from lora_gui.engine.demo import build_demo
 
         print(f"Building the demo model and dataset in {demo_dir} ...", file=sys.stderr)
-        build_demo(demo_dir)
+        build_demo(demo_dir, family=demo_family(settings))
 
 
 class TerminalSink:

@@ -8,8 +8,12 @@ web process must never import torch. Every type is a frozen dataclass with a cla
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Protocol
@@ -221,20 +225,73 @@ def to_json(item: Event | Command) -> str:
     return json.dumps(to_dict(item), ensure_ascii=False, allow_nan=True)
 
 
-def _build(table: dict[str, type], data: dict[str, Any]):
-    data = dict(data)
-    cls = table[data.pop("kind")]
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
-    return cls(**kwargs)
+def checked_fields(cls: type, data: Any, *, finite: bool = False) -> dict[str, Any]:
+    """The keyword arguments of dataclass ``cls`` from a decoded JSON object, every value checked
+    against its annotation (files in a run folder can be damaged or hand-edited: a wrong type must
+    stop here, not in the page). Unknown keys are ignored (a newer writer); a ValueError names the
+    first bad field. ``finite`` refuses NaN and infinities in float fields (times, not losses)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, not {type(data).__name__}")
+    hints, kwargs = _hints(cls), {}
+    for f in _fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _checked(f.name, data[f.name], hints[f.name], finite)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ValueError(f"{f.name} is missing")
+    return kwargs
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # evaluates the string annotations: once per class
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(cls)
+
+
+def _checked(name: str, value: Any, hint: Any, finite: bool) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _checked(name, value, hint, finite)
+    if origin in (tuple, list) and isinstance(value, list | tuple):
+        item = args[0]
+        values = [_checked(name, v, item, finite) for v in value]
+        return tuple(values) if origin is tuple else values
+    if isinstance(hint, type) and issubclass(hint, Enum) and isinstance(value, str):
+        return hint(value)
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if finite and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, not {value!r}")
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    shown = getattr(hint, "__name__", str(hint))
+    raise ValueError(f"{name} must be {shown}, not {type(value).__name__} {value!r:.40}")
+
+
+def _build(table: dict[str, type], line: str | bytes):
+    try:
+        data = json.loads(line)
+    except RecursionError:
+        raise ValueError("the line nests too deeply to be an event") from None
+    if not isinstance(data, dict) or data.get("kind") not in table:
+        raise ValueError("not an event or command line")
+    cls = table[data["kind"]]
+    return cls(**checked_fields(cls, data))
 
 
 def event_from_json(line: str) -> Event:
-    return _build(EVENT_TYPES, json.loads(line))
+    """The event of one line; a ValueError for a line that is not a well-typed event."""
+    return _build(EVENT_TYPES, line)
 
 
 def command_from_json(line: str) -> Command:
-    return _build(COMMAND_TYPES, json.loads(line))
+    return _build(COMMAND_TYPES, line)
 
 
 PROGRESS_LINES = 20  # a printed log shows training progress this many times per run

@@ -257,7 +257,7 @@ def test_errors_name_the_path(demo, tmp_path):
         lora: "is a LoRA file",
         renamed: "is a LoRA file",
         text: "neither a .safetensors nor a .ckpt",
-        sdxl: "SDXL is not supported yet",
+        sdxl: "is an SDXL model but model.family is sd: set model.family to auto or sdxl",
         corrupt: "damaged or incomplete",
         truncated: "damaged or incomplete",
         other: "does not look like a Stable Diffusion",

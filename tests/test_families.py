@@ -20,9 +20,20 @@ ENGINE = Path(train_module.__file__).parent
 FAMILY_AGNOSTIC = ("train.py", "setup.py", "checkpoint.py", "evaluation.py", "reporting.py", "loader.py")
 
 
-def test_the_registry_knows_sd_and_picks_it():
-    assert list(FAMILIES) == ["sd"] and isinstance(FAMILIES["sd"], StableDiffusion)
+def test_the_registry_knows_sd_and_sdxl_and_picks_by_setting():
+    assert list(FAMILIES) == ["sd", "sdxl"] and isinstance(FAMILIES["sd"], StableDiffusion)
     assert family_for(io.load_preset("demo-tiny-cpu")) is FAMILIES["sd"]
+    assert family_for(io.load_preset("demo-tiny-sdxl-cpu")) is FAMILIES["sdxl"]  # family: sdxl
+
+
+def test_auto_detects_the_family_from_the_weights(demo, tmp_path_factory):
+    from lora_gui.engine.demo import build_demo
+
+    xl = build_demo(tmp_path_factory.mktemp("xl-detect"), family="sdxl")
+    for base, family in ((demo.model_dir, "sd"), (demo.single_file, "sd"), (xl.model_dir, "sdxl"),
+                         (xl.single_file, "sdxl"), (tmp_path_factory.mktemp("empty"), "sd")):
+        settings = io.apply_overrides(io.load_preset("demo-tiny-cpu"), [f"model.base_model={base}"])
+        assert settings.model.family == "auto" and family_for(settings) is FAMILIES[family], base
 
 
 @pytest.mark.parametrize("version,v_param,expected", [
@@ -89,6 +100,8 @@ def test_a_run_reaches_the_model_through_its_family(demo, tmp_path, monkeypatch)
     result = train_module.run_training(settings, lambda event: None)
     assert result.status == "finished", result.message
     assert calls["load"] == 1 and calls["apply_network"] == 1 and calls["metadata_versions"] == 1
-    for step_call in ("num_train_timesteps", "add_noise", "predict", "target", "batch_conditioning"):
+    for step_call in ("num_train_timesteps", "add_noise", "target", "batch_conditioning"):
         assert calls[step_call] == 2, step_call  # once per step
+    # predict: once per step, and once on the meta device for the memory estimate's trace
+    assert calls["predict"] == 3 and calls["meta_extra"] == 1 and calls["with_unet"] == 1
     assert calls["encode_text"] >= 1

@@ -57,7 +57,7 @@ def test_report_groups_keys_by_kind():
     assert "textual-inversion" in report.not_applicable["init_word"]
     assert "Hugging Face" in report.not_applicable["huggingface_token"]
     assert report.later["multi_gpu"].startswith("issue #15")
-    assert report.later["sdxl"].startswith("issue #13")
+    assert report.mapped["sdxl"] == "model.family"  # SDXL landed (issue #13)
     assert "comes with issue #15" in report.ignored["multi_gpu"]
 
 

@@ -36,8 +36,8 @@ def test_results_are_drawn(tmp_path):
     paths.result.write_text(json.dumps({"tool": "inspect", "card_text": "**Type:** LoRA",
                                         "blocks": [{"block": "TE", "norm": 2.0}, {"block": "IN01", "norm": 1.0}]}))
     run, info = SimpleNamespace(paths=paths), SimpleNamespace(state=RunState.FINISHED, message="")
-    allowed = []
-    ctx = SimpleNamespace(allow=allowed.append)
+    asked = []
+    ctx = SimpleNamespace(servable=lambda path: asked.append(path) or str(path))
     status, _, card, _, chart = _result(ctx, run, info)
     assert status == "**inspect**: done" and card == "**Type:** LoRA"
     assert [list(row) for row in chart.value["data"]] == [["TE", 2.0], ["IN01", 1.0]]
@@ -45,8 +45,11 @@ def test_results_are_drawn(tmp_path):
     paths.result.write_text(json.dumps({"tool": "extract", "output": str(out), "output_size": 2e6, "modules": 2,
                                         "mean_fro_retained": 1.0, "kept_energy": {"a": 1.0, "b": 0.5}}))
     status, download, _, table, _ = _result(ctx, run, info)
-    assert status == f"**extract**: wrote `{out}` (2.00 MB)" and allowed == [tmp_path]
+    assert status == f"**extract**: wrote `{out}` (2.00 MB)" and asked == [out]
     assert download.value["path"] == str(out)
+    outside = SimpleNamespace(servable=lambda path: None)  # a file outside the served roots
+    status, download, _, _, _ = _result(outside, run, info)
+    assert "outside the folders this page may serve" in status and download.visible is False
     assert [list(row) for row in table.value["data"]] == [["a", 1.0], ["b", 0.5]]
     failed = SimpleNamespace(state=RunState.FAILED, message="The file is a LoHa network.")
     assert _result(ctx, run, failed)[0] == "**failed**: The file is a LoHa network."

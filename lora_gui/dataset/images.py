@@ -52,12 +52,24 @@ def exif_orientation(image: Image.Image) -> int:
     return value if value in _ORIENTATION_TRANSPOSE else 1
 
 
-def read_image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF rotation applied), from the file header only."""
+class ImageReadError(ValueError):
+    """An image that cannot be decoded, as a sentence that names the file."""
+
+
+def inspect_image(path: str | Path) -> tuple[int, int, bool]:
+    """(width, height) as displayed (EXIF rotation applied) and whether it is animated (only its
+    first frame would be trained on), from the file header only."""
     with Image.open(path) as image:
         width, height = image.size
         if exif_orientation(image) in (5, 6, 7, 8):
             width, height = height, width
+        animated = bool(getattr(image, "is_animated", False))
+    return width, height, animated
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF rotation applied), from the file header only."""
+    width, height, _ = inspect_image(path)
     return width, height
 
 
@@ -72,8 +84,60 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
+# Where each format ends (the last bytes of a complete file hold the marker; a cut-short file does
+# not): JPEG EOI (ITU T.81 B.2.1), PNG IEND (PNG spec 11.2.5), GIF trailer 0x3B (GIF89a 27).
+_END_MARKERS = {b"\xff\xd8\xff": b"\xff\xd9", b"\x89PNG\r\n\x1a\n": b"IEND", b"GIF8": b"\x3b"}
+_TAIL_BYTES = 4096
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why the image cannot be trained on (cut short, damaged), or None.
+
+    Cheap for the usual file: its last bytes are checked for the format's end marker (and the
+    declared length of WebP and BMP against the file's). Only a file that fails this is decoded, to
+    tell a truncated file from one with data after the image (phone "motion photos")."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+            fh.seek(max(0, size - _TAIL_BYTES))
+            tail = fh.read()
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if _looks_complete(head, tail, size):
+        return None
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for damaged files
+        return f"it is cut short or damaged ({exc})"
+    return None
+
+
+def _looks_complete(head: bytes, tail: bytes, size: int) -> bool:
+    for magic, end in _END_MARKERS.items():
+        if head.startswith(magic):
+            return end in tail
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":  # RIFF size counts the bytes after 8
+        return size >= int.from_bytes(head[4:8], "little") + 8
+    if head[:2] == b"BM":  # BITMAPFILEHEADER bfSize (0 is allowed by some writers)
+        return size >= int.from_bytes(head[2:6], "little")
+    return True
+
+
 def open_rgb(path: str | Path) -> Image.Image:
-    """Decode an image upright and as RGB; transparency is composited onto white."""
+    """Decode an image upright and as RGB; transparency is composited onto white. An image that
+    cannot be decoded (it changed after the scan, or is damaged past its end marker) raises an
+    ``ImageReadError`` that names it."""
+    try:
+        return _open_rgb(path)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"The image {path} cannot be read ({exc}): replace or remove it and "
+                             "start again.") from None
+
+
+def _open_rgb(path: str | Path) -> Image.Image:
     with Image.open(path) as image:
         image = _upright(image)
         if _has_alpha(image):
@@ -94,18 +158,39 @@ def cover_and_crop(
     ``crop_position`` = (x, y) in [0, 1] picks the crop window (random crop); None = centre crop.
     """
     bw, bh = bucket
-    w, h = image.size
+    nw, nh, left, top = crop_window(image.size, bucket, crop_position)
+    if (nw, nh) != image.size:
+        image = image.resize((nw, nh), Image.Resampling.LANCZOS)
+    return image.crop((left, top, left + bw, top + bh))
+
+
+def crop_window(
+    size: tuple[int, int], bucket: Bucket, crop_position: tuple[float, float] | None = None
+) -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop left, crop top) of :func:`cover_and_crop` for an image
+    of ``size`` (width, height): the image is scaled to cover the bucket, then cut to it."""
+    bw, bh = bucket
+    w, h = size
     scale = max(bw / w, bh / h)
     nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
-    if (nw, nh) != (w, h):
-        image = image.resize((nw, nh), Image.Resampling.LANCZOS)
     if crop_position is None:
         left, top = (nw - bw) // 2, (nh - bh) // 2
     else:
         fx, fy = crop_position
         left = min(nw - bw, int(fx * (nw - bw + 1)))
         top = min(nh - bh, int(fy * (nh - bh + 1)))
-    return image.crop((left, top, left + bw, top + bh))
+    return nw, nh, left, top
+
+
+def crop_top_left(
+    size: tuple[int, int], bucket: Bucket, crop_position: tuple[float, float] | None = None, flip: bool = False
+) -> tuple[int, int]:
+    """(top, left): the pixels cut from the top and the left of the resized image, as the training
+    pixels show it. A flip mirrors the crop window, so the cut on the left is what was cut on the
+    right: ``resized width - left - bucket width`` (SDXL's crop conditioning c_top, c_left, Podell
+    et al. 2023, section 2.2, is measured on the image the model sees)."""
+    nw, _, left, top = crop_window(size, bucket, crop_position)
+    return top, (nw - left - bucket[0]) if flip else left
 
 
 def shift_hue(rgb: np.ndarray, shift: float) -> np.ndarray:
@@ -192,7 +277,14 @@ def find_mask(mask_folder: Path, relative: Path, extensions: tuple[str, ...]) ->
     """The mask of the image at ``relative`` (its path below the image folder): the same path below
     ``mask_folder``, with the image's own or any other image extension."""
     folder = mask_folder / relative.parent
-    for candidate in [folder / relative.name] + [folder / (relative.stem + e) for e in extensions]:
+    names = [relative.name] + [relative.stem + e for ext in sorted(extensions) for e in (ext, ext.upper())]
+    for candidate in (folder / name for name in names):
         if candidate.is_file():
             return candidate
     return None
+
+
+def has_alpha(path: str | Path) -> bool:
+    """Whether the image has an alpha channel (its own loss mask with masked_loss)."""
+    with Image.open(path) as image:
+        return _has_alpha(image)

@@ -1,5 +1,5 @@
 """What a run leaves on disk and reads back: the output name, the run files (settings copy, tag
-report, the metadata facts), the LoRA saves, accelerate's state folders and resuming from one."""
+report, the metadata facts), the LoRA saves, the training state folders (``state_files``: no pickle) and resuming from one."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import torch
 
 from lora_gui import events as ev
 from lora_gui.dataset.captions import write_tag_report
+from lora_gui.engine import state_files
 from lora_gui.engine.errors import Diverged, EngineError
 from lora_gui.engine.metadata import build_metadata, gather_facts, with_hashes
 from lora_gui.engine.optim import averaged_weights
 from lora_gui.settings import io as settings_io
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
-STATE_LORA = "lora.safetensors"  # the LoRA weights inside a state folder
 
 
 def output_name(t, out_dir: Path) -> str:
@@ -78,7 +78,7 @@ def save(t, stem: str, *, state: bool, final: bool = False) -> tuple[Path, Path 
         path = save_lora(path, tensors, metadata, m.save_as)
         t.files.append(path)
     if state:
-        t.acc.save_state(str(state_dir))
+        state_files.save_state(t, state_dir)
         t.files.append(state_dir)
     t.emit(ev.CheckpointSaved(step=p.step, epoch=p.epoch, path=str(path),
                               state_dir=str(state_dir) if state else None, final=final))
@@ -133,39 +133,7 @@ def _remove_save(t, stem: str, what: str) -> None:
     t.log(f"Removed the older save {target} (keeping the last saves as the settings ask)")
 
 
-def register_state(t) -> None:
-    """What accelerate's state folders hold besides the optimizer and scheduler: the run position
-    and the LoRA weights (the base model is read again from its file)."""
-    from safetensors.torch import load_file, save_file
-
-    # A network whose file is not its exact training state (LyCORIS Full) saves what resuming needs.
-    exact = hasattr(t.network, "state_dict_exact")
-
-    def save_hook(models, weights, output_dir) -> None:
-        tensors = t.network.state_dict_exact() if exact else t.network.state_dict_kohya(torch.float32)
-        save_file(tensors, str(Path(output_dir) / STATE_LORA))
-        weights.clear()
-
-    def load_hook(models, input_dir) -> None:
-        tensors = load_file(str(Path(input_dir) / STATE_LORA))
-        if exact:
-            t.network.load_state_dict_exact(tensors)
-        else:
-            t.network.load_state_dict_kohya(tensors)
-        models.clear()
-
-    t.acc.register_for_checkpointing(t.progress)
-    t.acc.register_save_state_pre_hook(save_hook)
-    t.acc.register_load_state_pre_hook(load_hook)
-
-
 def resume(t, state_dir: Path) -> None:
-    if not (state_dir / STATE_LORA).exists():
-        raise EngineError(f"model.load_previous_save_state: {state_dir} is not a saved state "
-                          f"(no {STATE_LORA} inside): choose a NAME-state folder.")
-    try:
-        t.acc.load_state(str(state_dir))
-    except ValueError as exc:
-        raise EngineError(f"model.load_previous_save_state: the state in {state_dir} does not "
-                          f"match these settings ({exc}).") from None
+    """Continue from a state folder; read without unpickling anything (see ``state_files``)."""
+    state_files.load_state(t, state_dir)
     t.log(f"Resumed from {state_dir} at step {t.progress.step}")

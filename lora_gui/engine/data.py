@@ -25,7 +25,13 @@ import numpy as np
 from lora_gui.atomic import atomic_open
 from lora_gui.dataset.buckets import Bucket, BucketOptions
 from lora_gui.dataset.captions import CaptionOptions
-from lora_gui.dataset.images import find_mask, load_image_array, load_mask_array, random_hue_shift
+from lora_gui.dataset.images import (
+    crop_top_left,
+    find_mask,
+    load_image_array,
+    load_mask_array,
+    random_hue_shift,
+)
 from lora_gui.dataset.scan import DatasetInfo, ImageEntry, Subset
 from lora_gui.dataset.summary import (
     DatasetSummary,
@@ -86,6 +92,7 @@ class Item:
     bucket: Bucket
     is_reg: bool
     trigger_words: str = ""
+    size: tuple[int, int] = (0, 0)  # the image's upright (width, height) before resizing
 
 
 @dataclass
@@ -100,6 +107,10 @@ class Batch:
     pixels: torch.Tensor | None = None
     latents: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # [B,1,H,W] in [0, 1] with masked_loss
+    # Where each sample's pixels came from (SDXL conditions on them): the image's (height, width)
+    # before resizing and the (top, left) pixels cut from the resized image, as the sample shows it.
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
+    crop_top_lefts: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -178,7 +189,8 @@ class TrainDataset:
                                crop_position=draw.crop_position)
 
     def _item(self, subset: Subset, image: ImageEntry, trigger: str) -> Item:
-        return Item(image.path, subset.caption_for(image), self.bucket_of[image.path], subset.is_reg, trigger)
+        return Item(image.path, subset.caption_for(image), self.bucket_of[image.path], subset.is_reg, trigger,
+                    (image.width, image.height))
 
     # --- plans ------------------------------------------------------------------------------------
 
@@ -286,6 +298,8 @@ class TrainDataset:
             bucket=items[0].bucket,
             paths=[item.path for item in items],
             flipped=[d.flip for d in draws],
+            original_sizes=[(i.size[1], i.size[0]) for i in items],
+            crop_top_lefts=[crop_top_left(i.size, i.bucket, d.crop_position, d.flip) for i, d in zip(items, draws)],
         )
         if self.latent_cache is not None:
             batch.latents = torch.stack(

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .ldm_keys import to_single_file_state_dict
+from lora_gui.engine.families.sd_demo import DEMO_MERGES, _tiny_components  # noqa: F401 (re-exported)
 
 DEMO_PROMPTS = (
     "red circle, blue background, large",
@@ -32,7 +32,6 @@ DEMO_PROMPTS = (
     "yellow triangle, black background --n blurry --w 64 --h 96 --d 2 --l 5 --s 4",
 )
 
-DEMO_MERGES = 2000  # BPE merges of the demo tokenizer: 512 + 2000 + 2 = 2514 tokens
 _MARKER = "lora_gui_demo.json"
 
 COLOURS = {
@@ -56,94 +55,6 @@ class DemoPaths:
     single_file: Path
     dataset_dir: Path
     reg_dir: Path
-
-
-# --------------------------------------------------------------------------------------------
-# model
-# --------------------------------------------------------------------------------------------
-
-
-def _tiny_components(seed: int):
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .tokenizer import MAX_LENGTH, clip_tokenizer
-
-    tokenizer = clip_tokenizer(DEMO_MERGES)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=2,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=16,
-    )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_LENGTH,
-            hidden_act="quick_gelu",
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    # SD 1.5's training schedule (scaled-linear betas 0.00085..0.012 over 1000 steps, epsilon).
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        prediction_type="epsilon",
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-    )
-    return tokenizer, text_encoder, unet, vae, scheduler
-
-
-def _write_model(model_dir: Path, single_file: Path, seed: int) -> None:
-    from diffusers import StableDiffusionPipeline
-    from safetensors.torch import save_file
-
-    tokenizer, text_encoder, unet, vae, scheduler = _tiny_components(seed)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(model_dir, safe_serialization=True)
-    state = to_single_file_state_dict(unet, vae, text_encoder)
-    save_file(state, str(single_file), metadata={"format": "pt"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +112,7 @@ def _write_images(
 # --------------------------------------------------------------------------------------------
 
 
-def build_demo(out_dir: str | Path, seed: int = 0) -> DemoPaths:
+def build_demo(out_dir: str | Path, seed: int = 0, family: str = "sd") -> DemoPaths:
     """Write the demo model, its single-file twin, a dataset and regularisation images.
 
     Deterministic: two builds with the same seed give bit-identical files. ``out_dir`` must be
@@ -225,10 +136,12 @@ def build_demo(out_dir: str | Path, seed: int = 0) -> DemoPaths:
             shutil.rmtree(old)
     paths.single_file.unlink(missing_ok=True)
 
-    _write_model(paths.model_dir, paths.single_file, seed)
+    from lora_gui.engine.families import FAMILIES
+
+    FAMILIES[family].write_demo_model(paths.model_dir, paths.single_file, seed)
     rng = np.random.default_rng(seed)
     _write_images(paths.dataset_dir / "5_shapes", rng, 12, SHAPES)
     _write_images(paths.dataset_dir / "3_circles", rng, 6, ("circle",), skip_caption=5)
     _write_images(paths.reg_dir / "1_shape", rng, 4, SHAPES, captions=False)
-    (root / _MARKER).write_text(json.dumps({"seed": seed, "prompts": list(DEMO_PROMPTS)}, indent=1) + "\n")
+    (root / _MARKER).write_text(json.dumps({"seed": seed, "family": family, "prompts": list(DEMO_PROMPTS)}, indent=1) + "\n")
     return paths

@@ -78,7 +78,10 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, v_prediction: bool) -> torch
     """Min-SNR-gamma (sd-scripts ``apply_snr_weight``; Hang et al. 2023): min(SNR, gamma) / SNR for
     epsilon, min(SNR, gamma) / (SNR + 1) for v-prediction."""
     clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if v_prediction else clipped / snr
+    if v_prediction:
+        return clipped / (snr + 1)
+    # min(snr, gamma) / snr -> 1 as snr -> 0 (the last step of a zero-terminal-SNR schedule).
+    return torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr))
 
 
 def v_pred_like_noise_scale(snr: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ def _refuse_family(path: Path, family: str) -> None:
         )
     if family == "sdxl":
         raise ModelLoadError(
-            f"{path} is an SDXL model and SDXL is not supported yet: choose an SD 1.x or 2.x model."
+            f"{path} is an SDXL model but model.family is sd: set model.family to auto or sdxl."
         )
     if family == "unknown":
         raise ModelLoadError(

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,7 +156,9 @@ def _is_1x1_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
 
 
-def _unet_targets(unet: nn.Module, locon: bool) -> list[_Target]:
+def _unet_targets(unet: nn.Module, locon: bool, module_names: Mapping[str, str] | None = None) -> list[_Target]:
+    """kohya's U-Net targets; ``module_names`` maps a module path to the path the file names it by
+    (SDXL files use the original U-Net's paths; SD 1.x/2.x files diffusers' own)."""
     blocks = _UNET_ATTENTION_BLOCKS + (_UNET_CONV_BLOCKS if locon else ())
     found: dict[str, _Target] = {}
     for block_path, block in unet.named_modules():
@@ -169,18 +172,18 @@ def _unet_targets(unet: nn.Module, locon: bool) -> list[_Target]:
                 is_conv = True
             else:
                 continue
-            name = UNET_PREFIX + path.replace(".", "_")
+            name = UNET_PREFIX + (module_names[path] if module_names else path).replace(".", "_")
             found.setdefault(path, _Target("unet", path, name, is_conv))
     return list(found.values())
 
 
-def _te_targets(text_encoder: nn.Module) -> list[_Target]:
+def _te_targets(text_encoder: nn.Module, prefix: str = TE_PREFIX) -> list[_Target]:
     targets = []
     for path, module in text_encoder.named_modules():
         if isinstance(module, nn.Linear) and _TE_TARGET.search(path):
             # transformers 5 flattened CLIPTextModel (no `text_model.` level); A1111/ComfyUI expect it.
             kohya_path = path if path.startswith("text_model.") else f"text_model.{path}"
-            targets.append(_Target("text_encoder", path, TE_PREFIX + kohya_path.replace(".", "_"), False))
+            targets.append(_Target("text_encoder", path, prefix + kohya_path.replace(".", "_"), False))
     return targets
 
 
@@ -265,9 +268,17 @@ class LoraNetwork:
         self._layers = {"unet": unet_layers, "text_encoder": te_layers}
 
     @classmethod
-    def apply(cls, unet: nn.Module | None, text_encoder: nn.Module | None, spec: NetworkSpec) -> LoraNetwork:
-        """Inject adapters in place, freeze both models, and make only the (float32) LoRA weights trainable."""
-        for model in (unet, text_encoder):
+    def apply(cls, unet: nn.Module | None, text_encoder: nn.Module | None, spec: NetworkSpec, *,
+              unet_module_names: Mapping[str, str] | None = None,
+              text_encoders: Sequence[tuple[str, nn.Module]] | None = None) -> LoraNetwork:
+        """Inject adapters in place, freeze the models, and make only the (float32) LoRA weights trainable.
+
+        ``text_encoders`` = [(key prefix, encoder), ...] for a family with several (SDXL:
+        ``lora_te1_``, ``lora_te2_``); otherwise ``text_encoder`` is named ``lora_te_``.
+        """
+        if text_encoders is None:
+            text_encoders = [(TE_PREFIX, text_encoder)] if text_encoder is not None else []
+        for model in (unet, *(m for _, m in text_encoders)):
             if model is not None:
                 model.requires_grad_(False)
         unet_layers: dict[str, LoraLayer] = {}
@@ -275,7 +286,7 @@ class LoraNetwork:
         if spec.train_unet:
             if unet is None:
                 raise ValueError("train_unet is set but no U-Net was given.")
-            targets = _unet_targets(unet, locon=spec.locon)
+            targets = _unet_targets(unet, locon=spec.locon, module_names=unet_module_names)
             if not targets:
                 raise ValueError("The U-Net has no Transformer2DModel (or ResNet) blocks to put LoRA on.")
             unet_layers = _inject(unet, targets, spec)
@@ -283,12 +294,13 @@ class LoraNetwork:
                 raise ValueError("advanced.block_dims: every U-Net block has rank 0 (from the block dims or "
                                  "block-wise LR weights of 0): give some blocks a rank.")
         if spec.train_text_encoder:
-            if text_encoder is None:
+            if not text_encoders:
                 raise ValueError("train_text_encoder is set but no text encoder was given.")
-            targets = _te_targets(text_encoder)
-            if not targets:
-                raise ValueError("The text encoder has no CLIP attention/MLP layers to put LoRA on.")
-            te_layers = _inject(text_encoder, targets, spec)
+            for prefix, encoder in text_encoders:
+                targets = _te_targets(encoder, prefix)
+                if not targets:
+                    raise ValueError("The text encoder has no CLIP attention/MLP layers to put LoRA on.")
+                te_layers.update(_inject(encoder, targets, spec))
         network = cls(spec, unet_layers, te_layers)
         for layer in network._all_layers().values():
             # Keep LoRA weights in float32 even on an fp16/bf16 base; peft casts activations per layer.
@@ -429,7 +441,7 @@ def _key_mismatch_sentence(missing: list[str], unexpected: list[str]) -> str:
         parts.append(f"{len(unexpected)} keys in the file are not in this network ({some(unexpected)})")
     keys = missing + unexpected
     hint = ""
-    if all(k.startswith(TE_PREFIX) for k in keys):
+    if all(k.startswith("lora_te") for k in keys):
         hint = " (was the file trained with a different text-encoder setting?)"
     elif all(k.startswith(UNET_PREFIX) and ("resnets" in k or "samplers" in k) for k in keys):
         hint = " (was the file trained with a different conv_dim, LoCon on or off?)"

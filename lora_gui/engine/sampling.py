@@ -154,14 +154,29 @@ def generate_samples(*, unet, vae, text_encoder, tokenizer, scheduler_config, pr
     ``encode(list_of_texts)`` gives the prompt embeddings exactly as training computes them
     (clip_skip, long prompts), passed to the pipeline as ``prompt_embeds``.
     """
-    import torch
     from diffusers import StableDiffusionPipeline
-    from PIL.PngImagePlugin import PngInfo
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=make_sampler(sampler, scheduler_config), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
+
+    def embeds(p: SamplePrompt) -> dict:
+        return {"prompt_embeds": encode([p.prompt]).to(device=device, dtype=dtype),
+                "negative_prompt_embeds": encode([p.negative]).to(device=device, dtype=dtype)}
+
+    return render_samples(pipe, prompts, embeds, sampler=sampler, scheduler_config=scheduler_config, seed=seed,
+                          out_dir=out_dir, stem=stem)
+
+
+def render_samples(pipe, prompts, embeds, *, sampler: str, scheduler_config, seed: int | None, out_dir: Path,
+                   stem: str) -> list[tuple[Path, str]]:
+    """The sampling loop every family's pipeline shares: ``embeds(prompt)`` gives the pipeline's
+    prompt-embedding arguments; size, steps, guidance, sampler and seed come from the prompt line
+    (the sampler made from ``scheduler_config``, the training schedule)."""
+    import torch
+    from PIL.PngImagePlugin import PngInfo
+
     pipe.set_progress_bar_config(disable=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -170,12 +185,9 @@ def generate_samples(*, unet, vae, text_encoder, tokenizer, scheduler_config, pr
         pipe.scheduler = make_sampler(used_sampler, scheduler_config)
         seed_used = image_seed(p, seed, index)
         with torch.no_grad():
-            cond = encode([p.prompt]).to(device=device, dtype=dtype)
-            uncond = encode([p.negative]).to(device=device, dtype=dtype)
             generator = torch.Generator("cpu").manual_seed(seed_used)
-            image = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, width=p.width,
-                         height=p.height, num_inference_steps=p.steps, guidance_scale=p.cfg_scale,
-                         generator=generator, output_type="pil").images[0]
+            image = pipe(**embeds(p), width=p.width, height=p.height, num_inference_steps=p.steps,
+                         guidance_scale=p.cfg_scale, generator=generator, output_type="pil").images[0]
         info = PngInfo()
         info.add_text("parameters", png_parameters(p, used_sampler, seed_used))
         path = out_dir / f"{stem}_{index:02d}.png"

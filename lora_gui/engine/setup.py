@@ -85,10 +85,6 @@ def _accelerator(t) -> None:
 def _load_model(t) -> None:
     t.log(f"Loading the base model {t.settings.model.base_model}")
     t.model = model = t.family.load(t.settings)
-    if t.settings.advanced.zero_terminal_snr:
-        from lora_gui.engine.noise import zero_terminal_snr
-
-        model.noise_scheduler = zero_terminal_snr(model.noise_scheduler)
     for note in model.notes:
         t.log(note, "warning")
     t.text_encoders = t.family.text_encoders(model)
@@ -99,6 +95,8 @@ def _load_model(t) -> None:
     if t.weight_dtype != torch.float32:  # frozen weights in 16 bits on the GPU; LoRA stays fp32
         for module in (t.unet, *t.text_encoders):
             module.to(dtype=t.weight_dtype)
+    if t.settings.advanced.fp8_base:
+        _fp8_unet(t)
     if t.settings.advanced.attention == "xformers":
         try:
             t.unet.enable_xformers_memory_efficient_attention()
@@ -107,11 +105,26 @@ def _load_model(t) -> None:
                               "sdpa.") from None
 
 
+def _fp8_unet(t) -> None:
+    """fp8 storage of the frozen U-Net (``engine.fp8``): each layer's weight is cast to the compute
+    precision only while that layer computes."""
+    from lora_gui.engine.fp8 import store_in_fp8
+
+    try:
+        store_in_fp8(t.unet, t.weight_dtype)
+    except (RuntimeError, TypeError) as exc:  # a torch or device without float8
+        raise EngineError(f"advanced.fp8_base: this machine cannot store the U-Net in fp8 ({exc}); "
+                          "turn fp8 U-Net storage off.") from None
+    if t.device.type == "cpu":
+        t.log("fp8 U-Net storage on the CPU saves memory but not time: every layer is cast back to "
+              "float32 to compute.", "warning")
+
+
 def _load_data(t) -> None:
     s, m = t.settings, t.settings.model
     t.info = scan_dataset(m.img_folder, m.reg_img_folder.strip() or None, repeats=s.images.repeats,
                           caption_extension=s.labels.caption_extension,
-                          trigger_words=s.triggers.trigger_words)
+                          trigger_words=s.triggers.trigger_words, strict=s.images.strict_dataset)
     for warning in t.info.warnings:
         t.log(warning, "warning")
     t.dataset = TrainDataset(t.info, DataOptions.from_settings(s))
@@ -183,6 +196,16 @@ def _build_network(t) -> None:
     t.unet.train(s.train_unet)
     for encoder in t.text_encoders:
         encoder.train(s.train_text_encoder)
+    _log_memory_estimate(t)
+
+
+def _log_memory_estimate(t) -> None:
+    from lora_gui.engine.memory import estimate_for_run
+
+    buckets = {item.bucket for item in t.dataset.train_items + t.dataset.reg_items}
+    t.memory_estimate = estimate_for_run(t.family, t.model, t.settings, t.network, t.text_encoders, buckets,
+                                         t.device)
+    t.log(t.memory_estimate.sentence())
 
 
 def _prepare_text_cache(t) -> None:
@@ -217,7 +240,6 @@ def _build_optimizer(t) -> None:
     prepared = t.acc.prepare(*trained, optimizer, scheduler)
     t.trained_models = list(prepared[:len(trained)])
     t.optimizer, t.lr_scheduler = prepared[len(trained):]
-    checkpoint.register_state(t)
 
 
 def _param_groups(t) -> list[dict]:

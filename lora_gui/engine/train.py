@@ -70,7 +70,7 @@ def run_training(settings: TrainingSettings, events: ev.EventSink,
     try:
         return trainer.run()
     except Exception as exc:  # turned into a sentence for the user, with the traceback as detail
-        message = explain(exc)
+        message = explain(exc, trainer.files, getattr(trainer, "out_dir", None))
         detail = "".join(traceback.format_exception(exc)[-6:])
         trainer.close()
         events(ev.Failed(message=message, step=trainer.progress.step, detail=detail))

@@ -130,6 +130,8 @@ def _renamed(key: str, value: Any, out: ForeignImport, label: str) -> tuple[str,
             out.notes.append("xformers='none': using sdpa attention (PyTorch's own kernel)")
             return "attention", "sdpa"
         return "attention", str(value).lower()
+    if key in ("sdxl", "sdxl_checkbox"):  # kohya_ss: true for SDXL configs; false leaves the family to detection
+        return "family", "sdxl" if _bool(value) is True else "auto"
     if key == "mixed_precision" and isinstance(_bool(value), bool):
         return "mixed_precision", "fp16" if _bool(value) else "no"
     if key == "save_precision":
@@ -342,9 +344,6 @@ def _post(doc: dict[str, Any], out: ForeignImport) -> None:
     if _get(out, "max_steps", 0) and ("epoch" in doc or "num_epochs" in doc):
         out.notes.append(f"max steps = {_get(out, 'max_steps')} overrides the epoch count; set it to "
                          "0 to train by epochs")
-    if _bool(doc.get("sdxl")) is True:
-        out.notes.append("this is an SDXL config: lora-gui trains SD 1.x/2.x until issue #13 (SDXL) "
-                         "lands; choose an SD 1.x/2.x base model")
 
 
 def _eight_bit_adam(doc: dict[str, Any], out: ForeignImport) -> None:

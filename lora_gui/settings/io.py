@@ -94,13 +94,48 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     return parse_json(text, str(path))
 
 
+MAX_JSON_DEPTH = 32  # settings are two levels deep; foreign configs a few more
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a decoded JSON value (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def loads_bounded(text: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` that turns too deep a nesting into a ``ValueError`` sentence: Python's decoder
+    raises RecursionError near 1000 levels, and anything that walks a deep value later
+    (validation, copies, messages) can hit the same limit."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(_too_deep(where, "about a thousand", max_depth)) from None
+    depth = json_depth(value)
+    if depth > max_depth:
+        raise ValueError(_too_deep(where, str(depth), max_depth))
+    return value
+
+
+def _too_deep(where: str, depth: str, limit: int) -> str:
+    return (f"{where} nests lists or objects {depth} levels deep, more than the {limit} such a "
+            "file can need: it is damaged or not a file of this kind")
+
+
 def parse_json(text: str, where: str = "the document") -> dict[str, Any]:
     try:
-        doc = json.loads(text)
+        doc = loads_bounded(text, where)
     except json.JSONDecodeError as exc:
         raise SettingsError([Issue(
             "(file)", f"{where} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
             f"{exc.msg}): fix the file or save the settings again")]) from None
+    except ValueError as exc:
+        raise SettingsError([Issue("(file)", str(exc))]) from None
     if not isinstance(doc, dict):
         raise SettingsError([Issue("(file)", f"{where} must hold a JSON object of settings, "
                                              f"not {type(doc).__name__}")])

@@ -16,6 +16,7 @@ ALIASES: dict[str, str] = {
     "save_model_as": "save_as", "no_metadata": "no_meta", "logging_dir": "log_dir",
     "network_weights": "lora_model_for_resume", "lora_network_weights": "lora_model_for_resume",
     "resume": "load_previous_save_state", "v_param": "v_parameterization",
+    "sdxl": "family", "sdxl_checkbox": "family",
     # images and length of the run
     "train_resolution": "resolution", "max_resolution": "resolution", "enable_bucket": "buckets",
     "min_bucket_reso": "min_bucket_resolution", "max_bucket_reso": "max_bucket_resolution",
@@ -52,14 +53,11 @@ ZERO_IS_UNSET = frozenset({"max_timestep", "max_train_epochs", "stop_text_encode
 # ... and "" for these text settings (kohya_ss leaves them empty when a dataset_config TOML holds them).
 EMPTY_IS_UNSET = frozenset({"caption_extension"})
 
-_SDXL = "issue #13 (SDXL)"
 _FLUX = "issue #14 (Flux.1)"
 _MULTI = "issue #15 (several GPUs / machines)"
 
 # foreign key -> the open issue that adds the setting (the value is kept out until it lands).
 LATER: dict[str, str] = {
-    **dict.fromkeys(("sdxl", "sdxl_checkbox", "sdxl_cache_text_encoder_outputs", "sdxl_no_half_vae",
-                     "fp8_base"), _SDXL),
     **dict.fromkeys(("flux1_checkbox", "flux1_cache_text_encoder_outputs",
                      "flux1_cache_text_encoder_outputs_to_disk", "flux1_clip_l", "flux1_t5xxl",
                      "flux_fused_backward_pass", "ae", "clip_l", "t5xxl", "t5xxl_device", "t5xxl_dtype",
@@ -136,4 +134,7 @@ NOT_APPLICABLE: dict[str, str] = {
                     "and conv_alpha are read instead)"),
     "algo": "the LyCORIS algorithm comes from LoRA_type (lora-gui's network type)",
     "json_load_skip_list": "the skip-list is never loaded from a file (your current one is kept)",
+    "sdxl_no_half_vae": "the VAE always computes in float32 here (the SDXL VAE overflows in fp16)",
+    "sdxl_cache_text_encoder_outputs": "text-encoder outputs are cached whenever the text encoders "
+                                       "are not trained and the captions do not change",
 }

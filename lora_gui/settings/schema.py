@@ -78,12 +78,16 @@ class ModelSettings(Group):
     title: ClassVar[str] = "Model and folders"
 
     base_model: str = setting(
-        "", "The Stable Diffusion 1.x or 2.x model to train on: a local diffusers folder or a single "
-        ".safetensors / .ckpt file. It is read offline; nothing is downloaded.", widget="file")
+        "", "The Stable Diffusion 1.x, 2.x or SDXL model to train on: a local diffusers folder or a "
+        "single .safetensors / .ckpt file. It is read offline; nothing is downloaded.", widget="file")
+    family: Literal["auto", "sd", "sdxl"] = setting(
+        "auto", "The base model's family: auto detects it from the weights; sd = SD 1.x/2.x, sdxl = "
+        "SDXL and its fine-tunes (Pony, Illustrious, NoobAI-XL). A model that is not of the chosen "
+        "family is refused with a sentence saying what it is.", widget="dropdown", label="Model family")
     v2: bool = setting(
         False, "The base model is SD 2.x (OpenCLIP text encoder, 1024-wide cross-attention). "
-        "lora-gui detects this from the weights and tells you when this box disagrees.",
-        widget="checkbox", label="SD 2.x base")
+        "lora-gui detects this from the weights and tells you when this box disagrees. SD only.",
+        widget="checkbox", label="SD 2.x base", family="sd")
     v_parameterization: bool = setting(
         False, "Train with the v-prediction objective (the target is the velocity, not the noise), "
         "as SD 2.x 768-v models were trained. Use it only with a v-prediction base model.",
@@ -252,6 +256,10 @@ class ImageSettings(Group):
     cache_latents: bool = setting(
         True, "Encode every image with the VAE once before training and keep the result; training is "
         "faster and the VAE leaves the GPU.", widget="checkbox")
+    strict_dataset: bool = setting(
+        False, "Stop before training when an image cannot be read (cut short, damaged) or a caption "
+        "file is not UTF-8. Off: such an image is skipped and such a caption is read as "
+        "Windows-1252, each with a warning that names the file.", widget="checkbox", advanced=True)
     cache_latents_to_disk: bool = setting(
         False, "Also keep the cached latents on disk next to the images, so the next run skips "
         "encoding (recomputed when an image or the resolution changes).", widget="checkbox",
@@ -293,8 +301,9 @@ class TrainingGroup(Group):
         le=2**32 - 1)
     clip_skip: int = setting(
         1, "Use the output of the N-th layer from the end of the CLIP text encoder, followed by its "
-        "final layer norm (1 = last layer, 2 = penultimate, common for anime models).",
-        widget="number", ge=1, le=12)
+        "final layer norm (1 = last layer, 2 = penultimate, common for anime models). SD only: "
+        "SDXL always uses the penultimate layers of both encoders, as it was trained.",
+        widget="number", ge=1, le=12, family="sd")
     learning_rate: float = setting(
         1e-4, "Base learning rate; the U-Net and text encoder rates below override it when set.",
         widget="number", ge=0, le=10, step=1e-5)
@@ -575,10 +584,6 @@ class AdvancedSettings(Group):
     debiased_estimation_loss: bool = setting(
         False, "Weight the loss by 1/sqrt(SNR) (debiased estimation, Yu et al. 2023): less weight "
         "on the low-noise timesteps.", widget="checkbox", advanced=True)
-    zero_terminal_snr: bool = setting(
-        False, "Rescale the noise schedule so its last timestep is pure noise (Lin et al. 2023). "
-        "Meant for v-prediction; with noise prediction the result is unexpected.",
-        widget="checkbox", advanced=True)
     masked_loss: bool = setting(
         False, "Compute the loss only where a mask is white (black = ignored, grey = partly): the "
         "mask is the image of the same name in the mask folder, or the image's alpha channel when "
@@ -697,6 +702,15 @@ class AdvancedSettings(Group):
         widget="checkbox", advanced=True)
     prior_loss_weight: float = setting(
         1.0, "Loss weight of the regularisation images.", widget="number", ge=0, le=100)
+    zero_terminal_snr: bool = setting(
+        False, "Rescale the noise schedule so its last timestep is pure noise (Lin et al. 2024, as "
+        "sd-scripts). For v-prediction models trained that way (NoobAI-XL v-pred, SD 2 768-v): use it "
+        "with v_parameterization; with noise prediction the result is unexpected.",
+        widget="checkbox", label="Zero terminal SNR")
+    fp8_base: bool = setting(
+        False, "Store the frozen U-Net's weights in 8-bit floats and compute in the mixed precision "
+        "(layer by layer): halves the U-Net's memory (SDXL: 5 GB -> 2.6 GB) at a small quality cost. "
+        "The LoRA stays 32-bit.", widget="checkbox", label="fp8 U-Net storage")
     attention: Literal["sdpa", "xformers"] = setting(
         "sdpa", "Attention kernel: sdpa (PyTorch's scaled-dot-product attention) or xformers if it "
         "is installed. Same result, different speed and memory.", widget="dropdown")

@@ -17,8 +17,9 @@ from lora_gui.ui.context import Ctx, PageState
 from lora_gui.ui.dataset_panel import build_dataset_panel, wire_dataset_panel
 from lora_gui.ui.dataset_tab import build_dataset_tab, wire_dataset_tab
 from lora_gui.ui.fields import settings_to_values
+from lora_gui.ui.files import ServedFiles
 from lora_gui.ui.files_panel import build_files_panel, wire_files_panel
-from lora_gui.ui.form import build_tabs
+from lora_gui.ui.form import build_tabs, wire_family_fields
 from lora_gui.ui.presets_panel import build_preset_picker, wire_presets_panel
 from lora_gui.ui.run_control import RunController
 from lora_gui.ui.run_panel import build_panel, draw, on_load, panel_outputs, wire_panel
@@ -45,7 +46,7 @@ def build_app(config: UIConfig | None = None, client: Any = None) -> gr.Blocks:
     (tests pass a fake). The parts are reachable as ``blocks.lora_gui`` (a ``Ctx``)."""
     config = config or UIConfig()
     ctx = Ctx(config=config, runs=RunController(client if client is not None else make_client(config)))
-    ctx.allow(config.runs_dir)
+    ctx.stage = ServedFiles(config.browse_roots)
     settings, note = config.initial_settings()
     values = settings_to_values(settings)
     comp = ctx.components
@@ -65,6 +66,7 @@ def build_app(config: UIConfig | None = None, client: Any = None) -> gr.Blocks:
                     })
                     build_tools_tab(ctx)
                     build_dataset_tab(ctx)
+                wire_family_fields(ctx.registry)
                 build_browser_panel(ctx)
             with gr.Column(scale=2, elem_id="run-panel"):
                 build_panel(ctx)
@@ -115,11 +117,14 @@ def wire_api(ctx: Ctx) -> None:
 
     def run_status(run_id: str) -> str:
         """The run's state, step, losses so far and output as JSON text."""
-        view = ctx.runs.attach_view(run_id)
-        info = ctx.runs.run(run_id).info()
-        state = view.state if view.state is not RunState.STARTING else RunState.of(info.state)
+        try:
+            view = ctx.runs.attach_view(run_id)
+            info = ctx.runs.run(run_id).info()
+        except (FileNotFoundError, ValueError) as exc:  # no such run, or not a run id
+            raise gr.Error(str(exc)) from None
+        # The state is the run folder's, reconciled with the process (the page shows the same).
         return json.dumps({
-            "run_id": run_id, "state": state.value,
+            "run_id": run_id, "state": "damaged" if info.damaged else RunState.of(info.state).value,
             "step": view.progress.step if view.progress else info.step,
             "total_steps": view.progress.total_steps if view.progress else info.total_steps,
             "losses": view.losses, "validation": view.validation,

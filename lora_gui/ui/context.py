@@ -39,21 +39,18 @@ class Ctx:
     registry: Registry = field(default_factory=Registry)
     components: dict[str, Any] = field(default_factory=dict)  # the other components, by name
     blocks: Any = None
-    allowed: list[Path] = field(default_factory=list)
+    stage: Any = None  # a ServedFiles, made by build_app
 
     def __getitem__(self, name: str):
         return self.components[name]
 
-    def allow(self, folder: str | Path) -> None:
-        """Let the page show files of ``folder`` (a run's output folder). Gradio reads
-        ``allowed_paths`` when it serves a file, so a folder added here works at once."""
-        folder = Path(folder).resolve()
-        if any(folder == a or a in folder.parents for a in self.allowed):
-            return
-        self.allowed.append(folder)
-        blocks = self.blocks
-        if blocks is not None and isinstance(getattr(blocks, "allowed_paths", None), list):
-            blocks.allowed_paths.append(str(folder))
+    def servable(self, path: str | Path | None) -> str | None:
+        """The path to hand to a component for a file the page shows (a sample, the LoRA, a saved
+        settings file), or None when it is not a file inside the configured roots. The folders
+        gradio serves are fixed at launch: this never adds one (see ``ui.files.ServedFiles``)."""
+        if not path or self.stage is None:
+            return None
+        return self.stage.servable(path)
 
 
 def keep_current(values: dict[str, Any]) -> TrainingSettings | None:

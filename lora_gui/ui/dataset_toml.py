@@ -78,9 +78,9 @@ def wire_toml_box(ctx: Ctx, workbench_of) -> None:
             raise gr.Error(f"The TOML was not exported: {exc}") from None
         folder = config.data_dir / "exports"
         folder.mkdir(parents=True, exist_ok=True)
-        ctx.allow(folder)
         path = save_dataset_config(dataset_config, folder / "dataset_config.toml")
-        return {comp["ds_toml_download"]: gr.DownloadButton(value=str(path), visible=True),
+        served = ctx.servable(path)
+        return {comp["ds_toml_download"]: gr.DownloadButton(value=served, visible=served is not None),
                 comp["ds_toml_notes"]: f"Wrote `{path}`: download it below."}
 
     comp["ds_toml_export"].click(reg.handler(export_toml), inputs=reg.inputs,

@@ -18,7 +18,8 @@ class DemoBuildError(RuntimeError):
     """Building the demo failed; the message is a sentence for the page."""
 
 
-def build_demo(out_dir: Path, started: Callable[[subprocess.Popen], None] | None = None) -> str:
+def build_demo(out_dir: Path, started: Callable[[subprocess.Popen], None] | None = None,
+               family: str = "sd") -> str:
     """Build the demo model and dataset in a child process; returns its output. It is built in a
     hidden sibling folder and renamed into place when complete, so an interrupted build never leaves
     a half-written model behind. ``started(popen)`` is told the process so that a shutdown can end
@@ -26,7 +27,7 @@ def build_demo(out_dir: Path, started: Callable[[subprocess.Popen], None] | None
     out_dir = Path(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.building")
     shutil.rmtree(staging, ignore_errors=True)  # ours, left by an interrupted build
-    argv = [sys.executable, "-m", "lora_gui.cli", "demo", "--out", str(staging)]
+    argv = [sys.executable, "-m", "lora_gui.cli", "demo", "--out", str(staging), "--family", family]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import annotated_types
 from pydantic.fields import FieldInfo
 
+from lora_gui.dataset.memory import effective_family
 from lora_gui.settings import io
 from lora_gui.settings.errors import Issue, SettingsError
 from lora_gui.settings.schema import FIELD_GROUPS, GROUPS, TrainingSettings
@@ -41,6 +42,7 @@ class FieldSpec:
     maximum: float | None = None
     step: float | None = None
     custom: bool = False  # a dropdown that also takes typed-in values
+    family: str | None = None  # the one model family that uses it (shown only for that family)
 
 
 def humanise(name: str) -> str:
@@ -111,12 +113,21 @@ def field_specs() -> list[FieldSpec]:
                 default=info.get_default(call_default_factory=True), kind=kind, optional=optional,
                 choices=choices, minimum=low, maximum=high, step=extra.get("step"),
                 custom=bool(extra.get("custom", False)),
+                family=extra.get("family"),
             ))
     return sorted(specs, key=lambda s: (list(GROUPS).index(s.group), s.order))
 
 
 SPECS: list[FieldSpec] = field_specs()
 SPEC_BY_KEY: dict[str, FieldSpec] = {s.key: s for s in SPECS}
+FAMILY_KEYS: list[str] = [s.key for s in SPECS if s.family]
+
+
+def family_fields_visible(values: dict[str, Any]) -> dict[str, bool]:
+    """Which family-only settings the page shows: those of the chosen (or, with auto, detected)
+    family; all of them while the family cannot be told."""
+    family = effective_family(values.get("model.family") or "auto", values.get("model.base_model") or "")
+    return {key: family is None or SPEC_BY_KEY[key].family == family for key in FAMILY_KEYS}
 
 
 # --- values <-> settings ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import gradio as gr
 from lora_gui.settings import SettingsError, foreign, io
 from lora_gui.ui.context import Ctx, keep_current
 from lora_gui.ui.fields import check_values, issues_markdown
-from lora_gui.ui.files import display_path
+from lora_gui.ui.files import BrowseError, display_path, settings_file
 from lora_gui.ui.form_fill import fill_form, form_outputs
 from lora_gui.ui.presets_panel import build_preset_saver
 
@@ -64,13 +64,6 @@ def load_with_report(doc: dict, values: dict, where: str) -> tuple[Any, str]:
     return settings, f"**Loaded {where}.** Kept from the form (skip-list): {kept}."
 
 
-def save_target(raw: str, settings_dir: Path, output_name: str) -> Path:
-    """Where Save writes: the typed path (always a .json), else ``<settings_dir>/<output name>.json``."""
-    raw = (raw or "").strip()
-    path = Path(raw).expanduser() if raw else settings_dir / f"{output_name}.json"
-    return path if path.suffix.lower() == ".json" else path.with_suffix(".json")
-
-
 def wire_files_panel(ctx: Ctx) -> None:
     _wire_save(ctx)
     _wire_load(ctx)
@@ -83,15 +76,19 @@ def _wire_save(ctx: Ctx) -> None:
         settings, issues = check_values(reg.values(data))
         if settings is None:
             return {comp["files_report"]: "**Not saved:**\n\n" + issues_markdown(issues)}
-        path = save_target(data[comp["save_path"]], config.settings_dir, settings.model.output_name)
-        try:
+        default = config.settings_dir / f"{settings.model.output_name}.json"
+        try:  # the typed path (always a .json) or the default, inside the configured roots
+            path = settings_file(data[comp["save_path"]], config.browse_roots, default,
+                                 for_writing=True)
             io.save_settings(settings, path)
+        except BrowseError as exc:
+            raise gr.Error(f"Not saved: {exc}") from None
         except OSError as exc:
             raise gr.Error(f"Cannot write {path}: {exc.strerror or exc}") from None
         config.save_last(settings)
-        ctx.allow(path.parent)
-        return {comp["files_report"]: f"**Saved** to `{path.resolve()}`.",
-                comp["save_download"]: gr.update(value=str(path.resolve()), visible=True,
+        served = ctx.servable(path)
+        return {comp["files_report"]: f"**Saved** to `{path}`.",
+                comp["save_download"]: gr.update(value=served, visible=bool(served),
                                                  label=f"Download {path.name}")}
 
     comp["save"].click(save, inputs=reg.inputs | {comp["save_path"]},
@@ -115,7 +112,11 @@ def _wire_load(ctx: Ctx) -> None:
         path = (values.get("runs.load_json_path") or "").strip()
         if not path:
             raise gr.Error("Enter a settings file in 'Load json path' (or use Browse…), then Load.")
-        return load_from(values, Path(path).expanduser(), f"`{path}`")
+        try:
+            file = settings_file(path, ctx.config.browse_roots, Path(), for_writing=False)
+        except BrowseError as exc:
+            raise gr.Error(f"Not loaded: {exc}") from None
+        return load_from(values, file, f"`{path}`")
 
     comp["load"].click(reg.handler(load), inputs=reg.inputs, outputs=outputs,
                        api_visibility="private")

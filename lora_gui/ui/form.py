@@ -13,7 +13,15 @@ from typing import Any
 import gradio as gr
 
 from lora_gui.settings.schema import GROUPS
-from lora_gui.ui.fields import SPECS, FieldSpec, tab_label, to_widget
+from lora_gui.ui.fields import (
+    FAMILY_KEYS,
+    SPEC_BY_KEY,
+    SPECS,
+    FieldSpec,
+    family_fields_visible,
+    tab_label,
+    to_widget,
+)
 
 
 @dataclass
@@ -60,12 +68,13 @@ class Registry:
                 if g in self.tabs}
 
 
-def make_component(spec: FieldSpec, value: Any, scale: int | None = None) -> gr.components.Component:
+def make_component(spec: FieldSpec, value: Any, scale: int | None = None,
+                   visible: bool = True) -> gr.components.Component:
     """The component for one setting. Numbers get no min/max here: gradio would reject an out-of-range
     number with a toast that does not name the field, so the range is in the tooltip and pydantic
     judges it (the message then names the field)."""
     common = dict(label=spec.label, info=spec.info, elem_id=f"field-{spec.group}-{spec.name}",
-                  scale=scale)
+                  scale=scale, visible=visible)
     value = to_widget(spec, value)
     if spec.widget == "checkbox":
         return gr.Checkbox(value=bool(value), **common)
@@ -88,7 +97,7 @@ def make_component(spec: FieldSpec, value: Any, scale: int | None = None) -> gr.
     return gr.Textbox(value=value, lines=1, max_lines=1, **common)
 
 
-def _field(registry: Registry, spec: FieldSpec, value: Any) -> None:
+def _field(registry: Registry, spec: FieldSpec, value: Any, visible: bool = True) -> None:
     if spec.widget in ("folder", "file"):
         with gr.Row(equal_height=False):
             component = make_component(spec, value, scale=8)
@@ -96,7 +105,7 @@ def _field(registry: Registry, spec: FieldSpec, value: Any) -> None:
                                elem_id=f"browse-{spec.group}-{spec.name}")
         registry.browse_buttons[spec.key] = button
     else:
-        component = make_component(spec, value)
+        component = make_component(spec, value, visible=visible)
     registry.add(spec.key, component)
 
 
@@ -106,17 +115,33 @@ def build_tabs(values: dict[str, Any], extras: dict[str, Callable[[], None]] | N
     "Advanced" accordion. ``extras[group]()`` adds more to a tab (dataset preview, run list)."""
     registry = Registry()
     extras = extras or {}
+    shown = family_fields_visible({k: values.get(k, SPEC_BY_KEY[k].default) for k in ("model.family",
+                                                                                     "model.base_model")})
     for group in groups or GROUPS:
         specs = [s for s in SPECS if s.group == group]
         with gr.Tab(tab_label(group, 0), id=group, elem_id=f"tab-{group}") as tab:
             registry.tabs[group] = tab
             for spec in (s for s in specs if not s.advanced):
-                _field(registry, spec, values.get(spec.key, spec.default))
+                _field(registry, spec, values.get(spec.key, spec.default), shown.get(spec.key, True))
             advanced = [s for s in specs if s.advanced]
             if advanced:
                 with gr.Accordion("Advanced", open=False, elem_id=f"advanced-{group}"):
                     for spec in advanced:
-                        _field(registry, spec, values.get(spec.key, spec.default))
+                        _field(registry, spec, values.get(spec.key, spec.default), shown.get(spec.key, True))
             if group in extras:
                 extras[group]()
     return registry
+
+
+def wire_family_fields(registry: Registry) -> None:
+    """Show a family-only setting only while its family is chosen or detected (schema metadata
+    ``family``): re-evaluated when the family or the base model changes."""
+    sources = [registry.components["model.family"], registry.components["model.base_model"]]
+    targets = [registry.components[k] for k in FAMILY_KEYS]
+
+    def update(family, base_model):
+        shown = family_fields_visible({"model.family": family, "model.base_model": base_model})
+        return [gr.update(visible=shown[k]) for k in FAMILY_KEYS]
+
+    for source in sources:
+        source.change(update, inputs=sources, outputs=targets, api_visibility="private")

@@ -16,6 +16,11 @@ import threading
 from pathlib import Path
 
 EXIT_USAGE = 2
+# gradio keeps a SessionState per session id (every page, every API client), holding a copy of the
+# config of every component: about 0.4 MB each here, up to 10000 sessions by default (4 GB). The
+# oldest are dropped beyond this; a dropped page that still polls gets a fresh state and attaches to
+# the active run again (run_panel's tick).
+SESSION_CAPACITY = 64
 LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
 
@@ -102,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {refusal}", file=sys.stderr)
         return EXIT_USAGE
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    # gradio's queue keeps a record of every event for its monitoring page, 10000 by default
+    # (about 1 KB each): bounded like the sessions (SESSION_CAPACITY).
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "200")
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return serve(args, logins)
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace, logins: list[tuple[str, str]]) -> int:
     from lora_gui.settings import SettingsError
-    from lora_gui.ui.app import CSS, build_app, make_client
+    from lora_gui.ui.app import build_app, make_client
     from lora_gui.ui.config import UIConfig, default_data_dir
 
     config = UIConfig(data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
@@ -142,24 +150,9 @@ def serve(args: argparse.Namespace, logins: list[tuple[str, str]]) -> int:
         done.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    auth = None
-    if logins:
-        auth = logins[0] if len(logins) == 1 else logins
-    blocks.queue(default_concurrency_limit=4)
     try:
-        blocks.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                      root_path=args.root_path, allowed_paths=[str(p) for p in ctx.allowed],
-                      prevent_thread_lock=True, quiet=True, css=CSS, footer_links=["gradio"],
-                      show_error=True, inbrowser=False)
-        url = blocks.local_url
-        print(f"lora-gui is serving at {url} (data folder {config.data_dir}, runs in "
-              f"{config.runs_dir}). Stop it with Ctrl+C.", flush=True)
-        if args.share:
-            if blocks.share_url:
-                print(f"Share link: {blocks.share_url}", flush=True)
-            else:
-                print("No share link: this machine cannot reach the internet (gradio could not fetch "
-                      f"its tunnel); the GUI is still served locally at {url}", flush=True)
+        _launch(blocks, args, logins)
+        _announce(blocks, args, config)
         while not done.wait(0.5):
             pass
         print("lora-gui: shutting down (running trainers keep going; the next start reattaches).",
@@ -169,10 +162,35 @@ def serve(args: argparse.Namespace, logins: list[tuple[str, str]]) -> int:
             runner.stop()
         blocks.close()
         ctx.runs.close()
+        ctx.stage.close()
         client.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _launch(blocks, args: argparse.Namespace, logins: list[tuple[str, str]]) -> None:
+    from lora_gui.ui.app import CSS
+
+    auth = (logins[0] if len(logins) == 1 else logins) if logins else None
+    blocks.queue(default_concurrency_limit=4)
+    blocks.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                  root_path=args.root_path,  # no allowed_paths: see ui.files.ServedFiles
+                  state_session_capacity=SESSION_CAPACITY,
+                  prevent_thread_lock=True, quiet=True, css=CSS, footer_links=["gradio"],
+                  show_error=True, inbrowser=False)
+
+
+def _announce(blocks, args: argparse.Namespace, config) -> None:
+    url = blocks.local_url
+    print(f"lora-gui is serving at {url} (data folder {config.data_dir}, runs in "
+          f"{config.runs_dir}). Stop it with Ctrl+C.", flush=True)
+    if args.share:
+        if blocks.share_url:
+            print(f"Share link: {blocks.share_url}", flush=True)
+        else:
+            print("No share link: this machine cannot reach the internet (gradio could not fetch "
+                  f"its tunnel); the GUI is still served locally at {url}", flush=True)
 
 
 if __name__ == "__main__":

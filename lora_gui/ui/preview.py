@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from lora_gui.dataset.buckets import BucketOptions
 from lora_gui.dataset.captions import sorted_tags, tag_frequency
+from lora_gui.dataset.memory import preview_estimate
 from lora_gui.dataset.scan import DatasetError, iter_images, scan_dataset
 from lora_gui.dataset.summary import dataset_summary, plan_buckets
 from lora_gui.settings.schema import GROUPS, TrainingSettings
@@ -20,7 +21,7 @@ from lora_gui.ui.fields import SPEC_BY_KEY, values_to_document
 
 THUMBNAILS = 8
 THUMB_SIZE = 192
-NEEDED_GROUPS = ("model", "triggers", "images", "training", "labels")
+NEEDED_GROUPS = ("model", "triggers", "images", "training", "labels", "advanced")
 
 
 @dataclass
@@ -56,6 +57,16 @@ def _thumb(path: Path, caption: str) -> tuple[Any, str] | None:
         return None
 
 
+def _memory_line(groups: dict[str, Any], bucket_of: dict) -> str:
+    """The estimated peak GPU memory of a run with these settings at the largest bucket."""
+    settings = TrainingSettings.model_construct(**groups)
+    largest = max(bucket_of.values(), key=lambda b: b[0] * b[1])
+    est = preview_estimate(settings, largest)
+    if est is None:
+        return "\nMemory: choose a base model (or its family) to see the estimated peak GPU memory."
+    return f"\n{est.sentence().replace('Estimated peak memory', f'Estimated peak GPU memory at {largest[0]}x{largest[1]}')}"
+
+
 def build_preview(values: dict[str, Any]) -> Preview:
     groups, problems = _groups(values)
     model, images, training, labels = groups["model"], groups["images"], groups["training"], \
@@ -66,7 +77,8 @@ def build_preview(values: dict[str, Any]) -> Preview:
     try:
         info = scan_dataset(model.img_folder, model.reg_img_folder or None, repeats=images.repeats,
                             caption_extension=labels.caption_extension,
-                            trigger_words=groups["triggers"].trigger_words)
+                            trigger_words=groups["triggers"].trigger_words,
+                            strict=images.strict_dataset)
     except (DatasetError, OSError) as exc:
         return Preview(f"**The dataset cannot be used:** {exc}", ok=False)
     settings = TrainingSettings.model_construct(images=images, training=training)
@@ -83,6 +95,7 @@ def build_preview(values: dict[str, Any]) -> Preview:
         f"**{plan.steps_per_epoch} optimizer steps per epoch × {plan.epochs} epochs = "
         f"{plan.total_steps} steps**" + (f" (max steps {images.max_steps})" if images.max_steps else "")
         + f"; effective batch {training.batch_size * training.gradient_accumulation_steps}.")
+    lines.append(_memory_line(groups, bucket_of))
     missing = info.images_without_captions
     if missing:
         shown = ", ".join(p.name for p in missing[:10]) + (" …" if len(missing) > 10 else "")

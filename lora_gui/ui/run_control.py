@@ -17,7 +17,7 @@ from lora_gui.events import Command, ForceStop, RunState
 from lora_gui.settings import TrainingSettings
 from lora_gui.ui.demo_build import DemoBuildError, build_demo
 from lora_gui.ui.runview import RunView
-from lora_gui.worker.demo import demo_dir_for
+from lora_gui.worker.demo import demo_dir_for, demo_family
 from lora_gui.worker.processes import terminate_group
 
 END_WAIT_S = 10  # how long a shutdown waits for a demo build to end before killing it
@@ -109,7 +109,7 @@ class RunController:
         with self._demo_lock:
             if Path(settings.model.base_model).exists():
                 return None  # built meanwhile (by the prebuild at startup)
-            build_demo(target, started=self._remember_demo)
+            build_demo(target, started=self._remember_demo, family=demo_family(settings))
         return f"Built the demo model and dataset in {target}."
 
     def _remember_demo(self, proc: subprocess.Popen) -> None:
@@ -148,14 +148,14 @@ class RunController:
         return view
 
     def poll(self, view: RunView) -> bool:
-        """Fold new events into ``view``; True when something arrived. When the events say the run
-        is still going but the worker has ended (killed, crashed), the view fails with the
-        worker's sentence."""
+        """Fold new events into ``view``; True when something arrived. The run folder's reconciled
+        status is the one source of truth for whether a run goes on: when the events say it does
+        but the worker has ended (killed, crashed), the view fails with the worker's sentence."""
         if not view.run_id:
             return False
         run = self.run(view.run_id)
         events = self._read(run, view)
-        if not events and view.active:
+        if view.active:  # also after new events: a fresh view reads a killed run's whole history
             self._check_worker(run, view)
         return bool(events)
 

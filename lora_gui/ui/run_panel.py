@@ -8,7 +8,6 @@ a restarted GUI both pick the run up again."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -96,9 +95,8 @@ def draw(ctx: Ctx, view: RunView, force: bool = False) -> dict:
     elif force:
         out[comp["plot"]] = gr.update(value=EMPTY_PLOT, visible=False)
     if force or view.changed("gallery"):
-        items = view.gallery()
-        for path, _ in items[:1]:
-            ctx.allow(Path(path).parent)
+        items = [(served, caption) for path, caption in view.gallery()
+                 if (served := ctx.servable(path))]
         out[comp["gallery"]] = gr.update(value=items or None, visible=bool(items))
         view.mark_drawn("gallery")
     if force or view.changed("log"):
@@ -106,9 +104,7 @@ def draw(ctx: Ctx, view: RunView, force: bool = False) -> dict:
         view.mark_drawn("log")
     if force or view.changed("result"):
         out[comp["result"]] = view.result_markdown()
-        path = view.result_file()
-        if path:
-            ctx.allow(Path(path).parent)
+        path = ctx.servable(view.result_file())
         out[comp["download"]] = gr.update(value=path, visible=bool(path))
         view.mark_drawn("result")
     return out

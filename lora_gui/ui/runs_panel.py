@@ -44,7 +44,8 @@ def run_rows(ctx: Ctx) -> list[list]:
         steps = f"{info.step}/{info.total_steps}" if info.total_steps else str(info.step or "")
         state = RunState.of(info.state)
         output = info.output_path or (info.message or "" if state is RunState.FAILED else "")
-        rows.append([info.run_id, state.value, created, steps, output])
+        rows.append([info.run_id, "damaged" if info.damaged else state.value, created, steps,
+                     output])
     return rows
 
 

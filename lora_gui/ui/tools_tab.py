@@ -181,7 +181,7 @@ def _result(ctx: Ctx, run, info) -> list:
         return ["**inspect**: done", gr.DownloadButton(visible=False), result.get("card_text", ""),
                 gr.Dataframe(visible=False), gr.BarPlot(chart if len(chart) else EMPTY_CHART, visible=True)]
     output = Path(result["output"])
-    ctx.allow(output.parent)  # gradio serves only files under allowed paths
+    served = ctx.servable(output)  # only files inside the configured roots are offered
     size = result.get("output_size", 0) / 1e6
     status = f"**{result['tool']}**: wrote `{output}` ({size:.2f} MB)"
     table = gr.Dataframe(visible=False)
@@ -195,4 +195,6 @@ def _result(ctx: Ctx, run, info) -> list:
     elif "kept_energy" in result:
         rows = [[k, round(v, 4)] for k, v in result["kept_energy"].items()]
         table = gr.Dataframe(pd.DataFrame(rows, columns=["module", "kept energy"]), visible=True)
-    return [status, gr.DownloadButton(value=str(output), visible=True), "", table, gr.BarPlot(visible=False)]
+    if served is None:
+        status += " (outside the folders this page may serve: fetch it on the server, or start the GUI with --browse-root)"
+    return [status, gr.DownloadButton(value=served, visible=served is not None), "", table, gr.BarPlot(visible=False)]

@@ -26,6 +26,7 @@ from lora_gui.worker.processes import pid_alive, process_created, terminate_grou
 from lora_gui.worker.protocol import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_STALE_S,
+    DamagedFile,
     LineCursor,
     ProcessRecord,
     RunPaths,
@@ -34,6 +35,7 @@ from lora_gui.worker.protocol import (
     check_run_id,
     final_event,
     finished_message,
+    load_status,
     new_run_id,
     read_events,
     read_process,
@@ -67,6 +69,7 @@ class RunInfo:
     detail: str = ""  # the last traceback or log lines, for a "details" panel
     exit_code: int | None = None
     source: str = ""  # the queue file the run came from, if any
+    damaged: bool = False  # status.json is unreadable or not what a writer writes: listed, not used
 
     @property
     def active(self) -> bool:
@@ -232,6 +235,9 @@ class WorkerClient:
                       message=f"Could not start the trainer ({argv[0]}): {exc}")
             return Run(self, paths)
         self._popens[run_id] = popen
+        # Reap the trainer the moment it exits: a finished run's status is final, so nothing else
+        # would poll it and it would stay a zombie under this process. Popen keeps the exit code.
+        threading.Thread(target=popen.wait, name=f"reap-{run_id}", daemon=True).start()
         write_process(paths, ProcessRecord(pid=popen.pid, argv=argv, spawned=time.time(),
                                            launcher_pid=os.getpid(),
                                            created=process_created(popen.pid)))
@@ -304,10 +310,13 @@ class WorkerClient:
         return record.pid if record else None
 
     def _reconcile(self, paths: RunPaths) -> RunInfo:
-        status = read_status(paths)
-        if status is None:  # a folder being created, or a damaged one: leave the folder alone
+        try:
+            status = load_status(paths)
+        except (OSError, ValueError) as exc:  # damaged, or being created: leave the folder alone
+            why = str(exc) if isinstance(exc, DamagedFile) else "status.json cannot be read"
             return RunInfo(paths.run_id, paths.root, RunState.FAILED, None, _mtime(paths.root),
-                           None, "This run folder has no readable status.json.", None, "", 0, 0)
+                           None, f"This run folder is damaged: {why}. It is listed but not used; "
+                           "delete the folder or restore the file.", None, "", 0, 0, damaged=True)
         if not status.state.active:
             return RunInfo.from_status(paths, status)
         popen = self._popens.get(paths.run_id)

@@ -14,6 +14,11 @@ DEMO_MODEL_NAMES = ("model", "model.safetensors")
 DEMO_DATASET_NAME = "dataset"
 
 
+def demo_family(settings: TrainingSettings) -> str:
+    """The family of the tiny demo model to build: the settings' explicit family (SD for auto)."""
+    return "sd" if settings.model.family == "auto" else settings.model.family
+
+
 def demo_dir_for(settings: TrainingSettings) -> Path | None:
     """The demo folder ``X`` to build, when the base model is ``X/model`` or ``X/model.safetensors``,
     the image folder is ``X/dataset``, and the base model is missing; else None (a real model, or a

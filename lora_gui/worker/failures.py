@@ -3,6 +3,8 @@ can act on. Standard library and lora_gui.events only."""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import signal
 import traceback
@@ -16,6 +18,8 @@ DIVERGED = ("Training diverged (the loss became NaN or infinite): lower the lear
 VANISHED = ("The trainer process ended without reporting a result; it was probably killed, for "
             "example because the machine ran out of system memory: lower the batch size, "
             "resolution or number of workers, and see train.log in the run folder.")
+DISK_FULL = ("The disk is full: the trainer could not write{where}. LoRAs saved before are complete "
+             "(files are written whole or not at all); free some space and start again.")
 
 _NAN_RE = re.compile(r"\bnan\b|\binf(inite)?\b.*loss|loss.*\b(nan|inf)\b|diverge", re.I)
 _MISSING_RE = re.compile(r"FileNotFoundError: (?:\[Errno 2\] [^:]*: )?'?(?P<name>[^'\n]+)'?")
@@ -43,6 +47,9 @@ def _from_exception(exc: BaseException) -> str | None:
     if isinstance(exc, FileNotFoundError):
         name = exc.filename or str(exc)
         return f"A file or folder the run needs is missing: {name}. Check the path in the settings."
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" in {os.path.dirname(exc.filename)}" if exc.filename else ""
+        return DISK_FULL.format(where=where)
     if isinstance(exc, MemoryError):
         return ("The machine ran out of system memory: lower the batch size, resolution or "
                 "number of workers.")
@@ -63,6 +70,8 @@ def _from_log(log_tail: str) -> str | None:
     if match:
         name = match.group("name").strip()
         return f"A file or folder the run needs is missing: {name}. Check the path in the settings."
+    if "No space left on device" in log_tail:
+        return DISK_FULL.format(where="")
     if re.search(r"loss (is|became) (nan|inf)", log_tail, re.I):
         return DIVERGED
     return None

@@ -26,7 +26,7 @@ import os
 import re
 import secrets
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,13 @@ from lora_gui.events import (
     Failed,
     Finished,
     RunState,
+    checked_fields,
     command_from_json,
     event_from_json,
     to_json,
 )
 
+MAX_RECORD_BYTES = 1024**2  # status.json / process.json: a few hundred bytes when written by us
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_STALE_S = 15.0
 
@@ -131,11 +133,9 @@ class Status:
         return {**asdict(self), "state": self.state.value}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Status:
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in names}
-        kwargs["state"] = RunState(kwargs["state"])
-        return cls(**kwargs)
+    def from_dict(cls, data: Any) -> Status:
+        """A ValueError that names the field for anything but a well-typed status object."""
+        return cls(**checked_fields(cls, data, finite=True))
 
     def with_(self, **changes: Any) -> Status:
         return replace(self, **changes)
@@ -145,11 +145,33 @@ def write_status(paths: RunPaths, status: Status) -> None:
     write_json(paths.status, status.to_dict(), indent=1)
 
 
-def read_status(paths: RunPaths) -> Status | None:
-    """The status, or None when the file is missing or unreadable (never half-written: atomic)."""
+class DamagedFile(ValueError):
+    """A run-folder file that exists but is not what its writer writes; the message says why."""
+
+
+def _read_object(path: Path, cls: type) -> Any:
+    """The dataclass ``cls`` stored in the JSON file ``path``; OSError when it cannot be read,
+    DamagedFile when it is not a well-typed ``cls`` (never half-written: writes are atomic)."""
+    raw = path.read_bytes()
+    if len(raw) > MAX_RECORD_BYTES:
+        raise DamagedFile(f"{path.name} is {len(raw)} bytes, far more than a {path.stem} record")
     try:
-        return Status.from_dict(json.loads(paths.status.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError):
+        return cls(**checked_fields(cls, json.loads(raw), finite=True))
+    except RecursionError:
+        raise DamagedFile(f"{path.name} is damaged (nested too deeply)") from None
+    except ValueError as exc:  # JSON and encoding errors are ValueErrors too
+        raise DamagedFile(f"{path.name} is damaged ({exc})") from None
+
+
+def load_status(paths: RunPaths) -> Status:
+    return _read_object(paths.status, Status)
+
+
+def read_status(paths: RunPaths) -> Status | None:
+    """The status, or None when the file is missing, unreadable or damaged."""
+    try:
+        return load_status(paths)
+    except (OSError, ValueError):
         return None
 
 
@@ -168,11 +190,10 @@ def write_process(paths: RunPaths, record: ProcessRecord) -> None:
 
 def read_process(paths: RunPaths) -> ProcessRecord | None:
     try:
-        data = json.loads(paths.process.read_text(encoding="utf-8"))
-        return ProcessRecord(**{k: data[k] for k in ("pid", "argv", "spawned", "launcher_pid")},
-                             created=data.get("created"))
-    except (OSError, ValueError, KeyError, TypeError):
+        record = _read_object(paths.process, ProcessRecord)
+    except (OSError, ValueError):
         return None
+    return record if record.pid > 0 else None  # a pid <= 0 would signal a whole process group
 
 
 # --- events ------------------------------------------------------------------------------------

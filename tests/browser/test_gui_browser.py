@@ -400,3 +400,30 @@ def test_api_drives_a_short_run(server):
     assert status["state"] == "finished", status
     assert [s for s, _ in status["losses"]] == [1, 2, 3]
     assert (server["cwd"] / status["output_path"]).is_file()
+
+
+def test_the_sdxl_demo_trains_from_the_page(page, server):
+    """The SDXL demo preset, pointed at the SDXL demo (built on first use): the SD-only fields hide,
+    a short run ends with an SDXL LoRA on disk."""
+    choose(page, "preset", "demo-tiny-sdxl-cpu")
+    open_tab(page, "model", "Model and folders")
+    wait_value(page, "model", "family", "sdxl")
+    set_field(page, "model", "base_model", "demo-sdxl/model")
+    set_field(page, "model", "img_folder", "demo-sdxl/dataset")
+    set_field(page, "model", "output_folder", "outputs/browser-sdxl")
+    page.wait_for_selector("#field-model-v2", state="hidden", timeout=10_000)  # SD only
+    open_tab(page, "images", "Image processing")
+    set_field(page, "images", "max_steps", 4)
+    open_tab(page, "samples", "Samples")
+    set_field(page, "samples", "sample_every_n_epochs", 0)
+    page.locator("#run-start").click()
+    wait_text(page, "#run-status", "Starting|Training", 60)  # this run, not an earlier run's result
+    result = wait_text(page, "#run-result", r"LoRA ready[\s\S]*browser-sdxl", 300)
+    shot(page, "12-sdxl-result")
+    path = re.search(r"(\S+\.safetensors)", result).group(1)
+    lora = Path(path) if Path(path).is_absolute() else server["cwd"] / path
+    header = json.loads(lora.read_bytes()[8:8 + int.from_bytes(lora.read_bytes()[:8], "little")])
+    assert header["__metadata__"]["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert any(k.startswith("lora_te2_") for k in header) and any(k.startswith("lora_unet_input_blocks_") for k in header)
+    choose(page, "preset", "demo-tiny-cpu")  # back to the SD demo for any later test
+    no_error_toasts(page)

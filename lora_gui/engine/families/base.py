@@ -14,6 +14,7 @@ its shape.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -69,6 +70,14 @@ class ModelFamily(ABC):
         """Conditioning a batch carries besides its captions (SDXL: sizes and crops); none here."""
         return None
 
+    def meta_extra(self, batch_size: int) -> Conditioning | None:
+        """``batch_conditioning``'s shapes on the meta device (for the memory estimate's trace)."""
+        return None
+
+    def with_unet(self, model, unet):
+        """The loaded model with another U-Net (the memory estimate traces a meta-device copy)."""
+        return dataclasses.replace(model, unet=unet)
+
     # --- objective -------------------------------------------------------------------------------
 
     @abstractmethod
@@ -112,6 +121,10 @@ class ModelFamily(ABC):
                          encode, out_dir: Path, stem: str, device: torch.device,
                          dtype: torch.dtype) -> list[tuple[Path, str]]:
         """Render the sample prompts with the family's pipeline; (path, prompt) per image written."""
+
+    @abstractmethod
+    def write_demo_model(self, model_dir: Path, single_file: Path, seed: int) -> None:
+        """Save the family's tiny random demo model as a diffusers folder and as a single file."""
 
     @abstractmethod
     def metadata_versions(self, model, settings: TrainingSettings) -> dict[str, str]:

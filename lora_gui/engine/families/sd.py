@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lora_gui.engine.families.base import Conditioning, ModelFamily
-from lora_gui.engine.noise import training_target
+from lora_gui.engine.noise import training_target, zero_terminal_snr
 
 # ModelSpec architecture of each base version (sai_model_spec 1.0.1).
 ARCHITECTURES = {
@@ -31,8 +31,14 @@ class StableDiffusion(ModelFamily):
         from lora_gui.engine.model_load import load_base_model
 
         m = settings.model
-        return load_base_model(m.base_model, vae_path=m.vae.strip() or None, v2=m.v2,
-                               v_parameterization=m.v_parameterization)
+        return self._with_schedule(load_base_model(m.base_model, vae_path=m.vae.strip() or None, v2=m.v2,
+                                                   v_parameterization=m.v_parameterization), settings)
+
+    def _with_schedule(self, model, settings):
+        """The training schedule, rescaled to zero terminal SNR when the setting asks for it."""
+        if settings.advanced.zero_terminal_snr:
+            model.noise_scheduler = zero_terminal_snr(model.noise_scheduler)
+        return model
 
     def text_encoders(self, model) -> list[torch.nn.Module]:
         return [model.text_encoder]
@@ -80,6 +86,11 @@ class StableDiffusion(ModelFamily):
             scheduler_config=model.noise_scheduler.config, prompts=prompts,
             sampler=settings.samples.sample_sampler, seed=settings.samples.test_seed, out_dir=out_dir,
             stem=stem, encode=encode, device=device, dtype=dtype)
+
+    def write_demo_model(self, model_dir: Path, single_file: Path, seed: int) -> None:
+        from lora_gui.engine.families.sd_demo import write_tiny_sd
+
+        write_tiny_sd(model_dir, single_file, seed)
 
     def metadata_versions(self, model, settings) -> dict[str, str]:
         return {"ss_v2": "False" if model.version == "sd_v1" else "True",

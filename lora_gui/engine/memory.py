@@ -1,0 +1,163 @@
+"""The pre-run memory estimate with the real model: exact parameter counts, and the activations of
+one training step traced on the meta device (no memory, no arithmetic: only shapes).
+
+Activations: every tensor autograd saves for the backward pass during the U-Net's forward is
+counted (parameters and views of them excluded: they are the weights). Attention is counted as
+the fused kernels on a GPU keep it (q, k, v, output and the row log-sum-exp), not as the N x N
+matrix of the reference implementation. With gradient checkpointing only the checkpointed
+blocks' inputs stay, and during the backward pass one block at a time is recomputed: the peak is
+what the checkpointed forward saves plus the largest block's own activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lora_gui.dataset.memory import FRAMEWORK_BYTES, MemoryEstimate, trainable_bytes
+
+# The modules diffusers' gradient checkpointing wraps one by one in a U-Net.
+_CHECKPOINT_UNITS = ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D")
+
+
+def parameter_bytes(*modules: torch.nn.Module | None) -> int:
+    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+
+
+class _Counter:
+    def __init__(self, params: set[int]):
+        self.params, self.total, self.unit, self.largest = params, 0, 0, 0
+
+    def pack(self, t: torch.Tensor):
+        base = t._base if t._base is not None else t
+        if id(t) not in self.params and id(base) not in self.params:
+            self.total += t.numel() * t.element_size()
+            self.unit += t.numel() * t.element_size()
+        return t
+
+
+def _flash_like_sdpa(counter: _Counter):
+    """SDPA that counts what a fused attention kernel saves, instead of the N x N weights."""
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        with torch.no_grad():
+            out = torch.empty(query.shape[:-1] + value.shape[-1:], dtype=query.dtype, device=query.device)
+        lse = query.shape[0] * query.shape[1] * query.shape[2] * 4  # float32 per query row
+        saved = sum(t.numel() * t.element_size() for t in (query, key, value, out)) + lse
+        counter.total += saved
+        counter.unit += saved
+        return out.requires_grad_(query.requires_grad or key.requires_grad or value.requires_grad)
+
+    return sdpa
+
+
+def _unit_hooks(unet: torch.nn.Module, counter: _Counter) -> list:
+    """Track the largest checkpoint unit (outermost only: a unit inside a unit is not separate)."""
+    depth = [0]
+    handles = []
+
+    def pre(module, args):
+        if depth[0] == 0:
+            counter.unit = 0
+        depth[0] += 1
+
+    def post(module, args, out):
+        depth[0] -= 1
+        if depth[0] == 0:
+            counter.largest = max(counter.largest, counter.unit)
+
+    for module in unet.modules():
+        if type(module).__name__ in _CHECKPOINT_UNITS:
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return handles
+
+
+def traced_activation_bytes(meta_unet: torch.nn.Module, call: Callable[[torch.nn.Module], object],
+                            checkpointing: bool) -> int:
+    """Peak activation bytes of one forward + backward of ``call(meta_unet)`` (a meta-device U-Net
+    with the run's LoRA applied and the run's dtype; ``call`` feeds it meta inputs)."""
+    counter = _Counter({id(p) for p in meta_unet.parameters()})
+    handles = _unit_hooks(meta_unet, counter)
+    meta_unet.train()
+    original = F.scaled_dot_product_attention
+    try:
+        F.scaled_dot_product_attention = _flash_like_sdpa(counter)
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), torch.enable_grad():
+            call(meta_unet)
+        full, largest = counter.total, counter.largest
+        if not checkpointing:
+            return full
+        counter.total = 0
+        with contextlib.ExitStack() as stack:
+            meta_unet.enable_gradient_checkpointing()
+            stack.callback(meta_unet.disable_gradient_checkpointing)
+            for h in handles:  # the checkpointed pass counts its saved inputs only
+                h.remove()
+            handles = []
+            with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), torch.enable_grad():
+                call(meta_unet)
+        return counter.total + largest
+    finally:
+        F.scaled_dot_product_attention = original
+        for h in handles:
+            h.remove()
+
+
+def run_estimate(*, frozen: list[torch.nn.Module | None], lora_params: int, optimizer: str,
+                 activations: int, gpu: bool) -> MemoryEstimate:
+    """The estimate for a loaded model: ``frozen`` are the modules that stay on the device."""
+    return MemoryEstimate(parameter_bytes(*frozen) - lora_params * 4, trainable_bytes(lora_params, optimizer),
+                          activations, FRAMEWORK_BYTES if gpu else 0)
+
+
+def unet_activation_bytes(family, model, spec, text, *, batch: int, width: int, height: int,
+                          checkpointing: bool) -> int:
+    """Activations of one training step of ``model``'s U-Net with a LoRA of ``spec``, traced on a
+    meta-device copy: ``text`` is one caption's conditioning (its shapes are used, batch-expanded).
+    A LyCORIS network is traced as the LoRA of the same ranks (its activations are of that size)."""
+    from diffusers import UNet2DConditionModel
+
+    from lora_gui.engine.network import LoraNetwork, NetworkSpec
+
+    unet = model.unet
+    # the compute precision: that of the frozen weights not stored in fp8 (norms, biases)
+    dtype = next(p.dtype for p in unet.parameters() if not p.requires_grad and p.element_size() > 1)
+    with torch.device("meta"):
+        meta_unet = UNet2DConditionModel.from_config(unet.config)
+    meta_unet.requires_grad_(False)
+    conv_alpha = getattr(spec, "conv_alpha", None)
+    LoraNetwork.apply(meta_unet, None, NetworkSpec(rank=spec.rank, alpha=spec.alpha, conv_rank=spec.conv_rank,
+                                                   conv_alpha=conv_alpha, train_text_encoder=False))
+    if dtype in (torch.float16, torch.bfloat16):
+        meta_unet.to(dtype)
+    as_meta = lambda t: torch.empty((batch, *t.shape[1:]), device="meta", dtype=t.dtype)  # noqa: E731
+    text = tuple(map(as_meta, text)) if isinstance(text, tuple) else as_meta(text)
+    extra = family.meta_extra(batch)
+    latents = torch.empty(batch, unet.config.in_channels, height // 8, width // 8, device="meta")
+    timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
+    meta_model = family.with_unet(model, meta_unet)
+
+    def call(_):
+        return family.predict(meta_model, latents, timesteps, text, extra, meta_unet.dtype)
+
+    return traced_activation_bytes(meta_unet, call, checkpointing)
+
+
+def estimate_for_run(family, model, settings, network, text_encoders, buckets, device) -> MemoryEstimate:
+    """The estimate of a set-up run: its frozen modules as they sit on the device, its LoRA, and the
+    activations of its U-Net traced at the largest bucket and the batch size (text-encoder
+    activations, when they are trained, are not traced: they are small beside the U-Net's)."""
+    s = settings
+    width, height = max(buckets, key=lambda b: b[0] * b[1])
+    with torch.no_grad():
+        text = family.encode_text(model, [""], settings, device)
+    activations = unet_activation_bytes(family, model, network.spec, text, batch=s.training.batch_size,
+                                        width=width, height=height, checkpointing=s.training.gradient_checkpointing)
+    lora = sum(p.numel() for p in network.unet_parameters() + network.text_encoder_parameters())
+    on_device = [m for m in (model.unet, *text_encoders, model.vae)
+                 if next(m.parameters()).device.type == device.type]
+    return run_estimate(frozen=on_device, lora_params=lora, optimizer=s.training.optimizer, activations=activations,
+                        gpu=device.type == "cuda")
