@@ -101,8 +101,10 @@ def test_a_run_reaches_the_model_through_its_family(demo, tmp_path, monkeypatch)
     result = train_module.run_training(settings, lambda event: None)
     assert result.status == "finished", result.message
     assert calls["load"] == 1 and calls["apply_network"] == 1 and calls["metadata_versions"] == 1
-    for step_call in ("num_train_timesteps", "add_noise", "target", "batch_conditioning"):
+    for step_call in ("add_noise", "target", "batch_conditioning"):
         assert calls[step_call] == 2, step_call  # once per step
+    # one timestep draw per sample (2 steps x batch of 2), each bounded by the timestep count
+    assert calls["sample_timesteps"] == calls["num_train_timesteps"] == 4
     # predict: once per step, and once on the meta device for the memory estimate's trace
     assert calls["predict"] == 3 and calls["meta_extra"] == 1 and calls["with_unet"] == 1
     assert calls["encode_text"] >= 1
