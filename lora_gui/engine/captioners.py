@@ -33,7 +33,7 @@ def _device_dtype():
 def _load_model(cls, folder: Path):
     device, dtype = _device_dtype()
     model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype)
-    return model.to(device).eval(), device, dtype
+    return model.to(device).train(False), device, dtype
 
 
 class _TransformersCaptioner:
