@@ -103,6 +103,11 @@ class LossReported(Event):
     epoch: int
     loss: float
     lr: float
+    # Max-norm regularisation (scale_weight_norms), None when off: LoRA modules scaled down at
+    # this step, and the mean and largest update norm afterwards (sd-scripts' "Keys Scaled").
+    keys_scaled: int | None = None
+    average_key_norm: float | None = None
+    max_key_norm: float | None = None
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ SMALL = dict(resolution="128", min_bucket_resolution=64, max_bucket_resolution=2
 def data_options(**values) -> DataOptions:
     """DataOptions from settings given by bare name, each group validated by the schema. The
     cross-field rules are skipped (as in the page's preview) so the engine's own guards are tested."""
-    docs: dict[str, dict] = {name: {} for name in ("images", "training", "labels")}
+    docs: dict[str, dict] = {name: {} for name in ("images", "training", "labels", "advanced", "model")}
     for name, value in values.items():
         docs[FIELD_GROUPS[name]][name] = value
     groups = {group: GROUPS[group].model_validate(doc) for group, doc in docs.items()}

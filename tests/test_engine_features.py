@@ -172,8 +172,10 @@ def test_multires_noise_adds_low_frequency_noise(with_settings):
         "advanced.multires_noise_iterations=6", "advanced.multires_noise_discount=0.3"
     )._noise(latents, torch.Generator().manual_seed(1))
     assert abs(_neighbour_correlation(plain)) < 0.03  # white noise
-    assert _neighbour_correlation(pyramid) > 0.3  # up-sampled coarse noise is smooth
-    assert 0.03 < _neighbour_correlation(weaker) < _neighbour_correlation(pyramid)  # discount matters
+    # Up-sampled coarse noise is smooth (level 0 is a second white noise at weight 1, as in
+    # sd-scripts, so the smooth share is about 1.6 / 3.6 of the energy at discount 0.8).
+    assert _neighbour_correlation(pyramid) > 0.15
+    assert 0.01 < _neighbour_correlation(weaker) < _neighbour_correlation(pyramid)  # discount matters
     assert abs(float(pyramid.std()) - 1.0) < 1e-4  # renormalised to unit variance
 
 
@@ -332,7 +334,7 @@ def test_max_token_length_225_encodes_three_chunks(with_settings):
         truncated = torch.equal(short._encode(a), short._encode(b))
         long = with_settings("labels.max_token_length=225")
         ea, eb = long._encode(a), long._encode(b)
-    assert ea.shape == (1, 3 * 77, 32)
+    assert ea.shape == (1, 3 * 75 + 2, 32)  # sd-scripts: BOS + 3 x 75 + EOS
     assert truncated  # 75 tokens: the tails differ beyond what is encoded
     assert not torch.equal(ea, eb)  # 225 tokens: nothing is skipped
     n_tokens = len(long.model.tokenizer(a[0], add_special_tokens=False).input_ids)
@@ -438,7 +440,8 @@ def test_saved_lora_records_every_feature(demo, tmp_path):
         "ss_num_reg_images": "4",
     }
     assert {k: meta.get(k) for k in expected} == expected
-    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2.0", "dropout": "0.1"}
+    # network_dropout is sd-scripts' own flag (ss_network_dropout), not a network arg
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2.0"}
     assert "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in tensors
     assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape[2:] == (3, 3)
     assert any("_resnets_" in k and k.endswith("conv2.lora_up.weight") for k in tensors)

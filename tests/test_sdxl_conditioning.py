@@ -88,7 +88,7 @@ def test_long_captions_are_encoded_in_chunks_by_both_encoders(max_tokens, chunks
                                      [caption, "short"], max_token_length=max_tokens)
         first, first_pooled = encode_sdxl((pipe.tokenizer, pipe.tokenizer_2),
                                           (pipe.text_encoder, pipe.text_encoder_2), [caption, "short"])
-    assert states.shape == (2, 77 * chunks, 96)
-    # the first chunk is the 75-token encoding; the pooled vector is the first chunk's
-    assert torch.allclose(states[:, :77], first, atol=1e-6)
+    assert states.shape == (2, 77 if chunks == 1 else 75 * chunks + 2, 96)  # sd-scripts: 75n+2
+    # BOS and the first 75 states are the 75-token encoding's; the pooled vector is the first chunk's
+    assert torch.allclose(states[:, :76], first[:, :76], atol=1e-6)
     assert torch.allclose(pooled, first_pooled, atol=1e-6)

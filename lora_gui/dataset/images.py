@@ -73,6 +73,17 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
     return width, height
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """The decoded image turned upright by its EXIF orientation."""
+    orientation = exif_orientation(image)
+    image.load()
+    return image.transpose(_ORIENTATION_TRANSPOSE[orientation]) if orientation != 1 else image
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
 # Where each format ends (the last bytes of a complete file hold the marker; a cut-short file does
 # not): JPEG EOI (ITU T.81 B.2.1), PNG IEND (PNG spec 11.2.5), GIF trailer 0x3B (GIF89a 27).
 _END_MARKERS = {b"\xff\xd8\xff": b"\xff\xd9", b"\x89PNG\r\n\x1a\n": b"IEND", b"GIF8": b"\x3b"}
@@ -128,11 +139,8 @@ def open_rgb(path: str | Path) -> Image.Image:
 
 def _open_rgb(path: str | Path) -> Image.Image:
     with Image.open(path) as image:
-        orientation = exif_orientation(image)
-        image.load()
-        if orientation != 1:
-            image = image.transpose(_ORIENTATION_TRANSPOSE[orientation])
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = _upright(image)
+        if _has_alpha(image):
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
@@ -239,3 +247,44 @@ def load_image_array(
 def random_hue_shift(rng: random.Random) -> float:
     """A hue shift in turns, uniform in +-MAX_HUE_SHIFT_DEGREES."""
     return rng.uniform(-MAX_HUE_SHIFT_DEGREES, MAX_HUE_SHIFT_DEGREES) / 360.0
+
+
+# --- loss masks (masked_loss) ---------------------------------------------------------------------
+
+
+def open_mask(path: str | Path, *, alpha: bool) -> Image.Image:
+    """The loss mask of an image as an 8-bit greyscale image: the image's own alpha channel
+    (``alpha``; fully opaque when it has none), or the red channel of a mask file, as sd-scripts
+    reads ``alpha_mask`` and conditioning images (white = trained, black = ignored)."""
+    with Image.open(path) as image:
+        image = _upright(image)
+        if not alpha:
+            return image.convert("RGB").getchannel("R")
+        return image.convert("RGBA").getchannel("A") if _has_alpha(image) else Image.new("L", image.size, 255)
+
+
+def load_mask_array(path: str | Path, bucket: Bucket, *, alpha: bool, flip: bool = False,
+                    crop_position: tuple[float, float] | None = None) -> np.ndarray:
+    """The mask for ``bucket`` with the same cover, crop and flip as the image: float32 [1, H, W]
+    in [0, 1]."""
+    mask = cover_and_crop(open_mask(path, alpha=alpha), bucket, crop_position=crop_position)
+    if flip:
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return (np.asarray(mask, dtype=np.float32) / 255.0)[None]
+
+
+def find_mask(mask_folder: Path, relative: Path, extensions: tuple[str, ...]) -> Path | None:
+    """The mask of the image at ``relative`` (its path below the image folder): the same path below
+    ``mask_folder``, with the image's own or any other image extension."""
+    folder = mask_folder / relative.parent
+    names = [relative.name] + [relative.stem + e for ext in sorted(extensions) for e in (ext, ext.upper())]
+    for candidate in (folder / name for name in names):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def has_alpha(path: str | Path) -> bool:
+    """Whether the image has an alpha channel (its own loss mask with masked_loss)."""
+    with Image.open(path) as image:
+        return _has_alpha(image)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lora_gui.dataset.images import _ORIENTATION_TRANSPOSE, exif_orientation, open_rgb
+from lora_gui.dataset.images import find_mask, has_alpha, open_mask, open_rgb
 from lora_gui.dataset.scan import IMAGE_EXTENSIONS, DatasetError
 
 TINT = (255, 0, 64)  # the colour laid over what the loss ignores
@@ -26,38 +26,24 @@ class MaskPreview:
     message: str
 
 
-def _upright(image: Image.Image) -> Image.Image:
-    orientation = exif_orientation(image)
-    image.load()
-    return image.transpose(_ORIENTATION_TRANSPOSE[orientation]) if orientation != 1 else image
-
-
 def find_mask_file(mask_folder: Path, image: Path, image_root: Path) -> Path | None:
     """The mask of ``image``: the same path below ``mask_folder`` as below ``image_root``, with the
-    image's own extension or any other image extension."""
+    image's own extension or any other image extension (as training finds it: images.find_mask)."""
     try:
         relative = image.resolve().relative_to(image_root.resolve())
     except ValueError:
         relative = Path(image.name)
-    folder = mask_folder / relative.parent
-    for extension in (image.suffix, *sorted(IMAGE_EXTENSIONS)):
-        for candidate in (folder / (relative.stem + extension), folder / (relative.stem + extension.upper())):
-            if candidate.is_file():
-                return candidate
-    return None
+    return find_mask(mask_folder, relative, tuple(IMAGE_EXTENSIONS))
 
 
 def read_mask(image: Path, mask_file: Path | None = None) -> Image.Image | None:
-    """The mask as an upright "L" image: the red channel of ``mask_file``, else the image's alpha
-    channel (None when it has none: the whole image is trained)."""
+    """The mask as an upright "L" image, read as training reads it (images.open_mask): the red
+    channel of ``mask_file``, else the image's alpha channel (None when it has none: the whole
+    image is trained)."""
     try:
         if mask_file is not None:
-            with Image.open(mask_file) as raw:
-                return _upright(raw).convert("RGB").getchannel("R")
-        with Image.open(image) as raw:
-            if raw.mode not in ("RGBA", "LA", "PA") and not (raw.mode == "P" and "transparency" in raw.info):
-                return None
-            return _upright(raw).convert("RGBA").getchannel("A")
+            return open_mask(mask_file, alpha=False)
+        return open_mask(image, alpha=True) if has_alpha(image) else None
     except (OSError, ValueError, SyntaxError) as exc:
         raise DatasetError(f"The mask of {image.name} cannot be read ({exc}): replace the file.") from None
 

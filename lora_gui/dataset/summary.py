@@ -43,17 +43,32 @@ def split_validation(paths: Sequence[Path], fraction: float, seed: int) -> set[P
     return set(rng.sample(ordered, validation_count(fraction, len(ordered))))
 
 
-def cycle_to_length(pool: Sequence[T], length: int, seed: int) -> list[T]:
-    """Regularisation samples: ``pool`` in a seeded order, cycled to exactly ``length`` items.
+def reg_repeats(repeats: Sequence[int], num_train: int) -> list[int]:
+    """How many times each regularisation image appears per epoch, as sd-scripts
+    ``DreamBoothDataset.__init__`` decides it. The images are taken in folder order (folders sorted by
+    name, images sorted by file name, as sd-scripts' ``glob_images`` sorts them), each first with its
+    folder's repeats until the count reaches ``num_train`` (the training images x repeats; the last
+    image may overshoot it, later images are then left out); while the count is still short, every
+    image gets one more repeat in turn until it reaches ``num_train``."""
+    counts = [0] * len(repeats)
+    total = 0
+    for i, r in enumerate(repeats):
+        if total >= num_train:
+            return counts
+        counts[i], total = r, total + r
+    while counts and total < num_train:
+        for i in range(len(counts)):
+            counts[i], total = counts[i] + 1, total + 1
+            if total >= num_train:
+                break
+    return counts
 
-    The choice is fixed for a seed (not per epoch) so every epoch has the same buckets and thus the
-    same number of steps.
-    """
-    if not pool or length <= 0:
-        return []
-    order = list(pool)
-    random.Random(derive_seed(seed, "reg")).shuffle(order)
-    return [order[i % len(order)] for i in range(length)]
+
+def reg_schedule(reg_images: Sequence[tuple[T, int]], num_train: int) -> list[T]:
+    """The regularisation samples of every epoch: each (image, folder repeats) of ``reg_images``, in
+    that order, as many times as :func:`reg_repeats` says."""
+    counts = reg_repeats([r for _, r in reg_images], num_train)
+    return [image for (image, _), n in zip(reg_images, counts) for _ in range(n)]
 
 
 def count_batches(bucket_counts: dict[Bucket, int], batch_size: int) -> int:
@@ -166,8 +181,8 @@ def dataset_summary(
         if i.path not in held_out
         for _ in range(s.repeats)
     ]
-    reg_pool = [bucket_of[i.path] for s in info.reg_subsets for i in s.images for _ in range(s.repeats)]
-    epoch = Counter(train) + Counter(cycle_to_length(reg_pool, len(train), seed))
+    reg = [(bucket_of[i.path], s.repeats) for s in info.reg_subsets for i in s.images]
+    epoch = Counter(train) + Counter(reg_schedule(reg, len(train)))
     return DatasetSummary(
         folders=folders,
         train_images=info.num_train_images,

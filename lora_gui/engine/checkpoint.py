@@ -4,16 +4,16 @@ report, the metadata facts), the LoRA saves, the training state folders (``state
 from __future__ import annotations
 
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
 from lora_gui import events as ev
-from lora_gui.dataset.captions import tag_frequency, write_tag_report
+from lora_gui.dataset.captions import write_tag_report
 from lora_gui.engine import distributed, evaluation, state_files
 from lora_gui.engine.errors import Diverged, EngineError
-from lora_gui.engine.metadata import RunFacts, base_model_name, build_metadata, with_hashes
+from lora_gui.engine.metadata import build_metadata, gather_facts, with_hashes
+from lora_gui.engine.optim import averaged_weights
 from lora_gui.settings import io as settings_io
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
@@ -51,13 +51,7 @@ def write_run_files(t) -> None:
             if not report.exists():
                 t.files.append(write_tag_report(
                     report, t.info, alphabetical=s.labels.sort_tag_occurrence_alphabetically))
-    t.facts = RunFacts(
-        versions=t.family.metadata_versions(t.model, s), base_model_name=base_model_name(s.model.base_model),
-        num_train_images=t.num_train_images, num_reg_images=t.info.num_reg_images,
-        num_epochs=t.plan.epochs, max_train_steps=t.plan.total_steps,
-        tag_frequency=tag_frequency(t.info), dataset_dirs=t.info.dataset_dirs(),
-        bucket_info={"buckets": {f"{w}x{h}": n for (w, h), n in sorted(t.dataset.bucket_counts().items())}},
-        session_id=uuid.uuid4().hex[:16], started_at=t.t_start, network_alpha=t.network_alpha)
+    t.facts = gather_facts(t)
 
 
 def save(t, stem: str, *, state: bool, final: bool = False,
@@ -74,7 +68,8 @@ def save(t, stem: str, *, state: bool, final: bool = False,
         return path, (state_dir if state_dir.exists() else None)
     t.saved.add(path)
     t.acc.wait_for_everyone()
-    tensors = t.family.lora_file_tensors(t.model, t.network, t.settings, SAVE_DTYPES[m.save_precision])
+    with averaged_weights(t.optimizer):  # schedule-free: save the averaged weights
+        tensors = t.family.lora_file_tensors(t.model, t.network, t.settings, SAVE_DTYPES[m.save_precision])
     if not all(torch.isfinite(v.float()).all() for v in tensors.values()):
         raise Diverged("The LoRA weights are no longer finite numbers (NaN/inf): the learning rate "
                        "is probably too high. Lower training.learning_rate; the last saved "
@@ -83,8 +78,8 @@ def save(t, stem: str, *, state: bool, final: bool = False,
         metadata = None
         if m.save_as == "safetensors":
             metadata = build_metadata(t.settings, t.facts, epoch=p.epoch, step=p.step, final=final)
-            if not m.no_meta:
-                metadata = with_hashes(tensors, metadata)
+            # sd-scripts' LoRANetwork.save_weights adds the sshs_* hashes even with no_metadata.
+            metadata = with_hashes(tensors, metadata)
         path = save_lora(path, tensors, metadata, m.save_as)
         t.files.append(path)
     if state:
@@ -128,6 +123,51 @@ def keep_best(t, loss: float | None, path: Path, state_dir: Path | None) -> None
         t.log(f"Deleted {worse_path.name} (validation loss {worse:.4f}): not among the {keep} best "
               "(images.keep_best_checkpoints)")
     del t.ranked_saves[keep:]
+
+
+def save_epoch(t, epoch: int) -> None:
+    """The per-epoch save NAME-0000EE (and its state), then sd-scripts' retention: the save of epoch
+    ``epoch - save_every_n_epochs * save_last_n_epochs`` is deleted (train_util.get_remove_epoch_no;
+    the states by save_last_n_epochs_state when set, save_and_remove_state_on_epoch_end)."""
+    img = t.settings.images
+    save(t, f"{t.name}-{epoch:06d}", state=t.settings.model.save_state, ranked=True)
+    keep_states = img.save_last_n_epochs_state or img.save_last_n_epochs
+    for last_n, what in ((img.save_last_n_epochs, "file"), (keep_states, "state")):
+        old = epoch - img.save_every_n_epochs * last_n
+        if last_n and old > 0:
+            _remove_save(t, f"{t.name}-{old:06d}", what)
+
+
+def save_step(t, step: int) -> None:
+    """The per-step save NAME-stepSSSSSS (and its state), then sd-scripts' retention: keep the saves
+    of the last ``save_last_n_steps`` steps (train_util.get_remove_step_no: the save at
+    step - last_n - 1, floored to a multiple of save_every_n_steps, is deleted; the states by
+    save_last_n_steps_state when set, save_and_remove_state_stepwise)."""
+    img = t.settings.images
+    save(t, f"{t.name}-step{step:06d}", state=t.settings.model.save_state)
+    keep_states = img.save_last_n_steps_state or img.save_last_n_steps
+    for last_n, what in ((img.save_last_n_steps, "file"), (keep_states, "state")):
+        if last_n:
+            old = step - last_n - 1
+            old -= old % img.save_every_n_steps
+            if old > 0:
+                _remove_save(t, f"{t.name}-step{old:06d}", what)
+
+
+def _remove_save(t, stem: str, what: str) -> None:
+    """Delete an older intermediate save (never the final LoRA, whose name has no suffix)."""
+    if not t.is_main:
+        return
+    target = t.out_dir / (f"{stem}.{t.settings.model.save_as}" if what == "file" else f"{stem}-state")
+    if not target.exists():
+        return
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+    if target in t.files:
+        t.files.remove(target)
+    t.log(f"Removed the older save {target} (keeping the last saves as the settings ask)")
 
 
 def resume(t, state_dir: Path) -> None:

@@ -24,16 +24,22 @@ import numpy as np
 
 from lora_gui.atomic import atomic_open
 from lora_gui.dataset.buckets import Bucket, BucketOptions
-from lora_gui.dataset.captions import CaptionOptions, process_caption
-from lora_gui.dataset.images import crop_top_left, load_image_array, random_hue_shift
+from lora_gui.dataset.captions import CaptionOptions
+from lora_gui.dataset.images import (
+    crop_top_left,
+    find_mask,
+    load_image_array,
+    load_mask_array,
+    random_hue_shift,
+)
 from lora_gui.dataset.scan import DatasetInfo, ImageEntry, Subset
 from lora_gui.dataset.summary import (
     DatasetSummary,
     count_batches,
-    cycle_to_length,
     dataset_summary,
     derive_seed,
     plan_buckets,
+    reg_schedule,
     split_validation,
 )
 
@@ -63,12 +69,18 @@ class DataOptions:
     batch_size: int
     seed: int
     validation_split: float
+    masked_loss: bool
+    mask_folder: Path | None  # None: the images' alpha channels are the masks
+    image_root: Path | None  # the image folder, which the mask folder mirrors
 
     @classmethod
     def from_settings(cls, settings: TrainingSettings) -> DataOptions:
-        same = {f.name: settings.get(f.name) for f in fields(cls) if f.name not in ("buckets", "captions")}
+        paths = {"mask_folder": settings.advanced.mask_folder, "image_root": settings.model.img_folder}
+        same = {f.name: settings.get(f.name) for f in fields(cls)
+                if f.name not in ("buckets", "captions", *paths)}
         return cls(buckets=BucketOptions.from_settings(settings),
-                   captions=CaptionOptions.from_settings(settings), **same)
+                   captions=CaptionOptions.from_settings(settings),
+                   **{k: Path(v).expanduser() if v.strip() else None for k, v in paths.items()}, **same)
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,7 @@ class Batch:
     flipped: list[bool]
     pixels: torch.Tensor | None = None
     latents: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # [B,1,H,W] in [0, 1] with masked_loss
     # Where each sample's pixels came from (SDXL conditions on them): the image's (height, width)
     # before resizing and the (top, left) pixels cut from the resized image, as the sample shows it.
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
@@ -133,12 +146,47 @@ class TrainDataset:
             if i.path not in self.held_out
             for _ in range(s.repeats)
         ]
-        reg_pool = [
-            self._item(s, i, "") for s in info.reg_subsets for i in s.images for _ in range(s.repeats)
-        ]
-        self.reg_items = cycle_to_length(reg_pool, len(self.train_items), options.seed)
+        reg = [(self._item(s, i, ""), s.repeats) for s in info.reg_subsets for i in s.images]
+        self.reg_items = reg_schedule(reg, len(self.train_items))  # sd-scripts' order and repeats
         self._validation = [self._item(s, i, trigger) for s, i in train_images if i.path in self.held_out]
+        self._masks = self._find_masks() if options.masked_loss and options.mask_folder else {}
+        self._step_plan: tuple[int, int, int] | None = None
         self.latent_cache: LatentCache | None = None
+
+    def set_step_plan(self, steps_per_epoch: int, accumulation: int, total_steps: int) -> None:
+        """The run's step plan, so that a batch knows its optimizer step (epoch x steps per epoch +
+        batch // accumulation): the tag warm-up depends on it, and a resumed run computes the same."""
+        self._step_plan = (steps_per_epoch, accumulation, total_steps)
+
+    def _find_masks(self) -> dict[Path, Path]:
+        """image -> mask file below the mask folder, for every training image (regularisation
+        images have no masks there: their loss counts everywhere)."""
+        from lora_gui.dataset.scan import IMAGE_EXTENSIONS, DatasetError
+
+        o, masks = self.options, {}
+        for subset in self.info.train_subsets:
+            for image in subset.images:
+                try:
+                    relative = image.path.relative_to(o.image_root)
+                except ValueError:
+                    relative = Path(image.path.name)
+                mask = find_mask(o.mask_folder, relative, IMAGE_EXTENSIONS)
+                if mask is None:
+                    raise DatasetError(f"advanced.mask_folder: there is no mask for {image.path.name} (expected "
+                                       f"{o.mask_folder / relative}, any image format): add it or clear the "
+                                       "mask folder to use the images' alpha channels.")
+                masks[image.path] = mask
+        return masks
+
+    def _mask(self, item: Item, draw: _Draw):
+        """The loss mask of one sample: from the mask folder, or the image's alpha channel."""
+        if self.options.mask_folder is None:
+            return load_mask_array(item.path, item.bucket, alpha=True, flip=draw.flip,
+                                   crop_position=draw.crop_position)
+        if item.path not in self._masks:  # a regularisation image: everywhere
+            return np.ones((1, item.bucket[1], item.bucket[0]), dtype=np.float32)
+        return load_mask_array(self._masks[item.path], item.bucket, alpha=False, flip=draw.flip,
+                               crop_position=draw.crop_position)
 
     def _item(self, subset: Subset, image: ImageEntry, trigger: str) -> Item:
         return Item(image.path, subset.caption_for(image), self.bucket_of[image.path], subset.is_reg, trigger,
@@ -214,7 +262,12 @@ class TrainDataset:
         flip = o.flip_aug and rng.random() < 0.5
         crop = (rng.random(), rng.random()) if o.random_crop else None
         hue = random_hue_shift(rng) if o.color_aug else 0.0
-        caption = o.captions.apply(item.caption, item.trigger_words, epoch, rng)
+        step = None
+        if self._step_plan is not None:  # the optimizer step this batch is trained at (tag warm-up)
+            steps_per_epoch, accumulation, total = self._step_plan
+            step = epoch * steps_per_epoch + batch_index // accumulation
+        caption = o.captions.apply(item.caption, item.trigger_words, epoch, rng, step,
+                                   self._step_plan[2] if self._step_plan else 0)
         return _Draw(flip, crop, hue, caption)
 
     def fixed_caption(self, item: Item) -> str:
@@ -222,7 +275,7 @@ class TrainDataset:
         return self._fixed_draw(item).caption
 
     def _fixed_draw(self, item: Item) -> _Draw:
-        caption = process_caption(item.caption, trigger_words=item.trigger_words, rng=random.Random(0))
+        caption = self.options.captions.plain(item.caption, item.trigger_words)
         return _Draw(False, None, 0.0, caption)
 
     def load_batch(
@@ -264,6 +317,8 @@ class TrainDataset:
                 for i, d in zip(items, draws)
             ]
             batch.pixels = torch.from_numpy(np.stack(arrays))
+        if self.options.masked_loss:
+            batch.mask = torch.from_numpy(np.stack([self._mask(i, d) for i, d in zip(items, draws)]))
         return batch
 
     # --- latent cache -----------------------------------------------------------------------------

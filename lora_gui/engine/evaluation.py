@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from lora_gui import events as ev
@@ -18,21 +20,20 @@ def validate(t, epoch: int | None = None) -> None:
     batches = t.dataset.validation_batches()
     if not batches:
         return
-    _set_training(t, False)
-    total, count = 0.0, 0
-    t_max = t.family.num_train_timesteps(t.model)
-    with torch.no_grad():
-        for index, items in enumerate(batches):
-            batch = t.dataset.load_batch(items, augment=False)
-            latents = t._latents(batch)
-            for fraction in VALIDATION_TIMESTEP_FRACTIONS:
-                gen = torch.Generator().manual_seed(derive_seed(t.settings.training.seed, "val", index, fraction))
-                noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-                timesteps = torch.full((latents.shape[0],), int(fraction * t_max), device=t.device)
-                loss = t._weighted_loss(latents, noise, timesteps, batch.captions, batch.is_reg,
-                                        t.family.batch_conditioning(t.model, batch, t.device))
-                total, count = total + float(loss) * len(items), count + len(items)
-    _set_training(t, True)
+    with _evaluating(t):
+        total, count = 0.0, 0
+        t_max = t.family.num_train_timesteps(t.model)
+        with torch.no_grad():
+            for index, items in enumerate(batches):
+                batch = t.dataset.load_batch(items, augment=False)
+                latents = t._latents(batch)
+                for fraction in VALIDATION_TIMESTEP_FRACTIONS:
+                    gen = torch.Generator().manual_seed(derive_seed(t.settings.training.seed, "val", index, fraction))
+                    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+                    timesteps = torch.full((latents.shape[0],), int(fraction * t_max), device=t.device)
+                    loss = t._weighted_loss(latents, noise, timesteps, batch.captions, batch.is_reg,
+                                            t.family.batch_conditioning(t.model, batch, t.device), mask=batch.mask)
+                    total, count = total + float(loss) * len(items), count + len(items)
     value, p = total / count, t.progress
     t.validation_losses.append((p.step, value))
     t.emit(ev.ValidationLoss(step=p.step, epoch=p.epoch + 1 if epoch is None else epoch, loss=value))
@@ -47,6 +48,8 @@ def prepare_samples(t) -> None:
     defaults = SamplePrompt(prompt="", width=sm.sample_width, height=sm.sample_height,
                             cfg_scale=sm.sample_cfg_scale, steps=sm.sample_steps)
     t.sample_prompts = parse_prompts(sm.sample_prompts, defaults)
+    for note in (n for p in t.sample_prompts for n in p.notes):
+        t.log(note, "warning")
 
 
 def sample(t, step: int, epoch: int, strength: float | None = None) -> None:
@@ -58,14 +61,13 @@ def sample(t, step: int, epoch: int, strength: float | None = None) -> None:
     at = f" at strength {strength:g}" if strength is not None else ""
     t.log(f"Making {len(t.sample_prompts)} sample images at step {step}{at}")
     stem = f"{t.name}_{step:06d}" + (f"_w{strength:g}" if strength is not None else "")
-    _set_training(t, False)
-    t.vae.to(t.device)
-    written = t.family.generate_samples(
-        t.model, t.sample_prompts, t.settings, encode=t._encode, out_dir=t.out_dir / "sample",
-        stem=stem, device=t.device, dtype=t.weight_dtype)
-    if t.device.type == "cuda" and t.settings.images.cache_latents:
-        t.vae.to("cpu")
-    _set_training(t, True)
+    with _evaluating(t):
+        t.vae.to(t.device)
+        written = t.family.generate_samples(
+            t.model, t.sample_prompts, t.settings, encode=t._encode, out_dir=t.out_dir / "sample",
+            stem=stem, device=t.device, dtype=t.weight_dtype)
+        if t.device.type == "cuda" and t.settings.images.cache_latents:
+            t.vae.to("cpu")
     for index, (path, prompt) in enumerate(written):
         if path not in t.files:
             t.files.append(path)
@@ -89,6 +91,17 @@ def strength_sweep(t, epoch: int) -> None:
         t.network.set_multiplier(1.0)
 
 
-def _set_training(t, on: bool) -> None:
+@contextlib.contextmanager
+def _evaluating(t):
+    """The trained models in eval mode (no dropout) and, with a schedule-free optimizer, the LoRA at
+    its averaged weights; training mode and the training weights come back afterwards."""
+    from lora_gui.engine.optim import averaged_weights
+
     for model in t.trained_models:
-        model.train(on)
+        model.train(False)
+    try:
+        with averaged_weights(t.optimizer):
+            yield
+    finally:
+        for model in t.trained_models:
+            model.train(True)

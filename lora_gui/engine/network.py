@@ -9,9 +9,11 @@ that A1111, ComfyUI and diffusers load (REFERENCE.md, section 2):
 * forward ``W x + up(down(x)) * alpha / r`` (Hu et al. 2021, "LoRA", eq. 3 with the alpha / r scale);
   peft's default init (down Kaiming-uniform with a = sqrt(5), up zeros) is kohya's init.
 
-Dropout is peft's ``lora_dropout``, which drops the *input* of the down projection; kohya's
-``network_dropout`` drops the down projection's output. Both are off at 0 and both are inactive in
-eval mode; the expected value of the update is the same.
+Dropout follows kohya (``networks/lora.py`` ``LoRAModule.forward``), not peft's ``lora_dropout``
+(which drops the *input* of the down projection): a forward hook on each down projection drops its
+output features (``network_dropout``), whole rank channels per sample (``rank_dropout``, rescaled by
+1 / (1 - p)) or, with probability ``module_dropout``, the module's whole update. All three act only in
+train mode and change neither the weights nor the file format.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from peft.tuners.lora import LoraLayer  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 
 from lora_gui.atomic import atomic_open  # noqa: E402
+from lora_gui.engine.blocks import NUM_BLOCKS, block_index, block_lr_weights  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +65,16 @@ class NetworkSpec:
     conv_rank: int = 0
     conv_alpha: float | None = None
     dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
     train_unet: bool = True
     train_text_encoder: bool = True
+    # sd-scripts block_dims/block_alphas (25 U-Net blocks, Linear and 1x1 conv modules) and
+    # conv_block_dims/_alphas (kxk convs; None = no conv LoRA); a rank of 0 leaves a block out.
+    block_ranks: tuple[tuple[int, float], ...] | None = None
+    conv_block_ranks: tuple[tuple[int, float], ...] | None = None
+    # dim_from_weights: kohya name -> (rank, alpha) read from a LoRA file; other modules get none.
+    module_ranks: dict[str, tuple[int, float]] | None = None
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -74,8 +85,9 @@ class NetworkSpec:
             raise ValueError(f"The conv rank (conv_dim) must be 0 (off) or positive, got {self.conv_rank}.")
         if self.conv_alpha is not None and self.conv_alpha <= 0:
             raise ValueError(f"The conv alpha must be positive, got {self.conv_alpha}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"The network dropout is a probability in [0, 1), got {self.dropout}.")
+        for name in ("dropout", "rank_dropout", "module_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"The network {name} is a probability in [0, 1), got {getattr(self, name)}.")
         if not (self.train_unet or self.train_text_encoder):
             raise ValueError("Train at least one of the U-Net and the text encoder.")
 
@@ -83,9 +95,48 @@ class NetworkSpec:
     def from_settings(cls, settings) -> NetworkSpec:
         """The network a run trains, read from its (already validated) settings."""
         tr, adv = settings.training, settings.advanced
-        return cls(rank=tr.network_dim, alpha=tr.network_alpha, conv_rank=adv.conv_dim,
+        spec = cls(rank=tr.network_dim, alpha=tr.network_alpha, conv_rank=adv.conv_dim,
                    conv_alpha=adv.conv_alpha, dropout=adv.network_dropout,
+                   rank_dropout=adv.rank_dropout, module_dropout=adv.module_dropout,
                    train_unet=settings.train_unet, train_text_encoder=settings.train_text_encoder)
+        spec.block_ranks, spec.conv_block_ranks = spec.per_block(adv)
+        return spec
+
+    def per_block(self, adv) -> tuple[tuple | None, tuple | None]:
+        """(block ranks, conv block ranks) as sd-scripts ``create_network`` builds them
+        (``get_block_dims_and_alphas``, ``remove_block_dims_and_alphas``): only when block dims or
+        block-wise LR weights are given; missing lists are the network's rank/alpha (conv: the conv
+        rank/alpha, or none); blocks whose LR weight is 0 get no LoRA at all."""
+        lr_weights = block_lr_weights(adv.down_lr_weight, adv.mid_lr_weight, adv.up_lr_weight,
+                                      adv.block_lr_zero_threshold)
+        if not adv.block_dims.strip() and lr_weights is None:
+            return None, None
+
+        def table(dims: str, alphas: str, rank: int, alpha: float) -> list[tuple[int, float]]:
+            d = [int(v) for v in dims.split(",")] if dims.strip() else [rank] * NUM_BLOCKS
+            a = [float(v) for v in alphas.split(",")] if alphas.strip() else [alpha] * NUM_BLOCKS
+            return [(r if lr_weights is None or lr_weights[i] else 0, a[i]) for i, r in enumerate(d)]
+
+        blocks = table(adv.block_dims, adv.block_alphas, self.rank, self.alpha)
+        conv = None
+        if adv.conv_block_dims.strip() or self.conv_rank:
+            conv = table(adv.conv_block_dims, adv.conv_block_alphas, self.conv_rank, self.effective_conv_alpha)
+        return tuple(blocks), tuple(conv) if conv else None
+
+    def rank_of(self, target: _Target) -> tuple[int, float]:
+        """(rank, alpha) of one target module; rank 0 = no LoRA there (sd-scripts ``create_modules``)."""
+        if self.module_ranks is not None:
+            return self.module_ranks.get(target.kohya_name, (0, 0.0))
+        if target.part == "unet" and self.block_ranks is not None:
+            table = self.conv_block_ranks if target.is_conv else self.block_ranks
+            index = block_index(target.kohya_name)
+            return table[index] if table is not None and index >= 0 else (0, 0.0)
+        return (self.conv_rank, self.effective_conv_alpha) if target.is_conv else (self.rank, self.alpha)
+
+    @property
+    def locon(self) -> bool:
+        """Whether the kxk convolutions are targets at all."""
+        return bool(self.conv_rank or self.conv_block_ranks or self.module_ranks)
 
     @property
     def effective_conv_alpha(self) -> float:
@@ -142,14 +193,19 @@ def _inject(model: nn.Module, targets: list[_Target], spec: NetworkSpec) -> dict
         raise ValueError(
             f"{type(model).__name__} already has LoRA adapters; apply the network to a fresh model."
         )
-    conv_paths = [re.escape(t.path) for t in targets if t.is_conv]
+    ranks = {t.path: spec.rank_of(t) for t in targets}
+    targets = [t for t in targets if ranks[t.path][0] > 0]
+    if not targets:
+        return {}
+    # Full module paths as peft patterns: each target gets exactly its own rank and alpha.
+    differing = [t.path for t in targets if ranks[t.path] != (spec.rank, spec.alpha)]
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
         target_modules=[t.path for t in targets],
-        rank_pattern={p: spec.conv_rank for p in conv_paths},
-        alpha_pattern={p: spec.effective_conv_alpha for p in conv_paths},
-        lora_dropout=spec.dropout,
+        rank_pattern={re.escape(p): ranks[p][0] for p in differing},
+        alpha_pattern={re.escape(p): ranks[p][1] for p in differing},
+        lora_dropout=0.0,  # kohya's dropouts act after lora_down: see kohya_dropout_hook
         init_lora_weights=True,  # A: kaiming_uniform_(a=sqrt(5)), B: zeros == kohya
         bias="none",
     )
@@ -159,11 +215,41 @@ def _inject(model: nn.Module, targets: list[_Target], spec: NetworkSpec) -> dict
         layer = model.get_submodule(t.path)
         if not isinstance(layer, LoraLayer) or ADAPTER_NAME not in layer.lora_A:
             raise RuntimeError(f"peft did not wrap {t.path} ({type(layer).__name__}) with a LoRA layer.")
-        expected_r = spec.conv_rank if t.is_conv else spec.rank
+        expected_r = ranks[t.path][0]
         if layer.r[ADAPTER_NAME] != expected_r:
             raise RuntimeError(f"peft gave {t.path} rank {layer.r[ADAPTER_NAME]} instead of {expected_r}.")
         layers[t.kohya_name] = layer
+        if spec.dropout or spec.rank_dropout or spec.module_dropout:
+            layer.lora_A[ADAPTER_NAME].register_forward_hook(kohya_dropout_hook(spec))
     return layers
+
+
+def kohya_dropout_hook(spec: NetworkSpec):
+    """A forward hook for a LoRA down projection that applies kohya's three dropouts to its output
+    ``lx`` (sd-scripts ``LoRAModule.forward``), in kohya's order and with kohya's random draws:
+
+    * module dropout: with probability p (one draw per call) the update is 0 (lx * 0; up(0) = 0);
+    * network dropout: ``F.dropout(lx, p)`` (elements, scaled by 1 / (1 - p));
+    * rank dropout: a [batch, rank] keep-mask (broadcast over tokens or pixels) times 1 / (1 - p).
+    """
+    def hook(module: nn.Module, args, lx: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return lx
+        if spec.module_dropout and torch.rand(1) < spec.module_dropout:
+            return lx * 0
+        if spec.dropout:
+            lx = nn.functional.dropout(lx, p=spec.dropout)
+        if spec.rank_dropout:
+            mask = torch.rand((lx.size(0), lx.size(1 if lx.ndim == 4 else -1)), device=lx.device) \
+                > spec.rank_dropout
+            if lx.ndim == 3:
+                mask = mask.unsqueeze(1)  # [B, tokens, r]
+            elif lx.ndim == 4:
+                mask = mask[..., None, None]  # conv: [B, r, h, w]
+            lx = lx * mask.to(lx.dtype) / (1.0 - spec.rank_dropout)
+        return lx
+
+    return hook
 
 
 def _lora_params(layers: dict[str, LoraLayer]) -> list[nn.Parameter]:
@@ -200,10 +286,13 @@ class LoraNetwork:
         if spec.train_unet:
             if unet is None:
                 raise ValueError("train_unet is set but no U-Net was given.")
-            targets = _unet_targets(unet, locon=spec.conv_rank > 0, module_names=unet_module_names)
+            targets = _unet_targets(unet, locon=spec.locon, module_names=unet_module_names)
             if not targets:
                 raise ValueError("The U-Net has no Transformer2DModel (or ResNet) blocks to put LoRA on.")
             unet_layers = _inject(unet, targets, spec)
+            if not unet_layers and spec.module_ranks is None:
+                raise ValueError("advanced.block_dims: every U-Net block has rank 0 (from the block dims or "
+                                 "block-wise LR weights of 0): give some blocks a rank.")
         if spec.train_text_encoder:
             if not text_encoders:
                 raise ValueError("train_text_encoder is set but no text encoder was given.")
@@ -224,6 +313,12 @@ class LoraNetwork:
 
     def text_encoder_parameters(self) -> list[nn.Parameter]:
         return _lora_params(self._layers["text_encoder"])
+
+    def module_parameters(self, part: str) -> dict[str, tuple[list[nn.Parameter], list[nn.Parameter]]]:
+        """kohya name -> (lora_down parameters, lora_up parameters) of one part ("unet" or
+        "text_encoder"), for per-module optimizer groups (LoRA+, block-wise learning rates)."""
+        return {name: (list(layer.lora_A[ADAPTER_NAME].parameters()), list(layer.lora_B[ADAPTER_NAME].parameters()))
+                for name, layer in self._layers[part].items()}
 
     def module_names(self) -> dict[str, list[str]]:
         """Kohya module names (keys without .lora_down.weight / .lora_up.weight / .alpha) per part."""
@@ -251,6 +346,28 @@ class LoraNetwork:
         peft's ``set_scale`` makes scaling = multiplier * alpha / r. 1.0 is training's scale."""
         for layer in self._all_layers().values():
             layer.set_scale(ADAPTER_NAME, multiplier)
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """Max-norm regularisation of each module's update (sd-scripts
+        ``LoRANetwork.apply_max_norm_regularization``): where ||up @ down * alpha / r|| (Frobenius,
+        the conv update for conv modules) exceeds ``max_norm``, scale up and down by
+        sqrt(max_norm / norm). Returns (modules scaled, mean and max of the norms afterwards)."""
+        layers = list(self._all_layers().values())
+        if not layers:
+            return 0, 0.0, 0.0
+        pairs = [(layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight) for layer in layers]
+        norms = torch.stack([update_weight(down, up).norm() * (layer.lora_alpha[ADAPTER_NAME] / layer.r[ADAPTER_NAME])
+                             for (down, up), layer in zip(pairs, layers)])
+        # 1 where the norm is within the limit (x * 1.0 == x: those weights stay bit for bit).
+        ratios = torch.clamp(max_norm / norms, max=1.0)
+        for (down, up), ratio in zip(pairs, ratios.sqrt()):
+            down.mul_(ratio)
+            up.mul_(ratio)
+        after = norms * ratios
+        # One read of the device for the three figures, not one per module.
+        scaled, mean, largest = torch.stack([(ratios < 1).sum().float(), after.mean(), after.max()]).tolist()
+        return int(scaled), mean, largest
 
     def load_state_dict_kohya(self, sd: dict[str, torch.Tensor]) -> None:
         """Load weights of an existing kohya LoRA (lora_model_for_resume).
@@ -297,6 +414,26 @@ class LoraNetwork:
                     )
                 layer.lora_alpha[ADAPTER_NAME] = alpha
                 layer.set_scale(ADAPTER_NAME, 1.0)  # scaling = alpha / r
+
+
+def ranks_in_file(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, float]]:
+    """kohya name -> (rank, alpha) of every module of a LoRA file (sd-scripts
+    ``create_network_from_weights``: the rank is lora_down's first dimension, a missing alpha is the
+    rank)."""
+    ranks = {k[: -len(".lora_down.weight")]: int(v.shape[0]) for k, v in tensors.items()
+             if k.endswith(".lora_down.weight")}
+    return {name: (r, float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else float(r))
+            for name, r in ranks.items()}
+
+
+def update_weight(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """up @ down as a weight of the base layer's shape (without alpha / r): a matrix product for
+    Linear and 1x1 conv modules, the composed convolution for a kxk down with a 1x1 up."""
+    if down.ndim == 2:
+        return up @ down
+    if down.shape[2:] == (1, 1):
+        return (up.flatten(1) @ down.flatten(1))[..., None, None]
+    return nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
 
 
 def _key_mismatch_sentence(missing: list[str], unexpected: list[str]) -> str:

@@ -262,6 +262,25 @@ class LycorisNetwork:
     def text_encoder_parameters(self) -> list[nn.Parameter]:
         return self._params(self.net.text_encoder_loras)
 
+    def module_parameters(self, part: str) -> dict[str, tuple[list[nn.Parameter], list[nn.Parameter]]]:
+        """kohya name -> (other parameters, ``lora_up`` parameters) of one part ("unet" or
+        "text_encoder"): LoRA+ speeds up the parameters named lora_up, as lycoris-lora's
+        ``prepare_optimizer_params`` does (LoHa, LoKr... have none)."""
+        loras = self.net.unet_loras if part == "unet" else self.net.text_encoder_loras
+        modules = {}
+        for lora in loras:
+            named = [(name, p) for name, p in lora.named_parameters() if p.requires_grad]
+            modules[lora.lora_name] = ([p for name, p in named if "lora_up" not in name],
+                                       [p for name, p in named if "lora_up" in name])
+        return modules
+
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """lycoris-lora's max-norm regularisation (``apply_max_norm_regularization``, each module
+        by its own rule): (modules scaled, mean and max norm of the scaled ones)."""
+        device = next((p.device for p in self.net.parameters()), torch.device("cpu"))
+        scaled, mean, largest = self.net.apply_max_norm_regularization(max_norm, device)
+        return int(scaled), float(mean), float(largest)
+
     def module_names(self) -> dict[str, list[str]]:
         return {"unet": [m.lora_name for m in self.net.unet_loras],
                 "text_encoder": [m.lora_name for m in self.net.text_encoder_loras]}

@@ -29,10 +29,13 @@ def flush(t, force: bool = False) -> None:
                 "(or fp16 overflowed). Lower training.learning_rate or use bf16; the last saved "
                 "checkpoint is kept.")
         t.losses.append(value)
-        t.emit(ev.LossReported(step=step, epoch=epoch, loss=value, lr=lr))
+        norms = t._norm_figures.pop(step, {})
+        t.emit(ev.LossReported(step=step, epoch=epoch, loss=value, lr=lr, **norms))
         if t._writer is not None:
             t._writer.add_scalar("loss/train", value, step)
             t._writer.add_scalar("lr", lr, step)
+            for name, figure in norms.items():  # sd-scripts' max_norm/* scalars
+                t._writer.add_scalar(f"max_norm/{name}", figure, step)
     p, plan = t.progress, t.plan
     elapsed = now - t._t_loop
     rate = (p.step - t._step_at_loop) / elapsed if elapsed > 0 else 0.0

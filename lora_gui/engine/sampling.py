@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lora_gui.atomic import atomic_path
+from lora_gui.settings.schema import SAMPLERS, sampler_name
 
 SAMPLER_CLASSES = {
     # The schema's samples.sample_sampler choices -> (diffusers scheduler class, extra config);
@@ -34,48 +36,78 @@ class SamplePrompt:
     cfg_scale: float = 7.0
     steps: int = 20
     guidance: float | None = None  # --g: FLUX.1-dev's embedded guidance (kohya's syntax); other families ignore it
+    sampler: str | None = None  # --ss: this prompt's sampler instead of the run's
+    notes: tuple[str, ...] = ()  # flags that were accepted but do not apply, as sentences
 
 
 class PromptLineError(ValueError):
     pass
 
 
-_OPTION = re.compile(r"\s--([a-z]+)\s*")
+# sd-scripts train_util.line_to_prompt_dict splits on " --" and matches each flag case-insensitively.
+_OPTION = re.compile(r"\s--([A-Za-z]+)\s*")
+# Flags sd-scripts knows that do not apply to an SD 1.x/2.x sample here: what each one is for.
+_NOT_HERE = {
+    "cn": "a ControlNet image",
+    "ctr": "the CFG truncation ratio of Lumina",
+    "rcfg": "the renormalised CFG of Lumina",
+    "fs": "the flow shift of flow-matching models",
+}
+
+
+def _side(key: str, raw: str) -> int:
+    """sd-scripts sample_image_inference: max(64, side - side % 8), i.e. rounded down to 8."""
+    size = int(raw)
+    if size < 0:
+        raise PromptLineError(f"--{key} {raw}: an image side cannot be negative")
+    return max(64, size - size % 8)
+
+
+def _option(key: str, raw: str, values: dict, notes: list[str]) -> None:
+    """Read one flag of a prompt line into ``values`` (SamplePrompt fields) or ``notes``."""
+    if key == "n":
+        values["negative"] = raw
+    elif key in ("w", "h"):
+        values["width" if key == "w" else "height"] = _side(key, raw)
+    elif key == "d":
+        values["seed"] = int(raw)
+        if not 0 <= values["seed"] < 2**32:
+            raise PromptLineError(f"--d {raw}: a seed is a whole number from 0 to {2**32 - 1}")
+    elif key == "l":
+        values["cfg_scale"] = float(raw)
+    elif key == "s":
+        values["steps"] = max(1, min(1000, int(raw)))  # sd-scripts clamps to 1..1000
+    elif key == "g":
+        values["guidance"] = float(raw)  # FLUX.1-dev's embedded guidance; other families ignore it
+    elif key == "ss":
+        values["sampler"] = sampler_name(raw)
+        if values["sampler"] is None:
+            notes.append(f"--ss {raw}: not a sampler lora-gui has ({', '.join(SAMPLERS)}); the run's "
+                         "sampler is used")
+    elif key in _NOT_HERE:
+        notes.append(f"--{key} {raw}: {_NOT_HERE[key]}, which does not apply here; ignored")
+    else:
+        raise PromptLineError(f"--{key} is not a sample option (use --n --w --h --d --l --s --g --ss)")
 
 
 def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt | None:
-    """``prompt --n negative --w 512 --h 768 --d 42 --l 7 --s 28``; None for blank/# lines."""
+    """``prompt --n negative --w 512 --h 768 --d 42 --l 7 --s 28 --g 3.5 --ss euler``; None for blank/#
+    lines. Follows sd-scripts train_util.line_to_prompt_dict (flags in any case)."""
     text = line.strip()
     if not text or text.startswith("#"):
         return None
     parts = _OPTION.split(" " + text)
-    prompt = parts[0].strip()
     values: dict = {}
+    notes: list[str] = []
     for key, raw in zip(parts[1::2], parts[2::2]):
-        raw = raw.strip()
+        key, raw = key.lower(), raw.strip()
         try:
-            if key == "n":
-                values["negative"] = raw
-            elif key in ("w", "h"):
-                size = int(raw)
-                if size < 64 or size % 8:
-                    raise PromptLineError(f"--{key} {raw}: image sides are multiples of 8, at least 64")
-                values["width" if key == "w" else "height"] = size
-            elif key == "d":
-                values["seed"] = int(raw)
-            elif key == "l":
-                values["cfg_scale"] = float(raw)
-            elif key == "s":
-                values["steps"] = max(1, int(raw))
-            elif key == "g":
-                values["guidance"] = float(raw)
-            else:
-                raise PromptLineError(f"--{key} is not a sample option (use --n --w --h --d --l --s --g)")
-        except ValueError as exc:
-            if isinstance(exc, PromptLineError):
-                raise
+            _option(key, raw, values, notes)
+        except PromptLineError:
+            raise
+        except ValueError:
             raise PromptLineError(f"--{key} {raw!r} is not a number") from None
-    return replace(defaults, prompt=prompt, **values)
+    return replace(defaults, prompt=parts[0].strip(), notes=tuple(notes), **values)
 
 
 def parse_prompts(text: str, defaults: SamplePrompt) -> list[SamplePrompt]:
@@ -86,8 +118,19 @@ def parse_prompts(text: str, defaults: SamplePrompt) -> list[SamplePrompt]:
         except PromptLineError as exc:
             raise PromptLineError(f"samples.sample_prompts line {number}: {exc}") from None
         if parsed:
-            prompts.append(parsed)
+            notes = tuple(f"samples.sample_prompts line {number}: {n}" for n in parsed.notes)
+            prompts.append(replace(parsed, notes=notes))
     return prompts
+
+
+def image_seed(p: SamplePrompt, base_seed: int | None, index: int) -> int:
+    """The seed of one sample image: --d, else the base seed + the prompt's index, else (no base
+    seed, as sd-scripts without --d) a fresh random one drawn outside the training RNGs."""
+    if p.seed is not None:
+        return p.seed
+    if base_seed is not None:
+        return (base_seed + index) % 2**32
+    return secrets.randbelow(2**32)
 
 
 def make_sampler(name: str, scheduler_config):
@@ -107,7 +150,7 @@ def png_parameters(p: SamplePrompt, sampler: str, seed: int) -> str:
 
 
 def generate_samples(*, unet, vae, text_encoder, tokenizer, scheduler_config, prompts, sampler: str,
-                     seed: int, out_dir: Path, stem: str, encode, device, dtype) -> list[tuple[Path, str]]:
+                     seed: int | None, out_dir: Path, stem: str, encode, device, dtype) -> list[tuple[Path, str]]:
     """Render each prompt and save it as ``{stem}_{index:02d}.png``; returns (path, prompt) pairs.
 
     ``encode(list_of_texts)`` gives the prompt embeddings exactly as training computes them
@@ -124,13 +167,15 @@ def generate_samples(*, unet, vae, text_encoder, tokenizer, scheduler_config, pr
         return {"prompt_embeds": encode([p.prompt]).to(device=device, dtype=dtype),
                 "negative_prompt_embeds": encode([p.negative]).to(device=device, dtype=dtype)}
 
-    return render_samples(pipe, prompts, embeds, sampler=sampler, seed=seed, out_dir=out_dir, stem=stem)
+    return render_samples(pipe, prompts, embeds, sampler=sampler, scheduler_config=scheduler_config, seed=seed,
+                          out_dir=out_dir, stem=stem)
 
 
-def render_samples(pipe, prompts, embeds, *, sampler: str, seed: int, out_dir: Path,
+def render_samples(pipe, prompts, embeds, *, sampler: str, scheduler_config, seed: int | None, out_dir: Path,
                    stem: str) -> list[tuple[Path, str]]:
     """The sampling loop every family's pipeline shares: ``embeds(prompt)`` gives the pipeline's
-    prompt-embedding arguments; size, steps, guidance and seed come from the prompt line."""
+    prompt-embedding arguments; size, steps, guidance, sampler and seed come from the prompt line
+    (the sampler made from ``scheduler_config``, the training schedule)."""
     import torch
     from PIL.PngImagePlugin import PngInfo
 
@@ -138,13 +183,15 @@ def render_samples(pipe, prompts, embeds, *, sampler: str, seed: int, out_dir: P
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for index, p in enumerate(prompts):
-        image_seed = p.seed if p.seed is not None else seed + index
+        used_sampler = p.sampler or sampler
+        pipe.scheduler = make_sampler(used_sampler, scheduler_config)
+        seed_used = image_seed(p, seed, index)
         with torch.no_grad():
-            generator = torch.Generator("cpu").manual_seed(image_seed)
+            generator = torch.Generator("cpu").manual_seed(seed_used)
             image = pipe(**embeds(p), width=p.width, height=p.height, num_inference_steps=p.steps,
                          guidance_scale=p.cfg_scale, generator=generator, output_type="pil").images[0]
         info = PngInfo()
-        info.add_text("parameters", png_parameters(p, sampler, image_seed))
+        info.add_text("parameters", png_parameters(p, used_sampler, seed_used))
         path = out_dir / f"{stem}_{index:02d}.png"
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG", pnginfo=info)

@@ -4,6 +4,7 @@ the text cache, the optimizer and the log writer. Each function fills in attribu
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -38,10 +39,10 @@ def set_up(t) -> None:
     if m.load_previous_save_state.strip():
         checkpoint.resume(t, Path(m.load_previous_save_state).expanduser())
     if t.is_main:
-        from torch.utils.tensorboard import SummaryWriter
+        from lora_gui.engine.trackers import open_trackers
 
         log_root = Path(m.log_dir).expanduser() if m.log_dir.strip() else t.out_dir / "logs"
-        t._writer = SummaryWriter(log_dir=str(log_root / t.name))
+        t._writer = open_trackers(t.settings, log_root, t.name, t.log)
 
 
 def _require_paths(settings) -> None:
@@ -152,6 +153,7 @@ def _load_data(t) -> None:
     # Distinct images trained on (the held-out validation images are not).
     t.num_train_images = t.info.num_train_images - len(t.dataset.validation_items())
     t.plan = s.plan_steps(per_epoch * t.acc.num_processes, t.acc.num_processes)
+    t.dataset.set_step_plan(t.plan.steps_per_epoch, s.training.gradient_accumulation_steps, t.plan.total_steps)
     if s.images.cache_latents:
         _cache_latents(t)
 
@@ -176,15 +178,24 @@ def _cache_latents(t) -> None:
 
 
 def _build_network(t) -> None:
-    from lora_gui.engine.network import load_lora_file
+    from lora_gui.engine.blocks import BlockSettingError
+    from lora_gui.engine.network import NetworkSpec, load_lora_file, ranks_in_file
     from lora_gui.engine.network_lycoris import check_file_type, network_spec, spec_label
 
     s, m = t.settings, t.settings.model
-    spec = network_spec(s)
-    t.network = t.family.apply_network(t.model, spec)
+    tensors = load_lora_file(m.lora_model_for_resume)[0] if m.lora_model_for_resume.strip() else None
+    try:
+        spec = network_spec(s)  # kohya's LoRA or a LyCORIS network
+    except BlockSettingError as exc:  # a block-wise LR weight that is not a number list
+        raise EngineError(str(exc)) from None
+    if s.advanced.dim_from_weights and tensors is not None and isinstance(spec, NetworkSpec):
+        spec.module_ranks = ranks_in_file(tensors)  # sd-scripts create_network_from_weights
+    try:
+        t.network = t.family.apply_network(t.model, spec)
+    except ValueError as exc:  # one sentence naming the setting (the ranks of the blocks)
+        raise EngineError(str(exc)) from None
     t.network_alpha = s.training.network_alpha
-    if m.lora_model_for_resume.strip():
-        tensors, _ = load_lora_file(m.lora_model_for_resume)
+    if tensors is not None:
         try:
             check_file_type(spec, tensors, f"The file {m.lora_model_for_resume}")
             t.network.load_state_dict_kohya(t.family.lora_from_file(t.model, t.network, tensors))
@@ -217,16 +228,10 @@ def _log_memory_estimate(t) -> None:
     t.log(t.memory_estimate.sentence())
 
 
-def _static_captions(settings) -> bool:
-    lab = settings.labels
-    return not (lab.shuffle_caption or lab.caption_dropout_rate or lab.caption_tag_dropout_rate
-                or lab.caption_dropout_every_n_epochs)
-
-
 def _prepare_text_cache(t) -> None:
     """Frozen text encoders with captions that never change: encode each caption once."""
     t.text_cache = None
-    if t.settings.train_text_encoder or not _static_captions(t.settings):
+    if t.settings.train_text_encoder or t.dataset.options.captions.varies:
         return
     ds = t.dataset
     captions = sorted({ds.fixed_caption(item) for item in
@@ -248,15 +253,42 @@ def _build_optimizer(t) -> None:
     from lora_gui.engine.optim import build_optimizer, build_scheduler
 
     s = t.settings
-    groups = []
-    if s.train_unet:
-        groups.append({"params": t.network.unet_parameters(), "lr": s.effective_unet_lr})
-    if s.train_text_encoder:
-        groups.append({"params": t.network.text_encoder_parameters(), "lr": s.effective_text_encoder_lr})
+    groups = _param_groups(t)
     t.params = [p for g in groups for p in g["params"]]
+    stop = s.training.stop_text_encoder_training
+    # Steps during which the text encoder trains (sd-scripts train_db: while global_step < N).
+    t.text_encoder_steps = (math.ceil(stop * t.plan.total_steps) if stop < 1 else int(stop)) if stop \
+        else t.plan.total_steps
     optimizer = build_optimizer(s, groups)
     scheduler = build_scheduler(s, optimizer, t.plan.total_steps, t.acc.num_processes)
     # The models are not wrapped (no DistributedDataParallel): on several processes the trainer
     # averages the LoRA's gradients itself (engine/distributed.py).
     t.trained_models = ([t.unet] if s.train_unet else []) + (list(t.text_encoders) if s.train_text_encoder else [])
     t.optimizer, t.lr_scheduler = t.acc.prepare(optimizer, scheduler)
+
+
+def _param_groups(t) -> list[dict]:
+    """The LoRA's optimizer groups (sd-scripts ``prepare_optimizer_params``): U-Net, then text
+    encoder, each with its LoRA+ ratio; the U-Net's split by block with block-wise LR weights."""
+    from lora_gui.engine.blocks import BlockSettingError, block_lr_weights
+    from lora_gui.engine.optim import lora_param_groups
+
+    s, adv = t.settings, t.settings.advanced
+    try:
+        blocks = block_lr_weights(adv.down_lr_weight, adv.mid_lr_weight, adv.up_lr_weight,
+                                  adv.block_lr_zero_threshold)
+    except BlockSettingError as exc:
+        raise EngineError(str(exc)) from None
+    groups = []
+    if s.train_unet:
+        groups += lora_param_groups(t.network.module_parameters("unet"), "unet", s.effective_unet_lr,
+                                    plus_ratio=adv.loraplus_unet_lr_ratio or adv.loraplus_lr_ratio,
+                                    block_weights=blocks)
+    if s.train_text_encoder:
+        groups += lora_param_groups(t.network.module_parameters("text_encoder"), "textencoder",
+                                    s.effective_text_encoder_lr,
+                                    plus_ratio=adv.loraplus_text_encoder_lr_ratio or adv.loraplus_lr_ratio)
+    if not groups:
+        raise EngineError("advanced.down_lr_weight: every block-wise LR weight is 0, so nothing would "
+                          "train: raise some of the down, mid or up LR weights.")
+    return groups

@@ -18,7 +18,6 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lora_gui import events as ev
 from lora_gui.dataset.summary import derive_seed
@@ -27,7 +26,8 @@ from lora_gui.engine.data import latent_normalise
 from lora_gui.engine.errors import Diverged, EngineError, explain
 from lora_gui.engine.families import family_for, stack_conditioning
 from lora_gui.engine.loader import make_loader
-from lora_gui.engine.noise import host_to, offset_noise, pyramid_noise
+from lora_gui.engine.loss import needs_snr, needs_timestep_count, per_sample_loss
+from lora_gui.engine.noise import host_to, input_perturbation, offset_noise, pyramid_noise
 from lora_gui.engine.optim import clip_gradients
 from lora_gui.engine.run_types import RunPosition, TrainingResult, preload
 from lora_gui.settings import TrainingSettings
@@ -60,7 +60,8 @@ class Trainer:
     ``model`` (the family's loaded base) with ``unet``, ``text_encoders``, ``vae``, ``scheduler``;
     ``info``, ``dataset``, ``run_batches``, ``plan``, ``num_train_images``; ``network``,
     ``network_alpha``, ``text_cache``; ``params``, ``optimizer``, ``lr_scheduler``,
-    ``trained_models``; ``sample_prompts``; ``facts`` (the metadata's run facts).
+    ``trained_models``, ``text_encoder_steps`` (the steps in which the text encoder trains);
+    ``sample_prompts``; ``facts`` (the metadata's run facts).
     """
 
     def __init__(self, settings: TrainingSettings, events: ev.EventSink, commands: ev.CommandSource):
@@ -74,6 +75,7 @@ class Trainer:
         self.ranked_saves: list[tuple[float, Path, Path | None]] = []  # keep_best_checkpoints
         self._pending: list[tuple[int, int, torch.Tensor, float]] = []
         self._micro_losses: list[torch.Tensor] = []
+        self._norm_figures: dict[int, dict] = {}  # step -> max-norm figures (scale_weight_norms)
         self._last_report = 0.0
         self._writer = None
         self.is_main = True
@@ -138,7 +140,9 @@ class Trainer:
         if stopped:
             path, state = checkpoint.save(self, f"{self.name}-step{p.step:06d}", state=True)
         else:
-            path, state = checkpoint.save(self, self.name, state=self.settings.model.save_state, final=True)
+            m = self.settings.model  # sd-scripts: save_state or save_state_on_train_end -> NAME-state
+            path, state = checkpoint.save(self, self.name, state=m.save_state or m.save_state_on_train_end,
+                                          final=True)
             evaluation.strength_sweep(self, p.epoch)
         self.emit(ev.Finished(step=p.step, output_path=str(path), state_dir=str(state) if state else None,
                               stopped=stopped, files=tuple(map(str, self.files))))
@@ -168,6 +172,11 @@ class Trainer:
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if self.acc.sync_gradients and s.advanced.scale_weight_norms:
+            # sd-scripts apply_max_norm_regularization after each step; its figures go with the loss.
+            scaled, mean, largest = self.network.apply_max_norm(s.advanced.scale_weight_norms)
+            self._norm_figures[p.step + 1] = {"keys_scaled": scaled, "average_key_norm": mean,
+                                              "max_key_norm": largest}
         p.batch = batch_index + 1
         self._micro_losses.append(loss.detach())
         if not self.acc.sync_gradients:
@@ -184,6 +193,8 @@ class Trainer:
             evaluation.validate(self)
         if _every(s.samples.sample_every_n_steps, p.step):
             evaluation.sample(self, p.step, p.epoch + 1)
+        if _every(s.images.save_every_n_steps, p.step) and p.step < self.plan.total_steps:
+            checkpoint.save_step(self, p.step)
         return self._obey_commands()
 
     def _obey_commands(self) -> str | None:
@@ -207,7 +218,7 @@ class Trainer:
                 and not _every(s.training.validation_every_n_steps, p.step):
             evaluation.validate(self, epoch)
         if _every(s.images.save_every_n_epochs, epoch) and not last:
-            checkpoint.save(self, f"{self.name}-{epoch:06d}", state=s.model.save_state, ranked=True)
+            checkpoint.save_epoch(self, epoch)  # ranked: keep_best_checkpoints
         if _every(s.samples.sample_every_n_epochs, epoch):
             evaluation.sample(self, p.step, epoch)
 
@@ -227,9 +238,10 @@ class Trainer:
             torch.manual_seed(seed)
         latents = self._latents(batch)
         first = rank * self.settings.training.batch_size  # this slice's place in the global batch
-        noise, timesteps = self._sample_draws(latents, epoch, batch_index, first)
+        noise, timesteps, noisy_with = self._sample_draws(latents, epoch, batch_index, first)
         loss = self._weighted_loss(latents, noise, timesteps, batch.captions, batch.is_reg,
-                                   self.family.batch_conditioning(self.model, batch, self.device))
+                                   self.family.batch_conditioning(self.model, batch, self.device),
+                                   noisy_with=noisy_with, mask=batch.mask)
         if world > 1 and global_size:
             # The mean over the global batch once the processes' gradients are averaged: each
             # slice's sum / global size, times the number of processes the average divides by.
@@ -237,15 +249,20 @@ class Trainer:
         return loss
 
     def _sample_draws(self, latents: torch.Tensor, epoch: int, batch_index: int, first: int):
-        """(noise, timesteps), each sample's from a generator seeded by the sample's place in the
-        epoch (epoch, global batch, position), not by the batch: the same sample gets the same
-        draws whether the batch is split between processes or not, and again on a resume."""
-        seed, noises, steps = self.settings.training.seed, [], []
+        """(noise, timesteps, noise that makes the noisy latents), each sample's from a generator
+        seeded by the sample's place in the epoch (epoch, global batch, position), not by the batch:
+        the same sample gets the same draws whether the batch is split between processes or not,
+        and again on a resume. The last differs from the noise under input perturbation."""
+        seed, adv = self.settings.training.seed, self.settings.advanced
+        noises, steps, perturbed = [], [], []
         for i in range(latents.shape[0]):
             generator = torch.Generator().manual_seed(derive_seed(seed, "noise", epoch, batch_index, first + i))
-            noises.append(self._noise(latents[i:i + 1], generator))
+            noise = self._noise(latents[i:i + 1], generator)
+            noises.append(noise)
             steps.append(self.family.sample_timesteps(self.model, latents[i:i + 1], generator, self.settings))
-        return torch.cat(noises), host_to(torch.cat(steps), self.device)
+            perturbed.append(input_perturbation(noise, adv.ip_noise_gamma, generator,
+                                                adv.ip_noise_gamma_random_strength))
+        return torch.cat(noises), host_to(torch.cat(steps), self.device), torch.cat(perturbed)
 
     def _latents(self, batch) -> torch.Tensor:
         if batch.latents is not None:
@@ -257,22 +274,28 @@ class Trainer:
     def _noise(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         adv = self.settings.advanced
         noise = host_to(torch.randn(latents.shape, generator=generator), latents.device)
-        noise = offset_noise(noise, adv.noise_offset, generator)
+        noise = offset_noise(noise, adv.noise_offset, generator, random_strength=adv.noise_offset_random_strength,
+                             adaptive_scale=adv.adaptive_noise_scale, latents=latents)
         return pyramid_noise(noise, adv.multires_noise_iterations, adv.multires_noise_discount, generator)
 
-    def _weighted_loss(self, latents, noise, timesteps, captions, is_reg, extra=None) -> torch.Tensor:
-        """MSE between the prediction and the target per sample, weighted for prior images
-        (DreamBooth's prior-preservation weight) and by Min-SNR-gamma, then the batch mean."""
+    def _weighted_loss(self, latents, noise, timesteps, captions, is_reg, extra=None, *,
+                       noisy_with=None, mask=None) -> torch.Tensor:
+        """The loss per sample (``engine.loss.per_sample_loss``: loss type, mask, timestep weights),
+        weighted for prior images (DreamBooth's prior-preservation weight), then the batch mean.
+        ``noisy_with``: the noise that makes the noisy latents when it is not the target's
+        (input perturbation)."""
         family, model, adv = self.family, self.model, self.settings.advanced
-        noisy = family.add_noise(model, latents, noise, timesteps)
+        noisy = family.add_noise(model, latents, noise if noisy_with is None else noisy_with, timesteps)
         with self.acc.autocast():
             text = self._text_states(captions)
             pred = family.predict(model, noisy, timesteps, text, extra, self.weight_dtype)
         target = family.target(model, latents, noise, timesteps)
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        snr = family.snr(model, timesteps) if needs_snr(adv) else None
+        loss = per_sample_loss(adv, pred, target, timesteps, snr, v_prediction=family.v_prediction(model),
+                               num_train_timesteps=family.num_train_timesteps(model)
+                               if needs_timestep_count(adv) else None,
+                               mask=None if mask is None else host_to(mask, target.device))
         weights = torch.where(host_to(is_reg, loss.device), adv.prior_loss_weight, 1.0)
-        if adv.min_snr_gamma > 0:
-            weights = weights * family.min_snr_weights(model, timesteps, adv.min_snr_gamma).to(loss.device)
         scheme = family.loss_weights(model, timesteps, self.settings)
         if scheme is not None:
             weights = weights * scheme.to(loss.device)
@@ -284,9 +307,9 @@ class Trainer:
     def _text_states(self, captions: list[str]):
         if self.text_cache is not None:
             return stack_conditioning([self.text_cache[c] for c in captions])
-        if self.settings.train_text_encoder:
+        if self.settings.train_text_encoder and self.progress.step < self.text_encoder_steps:
             return self._encode(captions)
-        with torch.no_grad():
+        with torch.no_grad():  # frozen, or stop_text_encoder_training reached
             return self._encode(captions)
 
     def _flush(self, force: bool = False) -> None:

@@ -29,11 +29,13 @@ def setting(
     label: str | None = None,
     choices: list[str] | None = None,
     step: float | None = None,
+    custom: bool = False,
     family: str | None = None,
     **constraints: Any,
 ) -> Any:
     """Declare one setting. ``constraints`` are pydantic's (ge, le, gt, lt, min_length, ...).
 
+    ``custom``: a dropdown whose choices are suggestions; other values may be typed in.
     ``family``: the one model family ("sd", "sdxl") that uses the setting; the page shows it only
     for that family."""
     if widget not in WIDGETS:
@@ -45,6 +47,8 @@ def setting(
         extra["choices"] = list(choices)
     if step is not None:
         extra["step"] = step
+    if custom:
+        extra["custom"] = True
     if family is not None:
         extra["family"] = family
     return Field(default, description=description, json_schema_extra=extra, **constraints)

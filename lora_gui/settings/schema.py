@@ -18,11 +18,27 @@ from pydantic_core import PydanticCustomError
 
 from lora_gui.settings.fields import setting
 
+# kohya_ss's scheduler dropdown (sd-scripts train_util.get_scheduler_fix).
 LR_SCHEDULERS = (
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-    "adafactor",
+    "adafactor", "piecewise_constant", "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay",
 )
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "SGDNesterov", "Prodigy", "DAdaptAdam", "Adafactor")
+# kohya_ss's optimizer dropdown (sd-scripts train_util.get_optimizer), by its spelling. A dotted
+# class path such as ``pytorch_optimizer.CAME`` is accepted as well (see ``_optimizer_name``).
+OPTIMIZERS = (
+    "AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion", "Lion8bit",
+    "PagedLion8bit", "SGDNesterov", "SGDNesterov8bit", "Prodigy", "DAdaptation", "DAdaptAdamPreprint",
+    "DAdaptAdam",
+    "DAdaptAdaGrad", "DAdaptAdan", "DAdaptAdanIP", "DAdaptLion", "DAdaptSGD", "Adafactor",
+    "AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree", "CAME",
+)
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
+LOGGERS = ("tensorboard", "wandb", "all")
+# sd-scripts networks/lora.py: 12 down blocks, 1 mid block, 12 up blocks (SD 1.x/2.x U-Net);
+# block_dims/block_alphas list the 25 blocks IN0..IN11, MID, OUT0..OUT11.
+NUM_BLOCKS = 12
 # network_type: "LoRA" is kohya's networks.lora (peft here); the others are LyCORIS algorithms.
 NETWORK_TYPES = ("LoRA", "LoCon", "LoHa", "LoKr", "IA3", "GLoRA", "Full", "Diag-OFT", "BOFT")
 # lycoris-lora's built-in presets (lycoris/config.py PRESET).
@@ -32,11 +48,20 @@ SAMPLERS = (
     "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
 )
 
+
+def sampler_name(text: str) -> str | None:
+    """One of SAMPLERS for a kohya sampler name (sd-scripts get_my_scheduler also takes k_euler,
+    k_lms... and dpmsingle), or None when it is not one we have."""
+    name = str(text).strip().lower().removeprefix("k_")
+    name = {"dpmsingle": "dpmsolver"}.get(name, name)
+    return name if name in SAMPLERS else None
+
+
 # Keys that loading a settings file leaves alone: paths that only make sense on one machine, the
 # run's name and comment. The skip-list itself is never taken from a file.
 DEFAULT_SKIP_LIST = (
     "base_model", "img_folder", "reg_img_folder", "output_folder", "log_dir", "vae",
-    "lora_model_for_resume", "output_name", "training_comment",
+    "lora_model_for_resume", "output_name", "training_comment", "mask_folder", "log_tracker_config",
 )
 
 
@@ -113,11 +138,40 @@ class ModelSettings(Group):
         "", "Free text stored in the LoRA's metadata (ss_training_comment).", widget="textarea",
         advanced=True)
     no_meta: bool = setting(
-        False, "Save only the minimal metadata (network shape and base model version) instead of the "
-        "full training record.", widget="checkbox", advanced=True, label="Minimal metadata")
+        False, "Save only the minimal metadata (network shape and base model version, plus the "
+        "ModelSpec title/architecture keys and the file hashes) instead of the full training record.",
+        widget="checkbox", advanced=True, label="Minimal metadata")
+    metadata_title: str = setting(
+        "", "Title written into the LoRA's ModelSpec metadata (modelspec.title). Empty = the output "
+        "name.", widget="text", advanced=True)
+    metadata_author: str = setting(
+        "", "Author written into the ModelSpec metadata (modelspec.author). Empty = not written.",
+        widget="text", advanced=True)
+    metadata_description: str = setting(
+        "", "Description written into the ModelSpec metadata (modelspec.description). Empty = not "
+        "written.", widget="textarea", advanced=True)
+    metadata_license: str = setting(
+        "", "License written into the ModelSpec metadata (modelspec.license), e.g. "
+        "creativeml-openrail-m. Empty = not written.", widget="text", advanced=True)
+    metadata_tags: str = setting(
+        "", "Comma-separated tags written into the ModelSpec metadata (modelspec.tags). Empty = not "
+        "written.", widget="text", advanced=True)
     log_dir: str = setting(
         "", "Folder for TensorBoard logs (loss, learning rate, validation loss). Empty = 'logs' "
         "inside the output folder.", widget="folder", advanced=True, label="Log folder")
+    log_with: Literal[LOGGERS] = setting(  # type: ignore[valid-type]
+        "tensorboard", "Where the training curves are logged: TensorBoard (in the log folder), "
+        "Weights & Biases (offline mode when there is no network; sync later with 'wandb sync'), "
+        "or all = both.", widget="dropdown", advanced=True, label="Log with")
+    log_tracker_name: str = setting(
+        "", "Name of the run in the tracker (the TensorBoard sub-folder or the W&B project). Empty = "
+        "the output name.", widget="text", advanced=True)
+    log_tracker_config: str = setting(
+        "", "Optional TOML file with the tracker's own options (as in sd-scripts: a table per "
+        "tracker, e.g. [wandb] entity = ...). Empty = none.", widget="file", advanced=True)
+    log_config: bool = setting(
+        False, "Also log every setting of the run to the tracker (as its config / hyper-parameters).",
+        widget="checkbox", advanced=True)
     lora_model_for_resume: str = setting(
         "", "Start from the weights of an existing LoRA file of the same rank (not its optimizer "
         "state). Empty = start from a fresh LoRA.", widget="file", advanced=True,
@@ -126,6 +180,10 @@ class ModelSettings(Group):
         False, "Next to each saved LoRA, also save the full training state (optimizer, scheduler, "
         "step, random states, data order) so the run can be resumed at that exact step.",
         widget="checkbox", advanced=True)
+    save_state_on_train_end: bool = setting(
+        False, "Save the full training state once, at the end of the run (NAME-state), even when "
+        "'save state' is off, so the run can be continued later.", widget="checkbox",
+        advanced=True)
     load_previous_save_state: str = setting(
         "", "Resume from a state folder written by 'save state' (NAME-state or NAME-000002-state): "
         "training continues at the exact step it was saved. Empty = start a new run.",
@@ -191,6 +249,24 @@ class ImageSettings(Group):
         0, "Keep only the N intermediate LoRAs (save every N epochs) with the lowest validation "
         "loss; the others are deleted as better ones arrive. The final LoRA is always kept. Needs "
         "a validation split above 0. 0 = keep every intermediate LoRA.", widget="number", ge=0)
+    save_every_n_steps: int = setting(
+        0, "Also save an intermediate LoRA every N optimizer steps (NAME-step000500...; not at the "
+        "last step, which is the final LoRA). 0 = off.",
+        widget="number", ge=0)
+    save_last_n_epochs: int = setting(
+        0, "Keep only the last N per-epoch saves: older NAME-0000XX files are deleted when a new "
+        "one is written (the final LoRA is never deleted). 0 = keep all.", widget="number", ge=0,
+        advanced=True)
+    save_last_n_epochs_state: int = setting(
+        0, "Keep only the last N per-epoch state folders (overrides 'save last N epochs' for the "
+        "states). 0 = same as for the LoRA files.", widget="number", ge=0, advanced=True)
+    save_last_n_steps: int = setting(
+        0, "Keep the per-step saves of only the last N steps: a step save older than N steps is "
+        "deleted (sd-scripts' rule; the final LoRA is never deleted). 0 = keep all.",
+        widget="number", ge=0, advanced=True)
+    save_last_n_steps_state: int = setting(
+        0, "Like 'save last N steps' for the per-step state folders (overrides it for the states). "
+        "0 = same as for the LoRA files.", widget="number", ge=0, advanced=True)
     resolution: str = setting(
         "512", "Training resolution: one number for a square (512) or 'width,height' (768,512). With "
         "buckets this is the training area; each image keeps roughly its aspect ratio.",
@@ -287,7 +363,28 @@ class TrainingGroup(Group):
         widget="checkbox", label="Train text encoder only", advanced=True)
     lr_scheduler: Literal[LR_SCHEDULERS] = setting(  # type: ignore[valid-type]
         "cosine", "How the learning rate changes over the run. 'adafactor' only with the Adafactor "
-        "optimizer.", widget="dropdown", label="LR scheduler")
+        "optimizer; piecewise_constant takes its step_rules from the scheduler arguments; "
+        "cosine_with_min_lr ends at the min LR ratio; warmup_stable_decay decays over the decay "
+        "steps at the end.", widget="dropdown", label="LR scheduler")
+    lr_scheduler_type: str = setting(
+        "", "Optional custom scheduler class, replacing the scheduler above: a torch.optim.lr_scheduler "
+        "name such as CosineAnnealingLR, or a dotted path module.Class. Its arguments come from the "
+        "scheduler arguments. Empty = use the scheduler above.", widget="text", advanced=True,
+        label="Custom scheduler class")
+    lr_scheduler_args: str = setting(
+        "", "Extra scheduler arguments as key=value pairs separated by spaces, e.g. 'T_max=100' or "
+        "'step_rules=\"1:10,0.1\"' (read like the optimizer arguments, never evaluated as code).",
+        widget="text", advanced=True, label="Scheduler arguments")
+    lr_scheduler_min_lr_ratio: float | None = setting(
+        None, "Lowest learning rate of cosine_with_min_lr and warmup_stable_decay, as a fraction of "
+        "the learning rate (0.1 = 10 %). Empty = 0.", widget="number", ge=0, le=1, advanced=True,
+        label="Min LR ratio", step=0.01)
+    lr_decay_steps: float = setting(
+        0, "Decay phase of warmup_stable_decay: below 1 a fraction of the total steps, 1 or more a "
+        "number of steps.", widget="number", ge=0, advanced=True)
+    lr_scheduler_timescale: int | None = setting(
+        None, "Timescale of the inverse_sqrt scheduler. Empty = the number of warm-up steps.",
+        widget="number", ge=1, advanced=True)
     lr_scheduler_num_cycles: int = setting(
         1, "Number of hard restarts of cosine_with_restarts.", widget="number", ge=1, le=1000,
         advanced=True, label="Scheduler cycles")
@@ -298,14 +395,22 @@ class TrainingGroup(Group):
         0, "Linear learning-rate warm-up: a value below 1 is a fraction of the total steps (0.1 = "
         "10 %), 1 or more is a number of steps. Needs a scheduler with warm-up (not 'constant').",
         widget="number", ge=0, label="Warm-up steps")
-    optimizer: Literal[OPTIMIZERS] = setting(  # type: ignore[valid-type]
-        "AdamW", "Optimizer. AdamW8bit (bitsandbytes) saves memory; Prodigy and DAdaptAdam set their "
-        "own step size (use learning rate 1); Adafactor can use its own schedule.",
-        widget="dropdown")
+    optimizer: str = setting(
+        "AdamW", "Optimizer, by kohya's names. The 8bit and Paged ones (bitsandbytes) save memory; "
+        "Prodigy and the DAdapt ones set their own step size (use learning rate 1); the "
+        "ScheduleFree ones need no scheduler (constant). Adafactor, as in sd-scripts, uses relative "
+        "steps (its own step size and schedule, whatever the scheduler says) unless the arguments "
+        "say relative_step=False. A dotted class path such as pytorch_optimizer.CAME is also "
+        "accepted, with its arguments below.", widget="dropdown", choices=list(OPTIMIZERS), custom=True)
     optimizer_args: str = setting(
-        "", "Extra optimizer arguments as key=value pairs separated by spaces, e.g. "
-        "'weight_decay=0.01 betas=0.9,0.99'. Values are numbers, true/false, None or text.",
+        "", "Extra optimizer arguments as key=value pairs separated by spaces or commas, e.g. "
+        "'weight_decay=0.01 betas=0.9,0.99' (kohya's --optimizer_args). Values are numbers, "
+        "true/false, None, tuples or text; nothing is evaluated as code.",
         widget="text", advanced=True)
+    stop_text_encoder_training: float = setting(
+        0, "Stop training the text encoder after this point: below 1 a fraction of the total steps "
+        "(0.3 = after 30 %), 1 or more a number of steps; the U-Net goes on. 0 = train it to the "
+        "end.", widget="number", ge=0, advanced=True, label="Stop text encoder training")
     network_dim: int = setting(
         16, "LoRA rank r: the size of the low-rank update. Higher = more capacity and a larger file.",
         widget="number", ge=1, le=1024, label="Network rank (dim)")
@@ -344,13 +449,38 @@ class TrainingGroup(Group):
         advanced=True)
 
 
-    @field_validator("optimizer_args")
+    @field_validator("optimizer_args", "lr_scheduler_args")
     @classmethod
     def _optimizer_args(cls, value: str) -> str:
         try:
             parse_optimizer_args(value)
         except ValueError as exc:
             raise PydanticCustomError("optimizer_args", str(exc)) from None
+        return value
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer_name(cls, value: str) -> str:
+        """A kohya name (any case, as sd-scripts compares them lower-cased) or a dotted class path."""
+        value = str(value).strip()
+        known = {o.lower(): o for o in OPTIMIZERS}
+        if value.lower() in known:
+            return known[value.lower()]
+        if _DOTTED.fullmatch(value):
+            return value
+        raise PydanticCustomError(
+            "optimizer", "{value!r} is not an optimizer: choose one of {names}, or give a dotted "
+            "class path such as pytorch_optimizer.CAME",
+            {"value": value, "names": ", ".join(OPTIMIZERS)})
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _scheduler_class(cls, value: str) -> str:
+        value = str(value).strip()
+        if value and not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", value):
+            raise PydanticCustomError(
+                "scheduler_class", "must be a class name such as CosineAnnealingLR or a dotted "
+                "path module.Class (or empty)")
         return value
 
 
@@ -367,6 +497,34 @@ class LabelSettings(Group):
     keep_tokens: int = setting(
         0, "The first N comma-separated tags stay in place when shuffling (tags, not CLIP tokens).",
         widget="number", ge=0, le=255)
+    keep_tokens_separator: str = setting(
+        "", "A separator such as '|||': the part of a caption before it stays fixed (never shuffled "
+        "or dropped), only the part after it is shuffled; a second one marks a fixed end part "
+        "('a, b ||| c, d ||| e'). Overrides 'keep tokens' for captions that "
+        "contain it. Empty = off.", widget="text", advanced=True)
+    secondary_separator: str = setting(
+        "", "A separator such as ';;;' that joins tags into one unit for shuffling and dropping; it "
+        "is replaced by ', ' afterwards (e.g. 'red hair;;;long hair' moves as one tag). Empty = off.",
+        widget="text", advanced=True)
+    caption_prefix: str = setting(
+        "", "Text put before every caption (before shuffling; it is part of the kept tags when "
+        "'keep tokens' > 0). Empty = none.", widget="text", advanced=True)
+    caption_suffix: str = setting(
+        "", "Text put after every caption. Empty = none.", widget="text", advanced=True)
+    enable_wildcard: bool = setting(
+        False, "Wildcards in captions: '{red|blue} dress' picks one of the choices at random each "
+        "time the caption is used; a caption file with several lines uses one random line.",
+        widget="checkbox", advanced=True)
+    weighted_captions: bool = setting(
+        False, "Read A1111 attention weights in captions: (word) = x1.1, [word] = /1.1, (word:1.3) "
+        "= x1.3; the weight scales that word's text-encoder output. Do not put commas inside the "
+        "brackets when shuffling or dropping tags.", widget="checkbox", advanced=True)
+    token_warmup_min: int = setting(
+        1, "Tag warm-up: start training with only the first N shuffle-able tags of each caption "
+        "(after the kept ones) and add tags linearly until 'token warmup step'.", widget="number", ge=1, le=255, advanced=True)
+    token_warmup_step: float = setting(
+        0, "Tag warm-up length: the whole caption is used from this step on (below 1 a fraction of "
+        "the total steps). 0 = no warm-up.", widget="number", ge=0, advanced=True)
     caption_dropout_rate: float = setting(
         0.0, "Probability that a sample's whole caption is replaced by an empty one (trains "
         "unconditional generation).", widget="number", ge=0, le=1, advanced=True, step=0.01)
@@ -377,8 +535,10 @@ class LabelSettings(Group):
         0.0, "Probability of dropping each tag that is not kept.", widget="number", ge=0, le=1,
         advanced=True, step=0.01)
     max_token_length: int = setting(
-        75, "Longest caption in CLIP tokens: 75, 150 or 225. Longer captions are encoded as 75-token "
-        "chunks and concatenated; nothing is skipped.", widget="dropdown", choices=["75", "150", "225"])
+        75, "Longest caption in CLIP tokens: 75, 150 or 225. As sd-scripts trains, a long caption is "
+        "encoded as 75-token chunks and joined into one BOS, 75 states per chunk and one EOS "
+        "(75n+2). A1111 at inference concatenates whole 77-state chunks instead; the LoRA works "
+        "with both.", widget="dropdown", choices=["75", "150", "225"])
     tag_occurrence_txt_file: bool = setting(
         True, "Write a text report of how often each tag occurs in the captions next to the LoRA.",
         widget="checkbox", label="Write tag report")
@@ -409,6 +569,13 @@ class AdvancedSettings(Group):
         0.0, "Add offset x N(0,1) per sample and channel to the noise, so the model can learn very "
         "dark or very bright images. Typical 0.05-0.1; 0 = off.", widget="number", ge=0, le=1,
         step=0.01)
+    noise_offset_random_strength: bool = setting(
+        False, "Use a random noise offset between 0 and the noise offset for each sample instead of "
+        "the fixed value.", widget="checkbox", advanced=True)
+    adaptive_noise_scale: float = setting(
+        0.0, "Adds |mean of the latent| x this value to the noise offset of each sample and channel "
+        "(needs a noise offset). Typical 0.01-0.05; 0 = off.", widget="number", ge=-1, le=1,
+        advanced=True, step=0.001)
     multires_noise_iterations: int = setting(
         0, "Pyramid (multi-resolution) noise: add this many levels of up-sampled lower-resolution "
         "noise. Typical 6-10; 0 = off.", widget="number", ge=0, le=16)
@@ -418,6 +585,54 @@ class AdvancedSettings(Group):
     min_snr_gamma: float = setting(
         0.0, "Min-SNR loss weighting (Hang et al. 2023): caps the weight of low-noise timesteps. "
         "Typical 5; 0 = off.", widget="number", ge=0, le=100, label="Min-SNR gamma")
+    ip_noise_gamma: float = setting(
+        0.0, "Input perturbation (Ning et al. 2023): the noisy latent is made from noise + gamma x "
+        "N(0,1) while the target stays the plain noise; regularises. Typical 0.1; 0 = off.",
+        widget="number", ge=0, le=1, advanced=True, step=0.01, label="IP noise gamma")
+    ip_noise_gamma_random_strength: bool = setting(
+        False, "Use a random input-perturbation strength between 0 and the IP noise gamma for each "
+        "sample.", widget="checkbox", advanced=True, label="IP noise gamma random strength")
+    min_timestep: int = setting(
+        0, "Smallest diffusion timestep sampled while training (0-999). Raise it to train only the "
+        "noisier, composition-level steps.", widget="number", ge=0, le=999, advanced=True)
+    max_timestep: int = setting(
+        1000, "Timesteps are sampled below this value (1-1000; 1000 = all). Lower it to train only "
+        "the detail-level steps. Equal to the min = always that one timestep.", widget="number",
+        ge=1, le=1000, advanced=True)
+    loss_type: Literal[LOSS_TYPES] = setting(  # type: ignore[valid-type]
+        "l2", "Loss between prediction and target: l2 (mean squared error, the standard), l1, "
+        "huber or smooth_l1 (robust to outliers, with the Huber settings below).",
+        widget="dropdown", advanced=True)
+    huber_schedule: Literal[HUBER_SCHEDULES] = setting(  # type: ignore[valid-type]
+        "snr", "How the Huber parameter changes with the timestep: snr (from the noise level), "
+        "exponential (decays from 1 to huber_c over the timesteps) or constant (= huber_c x huber "
+        "scale). Only for huber and smooth_l1.", widget="dropdown", advanced=True)
+    huber_c: float = setting(
+        0.1, "The Huber loss parameter (the point where the loss turns from quadratic to linear). "
+        "Only for huber and smooth_l1.", widget="number", gt=0, le=1, advanced=True, step=0.01,
+        label="Huber c")
+    huber_scale: float = setting(
+        1.0, "Multiplies the Huber parameter (sd-scripts' --huber_scale). Only for huber and "
+        "smooth_l1.", widget="number", gt=0, le=10, advanced=True, step=0.01)
+    scale_v_pred_loss_like_noise_pred: bool = setting(
+        False, "With v-prediction, weight the loss by SNR/(SNR+1) so that it scales like the noise-"
+        "prediction loss over the timesteps.", widget="checkbox", advanced=True,
+        label="Scale v-pred loss like noise pred")
+    v_pred_like_loss: float = setting(
+        0.0, "For noise prediction: add this much of a v-prediction-like loss (loss / (SNR+1) x "
+        "value). 0 = off.", widget="number", ge=0, le=1, advanced=True, step=0.01,
+        label="V-pred-like loss")
+    debiased_estimation_loss: bool = setting(
+        False, "Weight the loss by 1/sqrt(SNR) (debiased estimation, Yu et al. 2023): less weight "
+        "on the low-noise timesteps.", widget="checkbox", advanced=True)
+    masked_loss: bool = setting(
+        False, "Compute the loss only where a mask is white (black = ignored, grey = partly): the "
+        "mask is the image of the same name in the mask folder, or the image's alpha channel when "
+        "no mask folder is set.", widget="checkbox", advanced=True)
+    mask_folder: str = setting(
+        "", "Masks for the masked loss, laid out like the image folder (same sub-folders, same "
+        "file names, any image format). Empty = use each image's alpha channel.",
+        widget="folder", advanced=True)
     conv_dim: int = setting(
         0, "LoCon: also put a LoRA of this rank on the 3x3 convolutions of the ResNet blocks and the "
         "down/up-samplers. 0 = off (plain LoRA).", widget="number", ge=0, le=1024,
@@ -426,8 +641,60 @@ class AdvancedSettings(Group):
         1.0, "Alpha of the convolution LoRA (scale = conv alpha / conv rank).", widget="number",
         gt=0, le=4096)
     network_dropout: float = setting(
-        0.0, "Dropout on the LoRA layers while training (regularises; 0 = off).", widget="number",
-        ge=0, lt=1, step=0.05)
+        0.0, "Dropout of the LoRA's rank features (after the down projection) while training, as "
+        "sd-scripts' dropout (regularises; 0 = off).", widget="number", ge=0, lt=1, step=0.05)
+    rank_dropout: float = setting(
+        0.0, "Drop this fraction of the rank dimensions of each LoRA update while training, and "
+        "scale the rest up (kohya's rank_dropout). 0 = off.", widget="number", ge=0, lt=1,
+        advanced=True, step=0.05)
+    module_dropout: float = setting(
+        0.0, "Skip a whole LoRA module with this probability at each training step (kohya's "
+        "module_dropout). 0 = off.", widget="number", ge=0, lt=1, advanced=True, step=0.05)
+    scale_weight_norms: float = setting(
+        0.0, "Max-norm regularisation: after each step, scale down any LoRA pair whose update "
+        "(up x down x alpha/rank) has a norm above this value. 1 is a good start; 0 = off.",
+        widget="number", ge=0, le=100, advanced=True, step=0.1)
+    loraplus_lr_ratio: float = setting(
+        0.0, "LoRA+: the 'up' matrices learn this many times faster than the 'down' ones (Hayou et "
+        "al. 2024 suggest 16). 0 = off.", widget="number", ge=0, le=128, advanced=True,
+        label="LoRA+ LR ratio")
+    loraplus_unet_lr_ratio: float = setting(
+        0.0, "LoRA+ ratio for the U-Net only. 0 = the LoRA+ LR ratio.", widget="number", ge=0,
+        le=128, advanced=True, label="LoRA+ U-Net LR ratio")
+    loraplus_text_encoder_lr_ratio: float = setting(
+        0.0, "LoRA+ ratio for the text encoder only. 0 = the LoRA+ LR ratio.", widget="number",
+        ge=0, le=128, advanced=True, label="LoRA+ text encoder LR ratio")
+    down_lr_weight: str = setting(
+        "", "Block-wise learning rate: up to 12 comma-separated weights for the U-Net's down "
+        "blocks IN0..IN11 (missing ones = 1), or a preset sine, cosine, linear, reverse_linear, "
+        "zeros (with +number to shift, e.g. sine+0.5). Empty = 1 for every block.", widget="text", advanced=True, label="Down LR weights")
+    mid_lr_weight: str = setting(
+        "", "Block-wise learning rate weight of the U-Net's middle block. Empty = 1.",
+        widget="text", advanced=True, label="Mid LR weight")
+    up_lr_weight: str = setting(
+        "", "Block-wise learning rate: 12 comma-separated weights for the U-Net's up blocks "
+        "(OUT0..OUT11), or a preset as for the down blocks. Empty = 1 for every block.",
+        widget="text", advanced=True, label="Up LR weights")
+    block_lr_zero_threshold: float = setting(
+        0.0, "Blocks whose LR weight is at or below this value get no LoRA at all (not trained, "
+        "not saved), as sd-scripts does. 0 = only blocks with weight 0 (or less) are left out.", widget="number", ge=0,
+        advanced=True, label="Block LR zero threshold")
+    block_dims: str = setting(
+        "", "Rank per U-Net block: 25 comma-separated numbers for IN0..IN11, MID, OUT0..OUT11 "
+        "of the SD 1.x/2.x U-Net. "
+        "Empty = the network rank everywhere.", widget="text", advanced=True)
+    block_alphas: str = setting(
+        "", "Alpha per U-Net block (25 numbers as for the block dims). Empty = the network alpha.",
+        widget="text", advanced=True)
+    conv_block_dims: str = setting(
+        "", "Convolution (LoCon) rank per U-Net block (25 numbers; 0 = no conv LoRA there). Empty "
+        "= the conv rank everywhere.", widget="text", advanced=True)
+    conv_block_alphas: str = setting(
+        "", "Convolution alpha per U-Net block (25 numbers). Empty = the conv alpha.",
+        widget="text", advanced=True)
+    dim_from_weights: bool = setting(
+        False, "Take the rank (and alpha) of each layer from the 'Start from LoRA' file instead of "
+        "the network rank.", widget="checkbox", advanced=True)
     # --- the network type (LyCORIS; kohya_ss's LoRA_type and its LyCORIS options) ---------------
     network_type: Literal[NETWORK_TYPES] = setting(  # type: ignore[valid-type]
         "LoRA", "The kind of network. LoRA: kohya's LoRA (with conv rank > 0: kohya LoCon). The "
@@ -477,8 +744,9 @@ class AdvancedSettings(Group):
     prior_loss_weight: float = setting(
         1.0, "Loss weight of the regularisation images.", widget="number", ge=0, le=100)
     zero_terminal_snr: bool = setting(
-        False, "Rescale the noise schedule so its last timestep is pure noise (Lin et al. 2024). For "
-        "v-prediction models trained that way (NoobAI-XL v-pred); use it with v_parameterization.",
+        False, "Rescale the noise schedule so its last timestep is pure noise (Lin et al. 2024, as "
+        "sd-scripts). For v-prediction models trained that way (NoobAI-XL v-pred, SD 2 768-v): use it "
+        "with v_parameterization; with noise prediction the result is unexpected.",
         widget="checkbox", label="Zero terminal SNR")
     fp8_base: bool = setting(
         False, "Store the frozen U-Net's weights in 8-bit floats and compute in the mixed precision "
@@ -534,15 +802,47 @@ class AdvancedSettings(Group):
         "sdpa", "Attention kernel: sdpa (PyTorch's scaled-dot-product attention) or xformers if it "
         "is installed. Same result, different speed and memory.", widget="dropdown")
 
+    @field_validator("block_dims", "conv_block_dims")
+    @classmethod
+    def _per_block_ints(cls, value: str) -> str:
+        """sd-scripts networks/lora.py get_block_dims_and_alphas: exactly one int per block."""
+        return _number_list(value, 2 * NUM_BLOCKS + 1, exact=True, integers=True)
+
+    @field_validator("block_alphas", "conv_block_alphas")
+    @classmethod
+    def _per_block(cls, value: str) -> str:
+        return _number_list(value, 2 * NUM_BLOCKS + 1, exact=True)
+
+    @field_validator("down_lr_weight", "up_lr_weight")
+    @classmethod
+    def _block_weights(cls, value: str) -> str:
+        """sd-scripts networks/lora.py get_block_lr_weight: up to 12 numbers (missing ones = 1) or
+        a named preset with an optional '+base'."""
+        text = str(value).strip().replace(" ", "")
+        name, _, base = text.partition("+")
+        if name in LR_WEIGHT_PRESETS:
+            if base and not _is_number(base):
+                raise PydanticCustomError(
+                    "block_lr", "a preset takes an optional '+number' after it, e.g. sine+0.5")
+            return text
+        return _number_list(value, NUM_BLOCKS)
+
+    @field_validator("mid_lr_weight")
+    @classmethod
+    def _mid_weight(cls, value: str) -> str:
+        return _number_list(value, 1)
+
 
 class SampleSettings(Group):
     tab: ClassVar[str] = "samples"
     title: ClassVar[str] = "Samples"
 
     sample_prompts: str = setting(
-        "", "One prompt per line for sample images during training. Options per line: --n negative "
-        "prompt, --w width, --h height, --d seed, --l CFG scale, --s steps. Lines starting with # "
-        "are skipped.", widget="textarea")
+        "", "One prompt per line for sample images during training, in kohya's syntax: --n negative "
+        "prompt, --w width, --h height (rounded down to a multiple of 8), --d seed, --l CFG scale, "
+        "--s steps, --ss sampler; flags in any case. --g, --cn, --ctr, --rcfg and --fs are accepted "
+        "and ignored with a note (other model families). Lines starting with # are skipped.",
+        widget="textarea")
     sample_sampler: Literal[SAMPLERS] = setting(  # type: ignore[valid-type]
         "euler_a", "Sampler (noise scheduler) used for sample images.", widget="dropdown")
     sample_width: int = setting(
@@ -554,8 +854,10 @@ class SampleSettings(Group):
     sample_cfg_scale: float = setting(
         7.0, "Default classifier-free guidance scale: how strongly samples follow the prompt "
         "(1 = no guidance).", widget="number", ge=0, le=50, label="Sample CFG scale")
-    test_seed: int = setting(
-        1234, "Seed for sample images, so samples from different epochs are comparable.",
+    test_seed: int | None = setting(
+        None, "Seed for the sample images of prompts without --d: prompt N uses this seed + N, so "
+        "samples from different epochs are comparable. Empty = a new random seed for every image, "
+        "as sd-scripts does; the seed used is written into the PNG either way.",
         widget="number", ge=0, le=2**32 - 1)
     sample_every_n_epochs: int = setting(
         0, "Make sample images every N epochs (0 = not per epoch).", widget="number", ge=0)
@@ -798,6 +1100,35 @@ class TrainingSettings(BaseModel):
         return int(round(w * total_steps)) if w < 1 else int(w)
 
 
+LR_WEIGHT_PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _number_list(value: str, count: int, *, exact: bool = False, integers: bool = False) -> str:
+    """'' or comma-separated numbers, ``count`` of them (at most ``count`` unless ``exact``);
+    returned without spaces. The counts are those of the SD 1.x/2.x U-Net (sd-scripts lora.py)."""
+    text = str(value).strip()
+    if not text:
+        return ""
+    parts = [p.strip() for p in text.split(",")]
+    ok = all(p.lstrip("-").isdigit() if integers else _is_number(p) for p in parts)
+    if not ok or len(parts) > count or (exact and len(parts) != count):
+        what = "whole numbers" if integers else "numbers"
+        amount = f"{count}" if exact else f"1 to {count}"
+        raise PydanticCustomError(
+            "number_list", "must be {amount} comma-separated {what} (got {got}), or empty",
+            {"amount": amount if count > 1 else "1", "what": what if count > 1 else "number",
+             "got": f"{len(parts)}: {text}"})
+    return ",".join(parts)
+
+
 def estimate_batches(num_train_items: int, batch_size: int, with_reg: bool) -> int:
     """Batches in one epoch for ``num_train_items`` (images x repeats, summed over folders).
 
@@ -811,11 +1142,19 @@ def estimate_batches(num_train_items: int, batch_size: int, with_reg: bool) -> i
 _ARG_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(\"[^\"]*\"|'[^']*'|[^\s]+)")
 
 
+_QUOTED_PAIR = re.compile(r"""(["'])([A-Za-z_][A-Za-z0-9_]*\s*=[^"']*)\1""")
+
+
 def parse_optimizer_args(text: str) -> dict:
-    """Parse 'key=value key=value' safely (no eval): numbers, booleans, None, tuples, strings."""
+    """Parse 'key=value key=value' safely (no eval): numbers, booleans, None, tuples, strings.
+
+    Follows sd-scripts train_util.get_optimizer (``key, value = arg.split("=")`` then
+    ``ast.literal_eval``, so 'betas=0.9,0.99' is a tuple), and accepts the quoted form kohya_ss
+    writes ('"weight_decay=0.1" "betas=0.9,0.99"') and lower-case true/false.
+    """
     import ast
 
-    text = text.strip()
+    text = _QUOTED_PAIR.sub(lambda m: m.group(2), text.strip())
     out: dict = {}
     pos = 0
     for match in _ARG_RE.finditer(text):
@@ -919,4 +1258,38 @@ def _training_issues(s: TrainingSettings) -> list[tuple[str, str]]:
     if tr.persistent_workers and tr.num_workers == 0:
         issues.append(("training.persistent_workers",
                        "needs data loader workers: set num_workers above 0 or turn this off"))
+    issues += _parity_issues(s)
+    return issues
+
+
+def _parity_issues(s: TrainingSettings) -> list[tuple[str, str]]:
+    """The rules sd-scripts checks for the kohya options (train_util.verify_training_args,
+    get_scheduler_fix, train_network.py's dim_from_weights)."""
+    issues: list[tuple[str, str]] = []
+    adv, tr, v_pred = s.advanced, s.training, s.model.v_parameterization
+    if adv.adaptive_noise_scale and not adv.noise_offset:
+        issues.append(("advanced.adaptive_noise_scale",
+                       "adds to the noise offset, which is 0: set a noise offset or set this to 0"))
+    if adv.scale_v_pred_loss_like_noise_pred and not v_pred:
+        issues.append(("advanced.scale_v_pred_loss_like_noise_pred",
+                       "only applies to v-prediction: turn on v_parameterization or turn this off"))
+    if adv.v_pred_like_loss and v_pred:
+        issues.append(("advanced.v_pred_like_loss",
+                       "is for noise prediction; with v_parameterization on set it to 0"))
+    if adv.min_timestep > adv.max_timestep:
+        issues.append(("advanced.min_timestep",
+                       f"is above the max timestep ({adv.max_timestep}): lower it or raise the max"))
+    if adv.dim_from_weights and not s.model.lora_model_for_resume.strip():
+        issues.append(("advanced.dim_from_weights",
+                       "reads the ranks from the 'Start from LoRA' file, which is empty: choose the "
+                       "file or turn this off"))
+    if tr.lr_scheduler_type and tr.lr_warmup_steps:
+        issues.append(("training.lr_warmup_steps",
+                       "a custom scheduler class has no warm-up (as in sd-scripts): set warm-up "
+                       "steps to 0 or clear the custom scheduler class"))
+    if tr.lr_scheduler == "piecewise_constant" and not tr.lr_scheduler_type and \
+            "step_rules" not in parse_optimizer_args(tr.lr_scheduler_args):
+        issues.append(("training.lr_scheduler_args",
+                       "piecewise_constant needs its steps: add step_rules, e.g. "
+                       "step_rules=\"1:10,0.1:20,0.01\" (factor 1 until step 10, ...)"))
     return issues

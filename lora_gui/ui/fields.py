@@ -41,6 +41,7 @@ class FieldSpec:
     minimum: float | None = None
     maximum: float | None = None
     step: float | None = None
+    custom: bool = False  # a dropdown that also takes typed-in values
     family: str | None = None  # the one model family that uses it (shown only for that family)
 
 
@@ -111,6 +112,7 @@ def field_specs() -> list[FieldSpec]:
                 advanced=bool(extra.get("advanced", False)), order=int(extra.get("order", 0)),
                 default=info.get_default(call_default_factory=True), kind=kind, optional=optional,
                 choices=choices, minimum=low, maximum=high, step=extra.get("step"),
+                custom=bool(extra.get("custom", False)),
                 family=extra.get("family"),
             ))
     return sorted(specs, key=lambda s: (list(GROUPS).index(s.group), s.order))

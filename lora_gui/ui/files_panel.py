@@ -39,7 +39,9 @@ def build_files_panel(ctx: Ctx) -> None:
 
 def _import_report(report: Any, where: str) -> str:
     lines = [f"**Imported {where}** (a kohya_ss or older-script file): mapped {len(report.mapped)} "
-             f"keys, ignored {len(report.ignored)}."]
+             f"keys, ignored {len(report.ignored)} ({len(report.later)} come with another open "
+             f"issue, {len(report.not_applicable)} do not apply here, {len(report.rejected)} could "
+             "not be read)."]
     if report.mapped:
         lines.append("\nMapped:\n" + "\n".join(
             f"- `{k}` → `{v}`" + (" (empty: default kept)" if k in report.defaulted else "")

@@ -79,7 +79,8 @@ def make_component(spec: FieldSpec, value: Any, scale: int | None = None,
     if spec.widget == "checkbox":
         return gr.Checkbox(value=bool(value), **common)
     if spec.widget == "dropdown":
-        return gr.Dropdown(choices=list(spec.choices), value=value, allow_custom_value=False, **common)
+        return gr.Dropdown(choices=list(spec.choices), value=value, allow_custom_value=spec.custom,
+                           **common)
     if spec.widget == "list":
         return gr.Dropdown(choices=list(spec.choices) or list(value or []), value=list(value or []),
                            multiselect=True, allow_custom_value=True, **common)

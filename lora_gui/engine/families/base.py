@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Union
 
 import torch
 
+from lora_gui.engine.noise import sample_timesteps
+
 if TYPE_CHECKING:
     from lora_gui.engine.network import LoraNetwork, NetworkSpec
     from lora_gui.engine.sampling import SamplePrompt
@@ -87,12 +89,15 @@ class ModelFamily(ABC):
     def sample_timesteps(self, model, latents: torch.Tensor, generator: torch.Generator,
                          settings: TrainingSettings) -> torch.Tensor:
         """One training timestep per sample (on the CPU, drawn from ``generator``): uniform over
-        range(num_train_timesteps) here; flow-matching families draw a shifted sigma."""
-        return torch.randint(0, self.num_train_timesteps(model), (latents.shape[0],), generator=generator)
+        [min_timestep, min(max_timestep, num_train_timesteps)) here (sd-scripts ``get_timesteps``);
+        flow-matching families draw a shifted sigma."""
+        adv = settings.advanced
+        return sample_timesteps(latents.shape[0], adv.min_timestep,
+                                min(adv.max_timestep, self.num_train_timesteps(model)), generator)
 
     def loss_weights(self, model, timesteps: torch.Tensor, settings: TrainingSettings) -> torch.Tensor | None:
-        """Per-sample loss weights of the family's own weighting scheme (None: none; Min-SNR is
-        the loop's, for the families that have an SNR)."""
+        """Per-sample loss weights of the family's own weighting scheme (None: none; Min-SNR and
+        the other SNR weights are ``engine.loss``'s, from ``snr``)."""
         return None
 
     @abstractmethod
@@ -111,8 +116,13 @@ class ModelFamily(ABC):
         """The denoiser's prediction for the noisy latents."""
 
     @abstractmethod
-    def min_snr_weights(self, model, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-        """Per-sample Min-SNR-gamma loss weights for ``timesteps``."""
+    def snr(self, model, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample signal-to-noise ratio of ``timesteps`` (the loss weights and Huber schedules
+        of ``engine.loss`` are functions of it)."""
+
+    @abstractmethod
+    def v_prediction(self, model) -> bool:
+        """Whether the denoiser predicts the velocity (the SNR weights differ for it)."""
 
     # --- the LoRA --------------------------------------------------------------------------------
 

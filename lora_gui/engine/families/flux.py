@@ -143,8 +143,14 @@ class Flux(ModelFamily):
             return noisy - _sigma(timesteps, noisy) * pred
         return pred
 
-    def min_snr_weights(self, model, timesteps, gamma):
-        raise ValueError("Min-SNR does not apply to Flux (refused when the model loads).")
+    def snr(self, model, timesteps):
+        """Flow matching x_t = (1 - sigma) x0 + sigma noise: SNR = ((1 - sigma) / sigma)^2, sigma = t / 1000
+        (sigma kept above 0 so that t = 0 gives a large finite SNR, not inf)."""
+        sigma = (timesteps.float() / 1000).clamp(min=1e-6)
+        return ((1 - sigma) / sigma) ** 2
+
+    def v_prediction(self, model) -> bool:
+        return False  # the target is the flow (noise - x0) or x0, never diffusers' v
 
     # --- the LoRA --------------------------------------------------------------------------------
 

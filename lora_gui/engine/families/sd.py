@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lora_gui.engine.families.base import Conditioning, ModelFamily
-from lora_gui.engine.noise import min_snr_weights, training_target, zero_terminal_snr
+from lora_gui.engine.noise import training_target, zero_terminal_snr
 
 # ModelSpec architecture of each base version (sai_model_spec 1.0.1).
 ARCHITECTURES = {
@@ -48,7 +48,8 @@ class StableDiffusion(ModelFamily):
 
         return encode_prompts(model.tokenizer, model.text_encoder, captions,
                               max_token_length=settings.labels.max_token_length,
-                              clip_skip=settings.training.clip_skip, device=device)
+                              clip_skip=settings.training.clip_skip, device=device,
+                              weighted=settings.labels.weighted_captions)
 
     def num_train_timesteps(self, model) -> int:
         return model.noise_scheduler.config.num_train_timesteps
@@ -62,12 +63,13 @@ class StableDiffusion(ModelFamily):
     def predict(self, model, noisy, timesteps, text, extra, dtype):
         return model.unet(noisy.to(dtype), timesteps, text.to(dtype)).sample
 
-    def min_snr_weights(self, model, timesteps, gamma):
+    def snr(self, model, timesteps):
         from diffusers.training_utils import compute_snr
 
-        scheduler = model.noise_scheduler
-        snr = compute_snr(scheduler, timesteps)
-        return min_snr_weights(snr, gamma, scheduler.config.prediction_type == "v_prediction")
+        return compute_snr(model.noise_scheduler, timesteps)
+
+    def v_prediction(self, model) -> bool:
+        return model.noise_scheduler.config.prediction_type == "v_prediction"
 
     def apply_network(self, model, spec):
         from lora_gui.engine.network_lycoris import apply_network

@@ -301,7 +301,8 @@ class StableDiffusionXL(StableDiffusion):
                     "negative_prompt_embeds": uncond.to(**cast), "negative_pooled_prompt_embeds": upooled.to(**cast)}
 
         return render_samples(pipe, prompts, embeds, sampler=settings.samples.sample_sampler,
-                              seed=settings.samples.test_seed, out_dir=out_dir, stem=stem)
+                              scheduler_config=model.noise_scheduler.config, seed=settings.samples.test_seed,
+                              out_dir=out_dir, stem=stem)
 
     def write_demo_model(self, model_dir: Path, single_file: Path, seed: int) -> None:
         from lora_gui.engine.families.sdxl_demo import write_tiny_sdxl

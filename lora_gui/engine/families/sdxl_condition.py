@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_gui.engine.text import chunk_token_ids
+from lora_gui.engine.text import chunk_token_ids, join_chunks
 
 
 def _eos_pooled(text_encoder_2, last_hidden_state: torch.Tensor, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -34,7 +34,9 @@ def _eos_pooled(text_encoder_2, last_hidden_state: torch.Tensor, ids: torch.Tens
 
 def encode_sdxl(tokenizers, text_encoders, captions: list[str], *, max_token_length: int = 75,
                 device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(states [B, 77 * chunks, 768 + 1280], pooled [B, 1280]) for ``captions``."""
+    """(states [B, 77 or 75 * chunks + 2, 768 + 1280], pooled [B, 1280]) for ``captions``: long
+    captions joined as sd-scripts' ``get_hidden_states_sdxl`` (the first BOS, 75 states of each
+    chunk, the last EOS/pad), the pooled vector from the first chunk."""
     (tok1, tok2), (te1, te2) = tokenizers, text_encoders
     ids1 = chunk_token_ids(tok1, captions, max_token_length)
     ids2 = chunk_token_ids(tok2, captions, max_token_length)
@@ -47,7 +49,7 @@ def encode_sdxl(tokenizers, text_encoders, captions: list[str], *, max_token_len
     pooled = _eos_pooled(te2, out2.last_hidden_state, flat2, tok2.eos_token_id)
     states = torch.cat([states1, states2.to(states1.dtype)], dim=-1)
     first_chunk = torch.arange(b, device=pooled.device) * n
-    return states.reshape(b, n * length, states.shape[-1]), pooled[first_chunk]
+    return join_chunks(states, n), pooled[first_chunk]
 
 
 def time_ids(original_sizes, crop_top_lefts, bucket) -> torch.Tensor:
