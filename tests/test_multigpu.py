@@ -208,8 +208,13 @@ def test_ranks_see_disjoint_slices_covering_every_sample_once_and_match_one_proc
 # --- real 2-process runs (slow) -------------------------------------------------------------------
 
 @pytest.mark.slow  # one 2-process run and one in-process run: ~1-2 min on 2 shared cores
-def test_two_processes_of_batch_1_equal_one_process_of_batch_2(clients, demo, tmp_path):
-    extra = ("images.max_steps=3", "images.flip_aug=true")
+@pytest.mark.parametrize("network", [
+    # LoRA through peft; LoHa through lycoris-lora: neither is acc.prepare'd, so this proves the
+    # trainer's own averaging (distributed.average_gradients) covers the LyCORIS modules as well.
+    (), ("advanced.network_type=LoHa", "advanced.conv_dim=2", "advanced.conv_alpha=1")],
+    ids=["LoRA", "LoHa"])
+def test_two_processes_of_batch_1_equal_one_process_of_batch_2(clients, demo, tmp_path, network):
+    extra = ("images.max_steps=3", "images.flip_aug=true", *network)
     run = clients().start(settings_for(demo, tmp_path / "two", *TWO, "training.batch_size=1", *extra))
     info = run.wait(240)
     assert info.state == RunState.FINISHED, (info.message, info.detail)
@@ -219,7 +224,8 @@ def test_two_processes_of_batch_1_equal_one_process_of_batch_2(clients, demo, tm
     assert single.status == "finished" and single.step == 3
     two, one = _lora(tmp_path / "two" / "demo-lora.safetensors"), _lora(single.output_path)
     assert _max_diff(two, one) < 1e-5
-    assert max(v.abs().max().item() for k, v in two.items() if "lora_up" in k) > 1e-4  # it trained
+    zero_at_start = "hada_w2_a" if network else "lora_up"  # LoHa's w2_a and LoRA's up start at 0
+    assert max(v.abs().max().item() for k, v in two.items() if zero_at_start in k) > 1e-4  # it trained
     # only rank 0 wrote files: one LoRA, one settings copy, one tag report, the logs
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
         p.name for p in (tmp_path / "one").iterdir())

@@ -956,6 +956,12 @@ class LaunchSettings(Group):
     gpu_ids: str = setting(
         "", "The GPUs to use, e.g. 0,1 (empty = all). The Runs tab lists the GPUs found.",
         widget="text", label="GPU ids")
+    gpu_per_run: bool = setting(
+        False, "In the queue: this run trains on one GPU of its own (the first free one of GPU ids, "
+        "or of all GPUs when that is empty, given to it alone as CUDA_VISIBLE_DEVICES), beside "
+        "other queued runs with this on, each on another GPU. A run started with Start, or queued "
+        "without this, has every GPU to itself. On a machine without a GPU the queued runs train "
+        "one at a time.", widget="checkbox", label="One GPU per queued run")
     num_machines: int = setting(
         1, "Machines taking part. Each other machine starts the same settings with its own "
         "machine_rank (see the README).", widget="number", ge=1, le=1024, advanced=True)
@@ -1195,6 +1201,9 @@ def _launch_issues(s: TrainingSettings) -> list[tuple[str, str]]:
     if la.num_machines > 1 and not la.main_process_ip.strip():
         issues.append(("launch.main_process_ip", "is needed with several machines: give the main "
                        "machine's address"))
+    if la.gpu_per_run and la.processes > 1:
+        issues.append(("launch.gpu_per_run", "gives a queued run one GPU, and this run has "
+                       f"{la.processes} processes: turn off gpu_per_run or multi_gpu"))
     if la.num_processes < la.num_machines and (la.multi_gpu or la.num_machines > 1):
         issues.append(("launch.num_processes", "counts the processes of all machines: at least one "
                        "per machine"))

@@ -22,7 +22,13 @@ from lora_gui.settings import TrainingSettings
 from lora_gui.settings.io import save_settings, save_settings_copy
 from lora_gui.worker import queue_files
 from lora_gui.worker.failures import explain_failure, last_lines
-from lora_gui.worker.launch import find_gpus, gpu_ids_problem, trainer_argv, trainer_env
+from lora_gui.worker.launch import (
+    Busy,
+    find_gpus,
+    gpu_ids_problem,
+    trainer_argv,
+    trainer_env,
+)
 from lora_gui.worker.processes import pid_alive, process_created, terminate_group
 from lora_gui.worker.protocol import (
     HEARTBEAT_INTERVAL_S,
@@ -186,17 +192,19 @@ class WorkerClient:
     # -- starting ---------------------------------------------------------------------------
 
     def start(self, settings: TrainingSettings, *, run_id: str | None = None,
-              source: str = "") -> Run:
+              source: str = "", gpu: int | None = None) -> Run:
         """Write the run folder and spawn the trainer; returns at once.
 
         With ``runs.save_json_only`` only the settings JSON is written (the run ends at once as
-        finished, its message naming the file). Raises RunActiveError while another run is active.
+        finished, its message naming the file). Raises RunActiveError while another run is active;
+        with ``gpu`` (the queue's ``gpu_per_run``) the trainer sees that GPU alone
+        (CUDA_VISIBLE_DEVICES) and may run beside other such runs, never on a GPU one holds.
         """
         run_id = check_run_id(run_id or new_run_id(settings.model.output_name))
         if settings.runs.save_json_only:
             return self._save_json_only(settings, run_id, source)
         with self._start_lock:
-            return self._spawn(settings, run_id, source)
+            return self._spawn(settings, run_id, source, gpu)
 
     def start_tool(self, job, *, run_id: str | None = None) -> Run:
         """Write a tool run folder (``tool.json``, a job of settings/tools.py) and spawn the worker
@@ -228,11 +236,28 @@ class WorkerClient:
             raise RunActiveError(f"The run {info.run_id} is still {info.state.value}: stop it or "
                                  "wait for it to end before starting another.")
 
-    def _spawn(self, settings: TrainingSettings, run_id: str, source: str) -> Run:
-        self._refuse_if_active()
-        return self._launch(self._new_run_folder(settings, run_id, source), settings)
+    def busy(self) -> Busy:
+        """What the active runs hold: the GPUs of ``gpu_per_run`` runs (process.json); any other
+        active run (or one whose trainer is not recorded yet) holds every GPU."""
+        busy = Busy()
+        for info in self.list_runs():
+            if info.active:
+                record = read_process(RunPaths(info.run_dir))
+                busy.hold(record.gpu if record is not None else None)
+        return busy
 
-    def _launch(self, paths: RunPaths, settings: TrainingSettings | None = None) -> Run:
+    def _spawn(self, settings: TrainingSettings, run_id: str, source: str,
+               gpu: int | None = None) -> Run:
+        if gpu is None:
+            self._refuse_if_active()
+        else:
+            busy = self.busy()
+            if busy.exclusive or gpu in busy.taken:
+                raise RunActiveError(f"GPU {gpu} is not free: another run holds it (or every GPU).")
+        return self._launch(self._new_run_folder(settings, run_id, source), settings, gpu)
+
+    def _launch(self, paths: RunPaths, settings: TrainingSettings | None = None,
+                gpu: int | None = None) -> Run:
         run_id = paths.run_id
         argv = trainer_argv(paths.root, settings, self.python, self.launch_prefix)
         launched = argv[:3] == [self.python, "-m", "accelerate.commands.launch"]
@@ -241,12 +266,17 @@ class WorkerClient:
         if problem:
             self._end(paths, RunState.FAILED, exit_code=None, message=problem)
             return Run(self, paths)
-        # A warm trainer is a plain `python -m lora_gui.worker`: an accelerate launch starts cold.
-        popen = self._warm.take(paths.root) if self._warm is not None and not launched else None
+        # A warm trainer is a plain `python -m lora_gui.worker` that sees every GPU: an accelerate
+        # launch, or a run on one GPU of its own, starts cold.
+        warm = self._warm is not None and not launched and gpu is None
+        popen = self._warm.take(paths.root) if warm else None
         if popen is not None:
             argv = self._warm.argv
         else:
-            popen = self._spawn_cold(paths, argv, trainer_env(settings, gpus) if launched else {})
+            env = trainer_env(settings, gpus) if launched else {}
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+            popen = self._spawn_cold(paths, argv, env)
             if popen is None:
                 return Run(self, paths)
         self._popens[run_id] = popen
@@ -257,7 +287,7 @@ class WorkerClient:
                          daemon=True).start()
         write_process(paths, ProcessRecord(pid=popen.pid, argv=argv, spawned=time.time(),
                                            launcher_pid=os.getpid(),
-                                           created=process_created(popen.pid)))
+                                           created=process_created(popen.pid), gpu=gpu))
         return Run(self, paths)
 
     def _reap_and_rewarm(self, popen: subprocess.Popen) -> None:

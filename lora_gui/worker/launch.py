@@ -1,5 +1,6 @@
 """How a run's trainer is started: ``python -m lora_gui.worker RUN_DIR``, or under
-``accelerate launch`` for several processes or machines; and the GPUs this machine has.
+``accelerate launch`` for several processes or machines; the GPUs this machine has; and which GPU
+a queued run with ``gpu_per_run`` gets (``gpu_for``: one GPU per run, never one GPU for two runs).
 
 Torch-free (the web process imports it): the GPUs come from NVML (nvidia-ml-py), and no NVML
 (no NVIDIA driver) means no GPUs: the processes then run on the CPU (gloo), which accelerate does
@@ -9,7 +10,8 @@ with ``ACCELERATE_USE_CPU=1`` and ``--multi_gpu`` (``--cpu --num_processes 2`` s
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from lora_gui.settings import TrainingSettings
 from lora_gui.settings.schema import LaunchSettings, parse_launch_args
@@ -92,3 +94,54 @@ def trainer_env(settings: TrainingSettings | None, gpus: list[Gpu] | None = None
         return {}
     gpus = find_gpus() if gpus is None else gpus
     return {} if gpus else {"ACCELERATE_USE_CPU": "1"}
+
+
+# --- one GPU per queued run (launch.gpu_per_run) --------------------------------------------------
+
+@dataclass
+class Busy:
+    """What the active runs hold: a run without a GPU of its own has every GPU."""
+
+    active: bool = False  # some run is starting, running or stopping
+    exclusive: bool = False  # some active run has every GPU (started with Start, or not per GPU)
+    taken: set[int] = field(default_factory=set)  # the GPUs active runs hold, each alone
+
+    def hold(self, gpu: int | None) -> None:
+        self.active = True
+        if gpu is None:
+            self.exclusive = True
+        else:
+            self.taken.add(gpu)
+
+
+WAIT = "wait"  # gpu_for's answer when the run must wait for its turn
+
+
+def gpu_for(la: LaunchSettings, gpus: Sequence[int], busy: Busy) -> int | None | str:
+    """The GPU a queued run starts on now, None to start it with every GPU, or WAIT.
+
+    With ``gpu_per_run`` on a machine with GPUs: the first GPU of ``gpu_ids`` (all GPUs when
+    empty) that no active run holds, while no run has every GPU. Otherwise (or without any GPU,
+    or when ``gpu_ids`` names none of this machine's GPUs: the start then fails with
+    ``gpu_ids_problem``'s sentence) the run starts only when no run is active."""
+    wanted = {int(p) for p in la.gpu_ids.split(",") if p.strip()}
+    pool = [g for g in gpus if not wanted or g in wanted]
+    if la.gpu_per_run and pool:
+        if busy.exclusive:
+            return WAIT
+        return next((g for g in pool if g not in busy.taken), WAIT)
+    return WAIT if busy.active else None
+
+
+def plan_starts(launches: Sequence[LaunchSettings], gpus: Sequence[int], busy: Busy) -> list[int | None]:
+    """The GPUs of the queued runs (in queue order) that start now: the first ones that may,
+    none overtaking another (``gpu_for`` each, the earlier ones counted as started)."""
+    busy = Busy(busy.active, busy.exclusive, set(busy.taken))
+    plan: list[int | None] = []
+    for la in launches:
+        gpu = gpu_for(la, gpus, busy)
+        if gpu == WAIT:
+            break
+        plan.append(gpu)
+        busy.hold(gpu)
+    return plan

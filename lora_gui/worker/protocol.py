@@ -182,6 +182,7 @@ class ProcessRecord:
     spawned: float = 0.0
     launcher_pid: int = 0  # the process that spawned it (the web process, the queue)
     created: float | None = None  # the process's start time (tells a reused pid from ours)
+    gpu: int | None = None  # the one GPU the run holds (launch.gpu_per_run), None: every GPU
 
 
 def write_process(paths: RunPaths, record: ProcessRecord) -> None:

@@ -2,7 +2,8 @@
 
 The ``*.json`` files directly in the folder are the pending items, run in sorted order. A finished
 file moves to ``complete/``; a failed or invalid one to ``failed/`` with ``<name>.reason.txt``.
-While a file is trained it stays in the folder and ``.queue-current.json`` names it and its run.
+While a file is trained it stays in the folder and ``.queue-current.json`` names it and its run
+(several at once with ``launch.gpu_per_run``: ``{"runs": [...]}``).
 Both the client (the GUI's queue in ``runs_root/queue/``) and the runner (queue.py) use this module;
 it imports neither of them. No torch here: the GUI imports it.
 """
@@ -38,18 +39,21 @@ def pending_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.json") if p.is_file() and not p.name.startswith("."))
 
 
-def current_entry(folder: Path) -> dict | None:
-    """``{"file", "run_id", ...}`` of the file being trained, from ``.queue-current.json``."""
+def current_entries(folder: Path) -> list[dict]:
+    """``{"file", "run_id", "gpu", ...}`` of each file being trained, from ``.queue-current.json``
+    (``{"runs": [...]}``, or one entry as an older queue wrote it)."""
     try:
         data = json.loads((folder / CURRENT_FILE).read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) and "file" in data and "run_id" in data else None
     except (OSError, ValueError):
-        return None
+        return []
+    entries = data.get("runs", []) if isinstance(data, dict) and "runs" in data else [data]
+    return [e for e in entries if isinstance(e, dict) and "file" in e and "run_id" in e] \
+        if isinstance(entries, list) else []
 
 
 def queue_items(folder: str | os.PathLike) -> list[QueueItem]:
     folder = Path(folder)
-    current = current_entry(folder)
+    running = {e["file"] for e in current_entries(folder)}
     items = []
     for path in pending_files(folder):
         try:
@@ -57,8 +61,7 @@ def queue_items(folder: str | os.PathLike) -> list[QueueItem]:
             name = str(model.get("output_name", "")) if isinstance(model, dict) else ""
         except (OSError, ValueError, AttributeError):
             name = ""
-        items.append(QueueItem(path.name, path, name, running=bool(current)
-                               and current["file"] == path.name))
+        items.append(QueueItem(path.name, path, name, running=path.name in running))
     return items
 
 
@@ -74,10 +77,10 @@ def enqueue(folder: str | os.PathLike, settings: TrainingSettings) -> Path:
 
 
 def _movable(folder: Path, name: str) -> list[Path]:
-    current = current_entry(folder)
-    if current and current["file"] == name:
+    running = {e["file"] for e in current_entries(folder)}
+    if name in running:
         raise ValueError(f"{name} is being trained now: stop its run instead.")
-    files = [p for p in pending_files(folder) if not (current and p.name == current["file"])]
+    files = [p for p in pending_files(folder) if p.name not in running]
     if name not in [p.name for p in files]:
         raise FileNotFoundError(f"{name} is not in the queue {folder}.")
     return files
