@@ -8,6 +8,7 @@ with a fake list of GPUs and real trainer processes of the simulated engine (no 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 from test_worker_protocol import SIMULATED, SUPPORT, kill_and_reap, sim_settings, wait_for
@@ -15,6 +16,7 @@ from test_worker_protocol import SIMULATED, SUPPORT, kill_and_reap, sim_settings
 from lora_gui.events import RunState
 from lora_gui.settings import SettingsError, io
 from lora_gui.settings.schema import LaunchSettings
+from lora_gui.ui.runs_panel import queue_rows  # the Presets and runs tab's queue table
 from lora_gui.worker.client import RunActiveError, WorkerClient
 from lora_gui.worker.launch import Busy, plan_starts
 from lora_gui.worker.protocol import RunPaths, read_process, read_status
@@ -78,23 +80,25 @@ def _visible_devices(run_dir) -> str | None:
 
 
 def _queue_files(folder, tmp_path, names, *extra):
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     for name in names:
         io.save_settings(sim_settings(tmp_path, f"model.output_name={name}", *extra),
                          folder / f"{name}.json")
 
 
 def test_two_gpus_three_queued_runs_two_at_once_the_third_waits(client, tmp_path):
-    folder = tmp_path / "q"
-    _queue_files(folder, tmp_path, ["a", "b", "c"], "launch.gpu_per_run=true", "images.max_steps=40")
+    folder = client.queue_folder  # the GUI's queue
+    _queue_files(folder, tmp_path, ["a", "b", "c"], "launch.gpu_per_run=true", "images.max_steps=4000")
     queue = FolderQueue(folder, client, gpus=[0, 1])
     lines = queue.tick().splitlines()
     assert [line.split(": ")[0] for line in lines] == ["a.json", "b.json"]
     assert lines[0].endswith(" on GPU 0") and lines[1].endswith(" on GPU 1")
     a, b = queue.current_runs
     assert (_visible_devices(a.run_dir), _visible_devices(b.run_dir)) == ("0", "1")
-    assert [(i.name, i.running) for i in queue_items(folder)] == [
-        ("a.json", True), ("b.json", True), ("c.json", False)]
+    assert [(i.name, i.running, i.gpu) for i in queue_items(folder)] == [
+        ("a.json", True, 0), ("b.json", True, 1), ("c.json", False, None)]
+    rows, _ = queue_rows(SimpleNamespace(runs=SimpleNamespace(client=client)))
+    assert [row[3] for row in rows] == ["training on GPU 0", "training on GPU 1", "waiting"]
     assert queue.tick() is None  # both GPUs held: c waits
     busy = client.busy()
     assert busy.taken == {0, 1} and not busy.exclusive
@@ -103,15 +107,19 @@ def test_two_gpus_three_queued_runs_two_at_once_the_third_waits(client, tmp_path
     with pytest.raises(RunActiveError, match="GPU 1 is not free"):
         client.start(sim_settings(tmp_path, "model.output_name=other"), gpu=1)
 
-    wait_for(lambda: queue.tick() is None and queue.idle(), 60, "the queue to empty")
-    assert sorted(queue.finished) == ["a.json", "b.json", "c.json"]
-    runs = {i.output_name: i for i in client.list_runs()}
-    assert all(i.state == RunState.FINISHED for i in runs.values())
-    held = {name: read_process(RunPaths(i.run_dir)).gpu for name, i in runs.items()}
-    assert held["a"] == 0 and held["b"] == 1 and held["c"] in (0, 1)
-    # c started only after the run on its GPU had ended: never one GPU for two runs
-    before = runs["a" if held["c"] == 0 else "b"]
-    assert read_process(RunPaths(runs["c"].run_dir)).spawned >= before.ended
+    a.stop()  # GPU 0 becomes free: c takes it, b keeps GPU 1
+    ended = a.wait(20)
+    assert ended.state == RunState.STOPPED
+    lines = queue.tick().splitlines()
+    assert lines[0].startswith("a.json: stopped") and lines[1].startswith("c.json: started run ")
+    assert lines[1].endswith(" on GPU 0")
+    b_again, c = queue.current_runs
+    assert b_again.run_id == b.run_id and _visible_devices(c.run_dir) == "0"
+    assert read_process(RunPaths(c.run_dir)).spawned >= ended.ended  # never one GPU for two runs
+    assert b.info().active and client.busy().taken == {0, 1}
+    for run in (b, c):
+        run.stop()
+        assert run.wait(20).state == RunState.STOPPED
 
 
 def test_without_a_gpu_the_queued_runs_train_one_at_a_time(client, tmp_path):
@@ -133,7 +141,7 @@ def test_without_a_gpu_the_queued_runs_train_one_at_a_time(client, tmp_path):
 
 def test_a_restarted_queue_keeps_the_gpus_of_its_running_runs(client, tmp_path):
     folder = tmp_path / "q"
-    _queue_files(folder, tmp_path, ["a", "b", "c"], "launch.gpu_per_run=true", "images.max_steps=60")
+    _queue_files(folder, tmp_path, ["a", "b", "c"], "launch.gpu_per_run=true", "images.max_steps=4000")
     first = FolderQueue(folder, client, gpus=[0, 1])
     first.tick()
     again = FolderQueue(folder, WorkerClient(client.runs_root), gpus=[0, 1])  # a restarted GUI

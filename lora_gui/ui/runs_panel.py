@@ -63,9 +63,14 @@ def run_rows(ctx: Ctx) -> list[list]:
 def queue_rows(ctx: Ctx) -> tuple[list[list], list[str]]:
     """The queue's rows and its items' names (the dropdown's choices)."""
     items = ctx.runs.client.queue_items()
-    rows = [[i, item.name, item.output_name or "", "training" if item.running else "waiting"]
-            for i, item in enumerate(items, 1)]
+    rows = [[i, item.name, item.output_name or "", _queue_state(item)] for i, item in enumerate(items, 1)]
     return rows, [item.name for item in items]
+
+
+def _queue_state(item) -> str:
+    if not item.running:
+        return "waiting"
+    return "training" if item.gpu is None else f"training on GPU {item.gpu}"  # launch.gpu_per_run
 
 
 def refresh_lists(ctx: Ctx) -> dict:

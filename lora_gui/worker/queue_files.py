@@ -31,6 +31,7 @@ class QueueItem:
     path: Path
     output_name: str  # from the file, or "" when it cannot be read (it will fail when its turn comes)
     running: bool = False
+    gpu: int | None = None  # the GPU it trains on (launch.gpu_per_run), while running
 
 
 def pending_files(folder: Path) -> list[Path]:
@@ -53,7 +54,7 @@ def current_entries(folder: Path) -> list[dict]:
 
 def queue_items(folder: str | os.PathLike) -> list[QueueItem]:
     folder = Path(folder)
-    running = {e["file"] for e in current_entries(folder)}
+    running = {e["file"]: e.get("gpu") for e in current_entries(folder)}
     items = []
     for path in pending_files(folder):
         try:
@@ -61,7 +62,9 @@ def queue_items(folder: str | os.PathLike) -> list[QueueItem]:
             name = str(model.get("output_name", "")) if isinstance(model, dict) else ""
         except (OSError, ValueError, AttributeError):
             name = ""
-        items.append(QueueItem(path.name, path, name, running=path.name in running))
+        gpu = running.get(path.name)
+        items.append(QueueItem(path.name, path, name, running=path.name in running,
+                               gpu=gpu if isinstance(gpu, int) else None))
     return items
 
 
