@@ -224,7 +224,8 @@ def queue_main(argv: list[str] | None = None) -> int:
     stays queued); exit status 0 when every file finished, 1 when some failed."""
     parser = argparse.ArgumentParser(
         prog="lora-gui queue", description="Train every settings JSON file of a folder, one after "
-        "another in sorted order (finished files move to complete/, failed ones to failed/).")
+        "another in sorted order (finished files move to complete/, failed ones to failed/); files "
+        "with launch.gpu_per_run train side by side, each on a free GPU of its own.")
     parser.add_argument("folder")
     parser.add_argument("--runs-root", default=os.environ.get("LORA_GUI_RUNS", "runs"),
                         help="where the run folders go (default: $LORA_GUI_RUNS or ./runs)")
