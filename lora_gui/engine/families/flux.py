@@ -33,6 +33,32 @@ DEFAULT_T5_TOKENS = {"dev": 512, "schnell": 256}
 DEFAULT_SAMPLE_GUIDANCE = 3.5
 
 
+def swap_plan(num_double: int, num_single: int, n: int) -> tuple[int, int]:
+    """sd-scripts' split of ``blocks_to_swap`` N (a single block is about half a double block):
+    N // 2 double blocks and 2 (N - N // 2) single blocks, the last ones of each kind."""
+    double, single = n // 2, 2 * (n - n // 2)
+    if double > num_double or single > num_single:
+        most = max(k for k in range(2 * num_double + 2) if k // 2 <= num_double and 2 * (k - k // 2) <= num_single)
+        raise ModelLoadError(
+            f"advanced.blocks_to_swap = {n} asks for {double} double and {single} single blocks, but this transformer "
+            f"has {num_double} double and {num_single} single blocks: choose at most {most}.")
+    return double, single
+
+
+def swap_blocks(transformer, n: int, adv):
+    """Keep the frozen weights of the last blocks in CPU memory, each moved to the GPU only while it
+    computes (``engine.block_swap``)."""
+    from lora_gui.engine.block_swap import BlockSwap
+
+    if adv.nf4_base:
+        raise ModelLoadError("advanced.blocks_to_swap does not combine with advanced.nf4_base (4-bit weights are "
+                             "quantized on the GPU and cannot be copied back and forth): NF4 alone fits FLUX.1-dev's "
+                             "transformer in about 6.5 GB; turn one of them off.")
+    doubles, singles = list(transformer.transformer_blocks), list(transformer.single_transformer_blocks)
+    double, single = swap_plan(len(doubles), len(singles), n)
+    return BlockSwap(doubles[len(doubles) - double:] + singles[len(singles) - single:])
+
+
 def refuse_sd_settings(settings) -> None:
     """The settings that only mean something for SD's DDPM objective, refused for Flux."""
     adv, m, tr = settings.advanced, settings.model, settings.training
@@ -68,6 +94,11 @@ class Flux(ModelFamily):
             parse_block_indices(settings.advanced.flux_block_indices)
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
+        if settings.advanced.blocks_to_swap:
+            model.block_swap = swap_blocks(model.unet, settings.advanced.blocks_to_swap, settings.advanced)
+            if not torch.cuda.is_available():
+                model.notes.append("advanced.blocks_to_swap: on the CPU the swapped blocks have no other memory to "
+                                   "go to; they are copied within it (the same result, no memory saved).")
         return model
 
     def text_encoders(self, model):
@@ -88,7 +119,7 @@ class Flux(ModelFamily):
         return None
 
     def with_unet(self, model, unet):
-        return dataclasses.replace(model, unet=unet)
+        return dataclasses.replace(model, unet=unet, block_swap=None)  # the swap belongs to the model's own blocks
 
     def meta_denoiser(self, model):
         from diffusers import FluxTransformer2DModel
@@ -171,6 +202,9 @@ class Flux(ModelFamily):
         for layer in layers.values():  # float32 LoRA on any base precision, as LoraNetwork.apply
             for module in (layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]):
                 module.to(torch.float32).requires_grad_(True)
+        if model.block_swap is not None:  # the swapped blocks' LoRA lives on the device like the rest
+            swapped = {id(p) for b in model.block_swap.blocks for p in b.parameters()}
+            model.block_swap.settle_trainable(next(p.device for p in model.unet.parameters() if id(p) not in swapped))
         network = LoraNetwork(spec, layers, {})
         network.flux_modules = modules
         return network
