@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lora_gui.dataset.memory import swap_split
 from lora_gui.engine.families.base import ModelFamily
 from lora_gui.engine.families.flux_load import VERSION, load_flux
 from lora_gui.engine.families.flux_lora import parse_block_indices
@@ -36,7 +37,7 @@ DEFAULT_SAMPLE_GUIDANCE = 3.5
 def swap_plan(num_double: int, num_single: int, n: int) -> tuple[int, int]:
     """sd-scripts' split of ``blocks_to_swap`` N (a single block is about half a double block):
     N // 2 double blocks and 2 (N - N // 2) single blocks, the last ones of each kind."""
-    double, single = n // 2, 2 * (n - n // 2)
+    double, single = swap_split(n)
     if double > num_double or single > num_single:
         most = max(k for k in range(2 * num_double + 2) if k // 2 <= num_double and 2 * (k - k // 2) <= num_single)
         raise ModelLoadError(
