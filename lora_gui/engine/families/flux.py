@@ -235,15 +235,16 @@ class Flux(ModelFamily):
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.noise_scheduler.config), vae=model.vae,
             text_encoder=model.text_encoder, tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2,
             tokenizer_2=model.tokenizer_2, transformer=model.unet)
-        # kohya's prompt syntax: --g is Flux's guidance (dev); there is no classifier-free guidance.
-        prompts = [dataclasses.replace(p, cfg_scale=p.guidance if p.guidance is not None else DEFAULT_SAMPLE_GUIDANCE)
-                   for p in prompts]
+        # kohya's prompt syntax: --g is Flux's guidance (dev); there is no classifier-free guidance, and
+        # the sampler is always the flow-matching Euler scheduler above (SD's samplers do not apply: --s is ignored).
+        prompts = [dataclasses.replace(p, cfg_scale=p.guidance if p.guidance is not None else DEFAULT_SAMPLE_GUIDANCE,
+                                       sampler=None) for p in prompts]
 
         def embeds(p) -> dict:
             states, pooled = encode([p.prompt])
             return {"prompt_embeds": states.to(device, dtype), "pooled_prompt_embeds": pooled.to(device, dtype)}
 
-        return render_samples(pipe, prompts, embeds, sampler="euler", seed=settings.samples.test_seed,
+        return render_samples(pipe, prompts, embeds, sampler=None, scheduler_config=None, seed=settings.samples.test_seed,
                               out_dir=out_dir, stem=stem)
 
     def write_demo_model(self, model_dir: Path, single_file: Path, seed: int) -> None:
