@@ -143,6 +143,21 @@ def test_on_a_gpu_swapped_blocks_stay_in_cpu_memory_and_gradients_match():
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
 
 
+def test_the_run_estimate_counts_only_the_one_swapped_block_on_the_device():
+    from lora_gui.engine.memory import parameter_bytes, run_estimate
+
+    model, swap = _model(2)
+    full = parameter_bytes(model.unet)
+    model.unet.to("meta")
+    home, largest = swap.frozen_bytes()
+    assert largest == parameter_bytes(swap.blocks[0]) > parameter_bytes(swap.blocks[1])  # the double block
+    meta = torch.device("meta")
+    assert parameter_bytes(model.unet, device=meta) == full - home
+    est = run_estimate(frozen=[model.unet], lora_params=0, optimizer="AdamW", activations=0, gpu=True, device=meta,
+                       swapped_in=largest)
+    assert est.weights == full - home + largest
+
+
 def test_a_kohya_config_with_blocks_to_swap_imports_it():
     from lora_gui.settings.foreign import import_foreign
 
