@@ -17,14 +17,14 @@ from lora_gui.engine.model_files import ModelLoadError
 from lora_gui.engine.network import NetworkSpec
 
 torch.set_num_threads(1)
-ADV = SimpleNamespace(flux_train_blocks="all", flux_train_modulation=True, flux_block_indices="", nf4_base=False)
+ADV = SimpleNamespace(flux_train_blocks="all", flux_train_modulation=True, flux_block_indices="")
 
 
 def _model(n_swap: int, seed: int = 0):
     """The tiny transformer (2 double + 2 single blocks), swapped as the run does it: at load, before the
     model moves and before the LoRA is added. Returns (FluxModel, BlockSwap or None)."""
     transformer = _transformer_and_vae(seed)[0].requires_grad_(False)
-    swap = swap_blocks(transformer, n_swap, ADV) if n_swap else None
+    swap = swap_blocks(transformer, n_swap, nf4=False, checkpointing=True) if n_swap else None
     return FluxModel(*[None] * 4, transformer, None, None, variant="dev", lora_options=ADV, block_swap=swap), swap
 
 
@@ -61,7 +61,9 @@ def test_swap_plan_is_sd_scripts_split_and_refuses_more_than_the_model_has():
         swap_plan(2, 2, 3)
     transformer = _transformer_and_vae(0)[0]
     with pytest.raises(ModelLoadError, match="does not combine with advanced.nf4_base"):
-        swap_blocks(transformer, 2, SimpleNamespace(nf4_base=True))
+        swap_blocks(transformer, 2, nf4=True, checkpointing=True)
+    with pytest.raises(ModelLoadError, match="needs training.gradient_checkpointing"):
+        swap_blocks(transformer, 2, nf4=False, checkpointing=False)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -95,9 +97,12 @@ def test_moving_the_model_keeps_the_swapped_blocks_frozen_weights_home_in_the_ne
         assert (p.device.type, p.dtype) == (expected, torch.float16)
 
 
-def test_each_swapped_block_is_on_the_device_exactly_while_it_computes_forward_and_backward():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_each_swapped_block_is_on_the_device_exactly_while_it_computes_forward_and_backward(checkpointing):
     """On the CPU the device is the CPU too; a block is "on the device" when its frozen parameters
-    point at a copy, "home" when they point at the tensors they were installed with."""
+    point at a copy, "home" when they point at the tensors they were installed with. With gradient
+    checkpointing (what a run with blocks_to_swap uses) each block's forward runs again in the backward
+    pass, with the weights of that moment: its copy on the device."""
     model, swap = _model(2)
     home = {id(p): p.data_ptr() for b in swap.blocks for p in b.parameters()}
     network = _lora(model)
@@ -116,10 +121,14 @@ def test_each_swapped_block_is_on_the_device_exactly_while_it_computes_forward_a
         q.register_forward_pre_hook(probe(i, "forward"))
         q.register_full_backward_pre_hook(probe(i, "backward"))
     model.unet.train()
+    if checkpointing:
+        model.unet.enable_gradient_checkpointing()
     _, grads = _step(model, network, **_inputs())
     on_device = lambda i: tuple("device" if j == i else "home" for j in range(3))  # noqa: E731
-    assert seen == [("forward", i, on_device(i)) for i in (0, 1, 2)] + [("backward", i, on_device(i))
-                                                                         for i in (2, 1, 0)]
+    assert all(where == on_device(i) for _, i, where in seen)
+    assert [(phase, i) for phase, i, _ in seen] == [("forward", 0), ("forward", 1), ("forward", 2)] + (
+        [("forward", 2), ("backward", 2), ("forward", 1), ("backward", 1), ("forward", 0), ("backward", 0)]
+        if checkpointing else [("backward", 2), ("backward", 1), ("backward", 0)])
     assert all(g is not None for g in grads)
     swap.offload()
     assert all(p.data_ptr() == home[id(p)] for ps in frozen for p in ps)

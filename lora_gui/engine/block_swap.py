@@ -9,6 +9,10 @@ onloads it when the gradients of its outputs arrive (an identity autograd node o
 before any of its own backward nodes run - those need its weights, directly or through gradient
 checkpointing's recomputation, whose forward pre-hook then finds the block already there.
 
+It needs gradient checkpointing to save memory: autograd keeps the weight tensors a forward pass used
+(the device copies) until the backward pass, whereas a checkpoint's recomputation reads the
+parameters anew - the copy onloaded for the backward pass, dropped again after the block's backward.
+
 The trainable parameters of a swapped block (the LoRA) are not swapped: they stay on the device,
 with their gradients and optimizer state. Moving a model (``.to(device)``, a dtype change) keeps the
 swapped frozen weights at home and converts their dtype there.

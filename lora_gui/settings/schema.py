@@ -803,7 +803,7 @@ class AdvancedSettings(Group):
         "blocks in CPU memory and copy each to the GPU only while it computes, in the forward and the backward "
         "pass. N swaps the last N // 2 double blocks and 2 (N - N // 2) single blocks (FLUX.1 has 19 and 38; a "
         "double block holds 680 MB in bf16, a single block 280 MB; half that in fp8); each step copies them twice, "
-        "so it is slower. 0 = off. Not with NF4 storage. Flux only.", widget="number", ge=0, le=38, family="flux")
+        "so it is slower. 0 = off. Needs gradient checkpointing; not with NF4 storage. Flux only.", widget="number", ge=0, le=38, family="flux")
     attention: Literal["sdpa", "xformers"] = setting(
         "sdpa", "Attention kernel: sdpa (PyTorch's scaled-dot-product attention) or xformers if it "
         "is installed. Same result, different speed and memory.", widget="dropdown")

@@ -46,15 +46,19 @@ def swap_plan(num_double: int, num_single: int, n: int) -> tuple[int, int]:
     return double, single
 
 
-def swap_blocks(transformer, n: int, adv):
+def swap_blocks(transformer, n: int, *, nf4: bool, checkpointing: bool):
     """Keep the frozen weights of the last blocks in CPU memory, each moved to the GPU only while it
     computes (``engine.block_swap``)."""
     from lora_gui.engine.block_swap import BlockSwap
 
-    if adv.nf4_base:
+    if nf4:
         raise ModelLoadError("advanced.blocks_to_swap does not combine with advanced.nf4_base (4-bit weights are "
                              "quantized on the GPU and cannot be copied back and forth): NF4 alone fits FLUX.1-dev's "
                              "transformer in about 6.5 GB; turn one of them off.")
+    if not checkpointing:  # autograd keeps the weights a forward used; a checkpoint's recomputation takes them anew
+        raise ModelLoadError("advanced.blocks_to_swap needs training.gradient_checkpointing: without it the backward "
+                             "pass keeps the GPU copy of every swapped block from the forward pass, so nothing is "
+                             "saved; turn gradient checkpointing on.")
     doubles, singles = list(transformer.transformer_blocks), list(transformer.single_transformer_blocks)
     double, single = swap_plan(len(doubles), len(singles), n)
     return BlockSwap(doubles[len(doubles) - double:] + singles[len(singles) - single:])
@@ -96,7 +100,9 @@ class Flux(ModelFamily):
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
         if settings.advanced.blocks_to_swap:
-            model.block_swap = swap_blocks(model.unet, settings.advanced.blocks_to_swap, settings.advanced)
+            model.block_swap = swap_blocks(model.unet, settings.advanced.blocks_to_swap,
+                                           nf4=settings.advanced.nf4_base,
+                                           checkpointing=settings.training.gradient_checkpointing)
             if not torch.cuda.is_available():
                 model.notes.append("advanced.blocks_to_swap: on the CPU the swapped blocks have no other memory to "
                                    "go to; they are copied within it (the same result, no memory saved).")
