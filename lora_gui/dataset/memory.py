@@ -87,6 +87,12 @@ def swap_split(n: int) -> tuple[int, int]:
     return n // 2, 2 * (n - n // 2)
 
 
+def most_swappable(num_double: int, num_single: int) -> int:
+    """The largest ``blocks_to_swap`` whose split a transformer with these blocks has."""
+    fits = lambda n: swap_split(n)[0] <= num_double and swap_split(n)[1] <= num_single  # noqa: E731
+    return max(n for n in range(2 * num_double + 2) if fits(n))
+
+
 def swapped_bytes(fp: Footprint, n: int, bytes_per_param: float) -> int:
     """Weights that ``blocks_to_swap`` = n keeps off the device: the swapped blocks' minus the one
     block that is on the device while it computes."""
@@ -193,13 +199,12 @@ USABLE = 0.95  # of a GPU's memory a recommendation fills at most (allocator fra
 def _candidates(fp: Footprint, kw: dict) -> list[tuple[str, dict]]:
     """Configurations from the fastest and most precise to the most frugal: 16-bit base without and
     with gradient checkpointing, fp8 storage, fp8 + the fewest swapped blocks that fit (Flux), NF4."""
-    base = f"{kw['precision']} base" if kw["precision"] != "float32" else "float32 base"
+    base = f"{kw['precision']} base"
     out = [(f"{base}, no gradient checkpointing", {"unet_precision": None, "checkpointing": False}),
            (f"{base}, gradient checkpointing", {"unet_precision": None, "checkpointing": True}),
            ("fp8 base storage, gradient checkpointing", {"unet_precision": "fp8", "checkpointing": True})]
     if fp.blocks:
-        most = max(n for n in range(2 * fp.blocks[0][0] + 2) if all(
-            k <= total for k, (total, _) in zip(swap_split(n), fp.blocks, strict=True)))
+        most = most_swappable(fp.blocks[0][0], fp.blocks[1][0])
         out += [(f"fp8 base storage, gradient checkpointing, blocks_to_swap {n}",
                  {"unet_precision": "fp8", "checkpointing": True, "blocks_to_swap": n}) for n in range(1, most + 1)]
     out.append(("NF4 base storage, gradient checkpointing", {"unet_precision": "nf4", "checkpointing": True}))

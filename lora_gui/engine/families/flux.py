@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lora_gui.dataset.memory import swap_split
+from lora_gui.dataset.memory import most_swappable, swap_split
 from lora_gui.engine.families.base import ModelFamily
 from lora_gui.engine.families.flux_load import VERSION, load_flux
 from lora_gui.engine.families.flux_lora import parse_block_indices
@@ -39,7 +39,7 @@ def swap_plan(num_double: int, num_single: int, n: int) -> tuple[int, int]:
     N // 2 double blocks and 2 (N - N // 2) single blocks, the last ones of each kind."""
     double, single = swap_split(n)
     if double > num_double or single > num_single:
-        most = max(k for k in range(2 * num_double + 2) if k // 2 <= num_double and 2 * (k - k // 2) <= num_single)
+        most = most_swappable(num_double, num_single)
         raise ModelLoadError(
             f"advanced.blocks_to_swap = {n} asks for {double} double and {single} single blocks, but this transformer "
             f"has {num_double} double and {num_single} single blocks: choose at most {most}.")
