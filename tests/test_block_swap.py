@@ -139,17 +139,18 @@ def test_on_a_gpu_swapped_blocks_stay_in_cpu_memory_and_gradients_match():
     results, allocated = [], []
     for n in (0, 2):
         model, swap = _model(n)
+        before = torch.cuda.memory_allocated()
         model.unet.to("cuda")
         network = _lora(model)
         model.unet.train().enable_gradient_checkpointing()
-        allocated.append(torch.cuda.memory_allocated())
+        allocated.append(torch.cuda.memory_allocated() - before)
         if swap:
             assert all(p.device.type == "cpu" for b in swap.blocks for p in b.parameters() if not p.requires_grad)
             assert all(p.device.type == "cuda" for p in network.unet_parameters())
         results.append(_step(model, network, **_inputs("cuda")))
     assert allocated[1] < allocated[0]
     assert torch.allclose(results[0][0], results[1][0])
-    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(results[0][1], results[1][1], strict=True))
 
 
 def test_the_run_estimate_counts_only_the_one_swapped_block_on_the_device():
