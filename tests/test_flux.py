@@ -401,6 +401,28 @@ def test_nf4_quantized_flux_base_trains_on_the_cpu(fx, tmp_path):
     assert all(np.isfinite(result.losses)) and len(load_file(str(result.output_path))) == 3 * TINY_KOHYA_MODULES
 
 
+@pytest.mark.slow
+def test_block_swap_on_the_cpu_trains_bit_identically_and_samples(fx, tmp_path):
+    """advanced.blocks_to_swap = 2 swaps the last double block and both single blocks (with gradient
+    checkpointing, which it needs); on the CPU there is no other memory to swap to, so the blocks are
+    copied within it: the same numbers, and a note saying so."""
+    plain, _ = train(flux_settings(fx, tmp_path / "plain", "images.max_steps=3", "training.gradient_checkpointing=true"))
+    swapped, events = train(flux_settings(fx, tmp_path / "swap", "images.max_steps=3", "advanced.blocks_to_swap=2",
+                                          "training.gradient_checkpointing=true", "samples.sample_every_n_steps=3"))
+    assert plain.status == swapped.status == "finished", swapped.message
+    assert plain.losses == swapped.losses
+    a, b = load_file(str(plain.output_path)), load_file(str(swapped.output_path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = [e.message for e in events if isinstance(e, ev.Log)]
+    assert any("advanced.blocks_to_swap: on the CPU" in m for m in logs)
+    assert any(isinstance(e, ev.SampleReady) for e in events)  # sampling runs through the swap hooks too
+    assert "at most 2" in _refusal(fx, tmp_path / "r1", "advanced.blocks_to_swap=3",
+                                   "training.gradient_checkpointing=true")
+    assert "needs training.gradient_checkpointing" in _refusal(fx, tmp_path / "r3", "advanced.blocks_to_swap=1")
+    assert "does not combine with advanced.nf4_base" in _refusal(fx, tmp_path / "r2", "advanced.blocks_to_swap=1",
+                                                                 "advanced.nf4_base=true")
+
+
 def test_flux_presets_load_and_say_what_they_are_for():
     from lora_gui.dataset.memory import guess_family
 

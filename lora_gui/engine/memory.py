@@ -3,10 +3,11 @@ one training step traced on the meta device (no memory, no arithmetic: only shap
 
 Activations: every tensor autograd saves for the backward pass during the U-Net's forward is
 counted (parameters and views of them excluded: they are the weights). Attention is counted as
-the fused kernels on a GPU keep it (q, k, v, output and the row log-sum-exp), not as the N x N
-matrix of the reference implementation. With gradient checkpointing only the checkpointed
-blocks' inputs stay, and during the backward pass one block at a time is recomputed: the peak is
-what the checkpointed forward saves plus the largest block's own activations.
+the fused kernels on a GPU keep it (q, k, v, output and the row log-sum-exp, saved through autograd
+like any other op), not as the N x N matrix of the reference implementation. With gradient
+checkpointing only the checkpointed blocks' inputs stay (the checkpoint holds them for the
+recomputation), and during the backward pass one block at a time is recomputed: the peak is what
+the checkpointed forward saves, plus those inputs, plus the largest block's own activations.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ import torch.nn.functional as F
 
 from lora_gui.dataset.memory import FRAMEWORK_BYTES, MemoryEstimate, trainable_bytes
 
-# The modules diffusers' gradient checkpointing wraps one by one in a U-Net.
-_CHECKPOINT_UNITS = ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D")
+# The modules diffusers' gradient checkpointing wraps one by one in a U-Net and in Flux's transformer.
+_CHECKPOINT_UNITS = ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D", "FluxTransformerBlock",
+                     "FluxSingleTransformerBlock")
 
 
-def parameter_bytes(*modules: torch.nn.Module | None) -> int:
-    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+def parameter_bytes(*modules: torch.nn.Module | None, device: torch.device | None = None) -> int:
+    """Bytes of the modules' parameters (those on ``device``'s type only, when given: a block swap
+    keeps some at home)."""
+    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters()
+               if device is None or p.device.type == device.type)
 
 
 class _Counter:
@@ -39,19 +44,43 @@ class _Counter:
         return t
 
 
-def _flash_like_sdpa(counter: _Counter):
-    """SDPA that counts what a fused attention kernel saves, instead of the N x N weights."""
+class _FlashSaved(torch.autograd.Function):
+    """What a fused attention kernel saves for its backward: q, k, v, the output and the float32 row
+    log-sum-exp. Saved through autograd, so that inside a checkpointed block the checkpoint drops
+    them as it drops everything else there."""
 
-    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        with torch.no_grad():
-            out = torch.empty(query.shape[:-1] + value.shape[-1:], dtype=query.dtype, device=query.device)
-        lse = query.shape[0] * query.shape[1] * query.shape[2] * 4  # float32 per query row
-        saved = sum(t.numel() * t.element_size() for t in (query, key, value, out)) + lse
-        counter.total += saved
-        counter.unit += saved
-        return out.requires_grad_(query.requires_grad or key.requires_grad or value.requires_grad)
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out = torch.empty(query.shape[:-1] + value.shape[-1:], dtype=query.dtype, device=query.device)
+        lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
+        ctx.save_for_backward(query, key, value, out, lse)
+        return out
 
-    return sdpa
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _flash_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """SDPA that saves what a fused attention kernel saves, instead of the N x N weights."""
+    return _FlashSaved.apply(query, key, value)
+
+
+def _holding_checkpoint(counter: _Counter):
+    """diffusers' checkpointing function, also counting the tensors the checkpoint holds (each
+    block's inputs, once: temb and the rotary embedding are shared by every block)."""
+    seen: set[int] = set()
+
+    def checkpoint(module, *args):
+        for t in args:
+            for x in (t if isinstance(t, tuple) else (t,)):
+                if isinstance(x, torch.Tensor) and id(x) not in seen and id(x) not in counter.params:
+                    seen.add(id(x))
+                    counter.total += x.numel() * x.element_size()
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+    return checkpoint
 
 
 def _unit_hooks(unet: torch.nn.Module, counter: _Counter) -> list:
@@ -84,7 +113,7 @@ def traced_activation_bytes(meta_unet: torch.nn.Module, call: Callable[[torch.nn
     meta_unet.train()
     original = F.scaled_dot_product_attention
     try:
-        F.scaled_dot_product_attention = _flash_like_sdpa(counter)
+        F.scaled_dot_product_attention = _flash_like_sdpa
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), torch.enable_grad():
             call(meta_unet)
         full, largest = counter.total, counter.largest
@@ -92,7 +121,7 @@ def traced_activation_bytes(meta_unet: torch.nn.Module, call: Callable[[torch.nn
             return full
         counter.total = 0
         with contextlib.ExitStack() as stack:
-            meta_unet.enable_gradient_checkpointing()
+            meta_unet.enable_gradient_checkpointing(_holding_checkpoint(counter))
             stack.callback(meta_unet.disable_gradient_checkpointing)
             for h in handles:  # the checkpointed pass counts its saved inputs only
                 h.remove()
@@ -107,10 +136,12 @@ def traced_activation_bytes(meta_unet: torch.nn.Module, call: Callable[[torch.nn
 
 
 def run_estimate(*, frozen: list[torch.nn.Module | None], lora_params: int, optimizer: str,
-                 activations: int, gpu: bool) -> MemoryEstimate:
-    """The estimate for a loaded model: ``frozen`` are the modules that stay on the device."""
-    return MemoryEstimate(parameter_bytes(*frozen) - lora_params * 4, trainable_bytes(lora_params, optimizer),
-                          activations, FRAMEWORK_BYTES if gpu else 0)
+                 activations: int, gpu: bool, device: torch.device | None = None, swapped_in: int = 0) -> MemoryEstimate:
+    """The estimate for a loaded model: ``frozen`` are the modules that stay on the device (their
+    parameters on ``device``, when given); ``swapped_in``: bytes of the one swapped block that is
+    copied to the device while it computes (``engine.block_swap``)."""
+    weights = parameter_bytes(*frozen, device=device) - lora_params * 4 + swapped_in
+    return MemoryEstimate(weights, trainable_bytes(lora_params, optimizer), activations, FRAMEWORK_BYTES if gpu else 0)
 
 
 def unet_activation_bytes(family, model, spec, text, *, batch: int, width: int, height: int,
@@ -152,5 +183,6 @@ def estimate_for_run(family, model, settings, network, text_encoders, buckets, d
     lora = sum(p.numel() for p in network.unet_parameters() + network.text_encoder_parameters())
     on_device = [m for m in (model.unet, *text_encoders, model.vae)
                  if next(m.parameters()).device.type == device.type]
+    swap = getattr(model, "block_swap", None)
     return run_estimate(frozen=on_device, lora_params=lora, optimizer=s.training.optimizer, activations=activations,
-                        gpu=device.type == "cuda")
+                        gpu=device.type == "cuda", device=device, swapped_in=swap.frozen_bytes()[1] if swap else 0)

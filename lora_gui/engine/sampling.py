@@ -171,11 +171,12 @@ def generate_samples(*, unet, vae, text_encoder, tokenizer, scheduler_config, pr
                           out_dir=out_dir, stem=stem)
 
 
-def render_samples(pipe, prompts, embeds, *, sampler: str, scheduler_config, seed: int | None, out_dir: Path,
+def render_samples(pipe, prompts, embeds, *, sampler: str | None, scheduler_config, seed: int | None, out_dir: Path,
                    stem: str) -> list[tuple[Path, str]]:
     """The sampling loop every family's pipeline shares: ``embeds(prompt)`` gives the pipeline's
     prompt-embedding arguments; size, steps, guidance, sampler and seed come from the prompt line
-    (the sampler made from ``scheduler_config``, the training schedule)."""
+    (the sampler made from ``scheduler_config``, the training schedule; no sampler at all: the
+    pipeline's own scheduler, as Flux's flow matching needs)."""
     import torch
     from PIL.PngImagePlugin import PngInfo
 
@@ -184,14 +185,15 @@ def render_samples(pipe, prompts, embeds, *, sampler: str, scheduler_config, see
     written = []
     for index, p in enumerate(prompts):
         used_sampler = p.sampler or sampler
-        pipe.scheduler = make_sampler(used_sampler, scheduler_config)
+        if used_sampler:
+            pipe.scheduler = make_sampler(used_sampler, scheduler_config)
         seed_used = image_seed(p, seed, index)
         with torch.no_grad():
             generator = torch.Generator("cpu").manual_seed(seed_used)
             image = pipe(**embeds(p), width=p.width, height=p.height, num_inference_steps=p.steps,
                          guidance_scale=p.cfg_scale, generator=generator, output_type="pil").images[0]
         info = PngInfo()
-        info.add_text("parameters", png_parameters(p, used_sampler, seed_used))
+        info.add_text("parameters", png_parameters(p, used_sampler or type(pipe.scheduler).__name__, seed_used))
         path = out_dir / f"{stem}_{index:02d}.png"
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG", pnginfo=info)

@@ -82,7 +82,7 @@ NOT_APPLICABLE: dict[str, str] = {
                      "sd3_cache_text_encoder_outputs_to_disk", "sd3_fused_backward_pass",
                      "sd3_text_encoder_batch_size", "clip_g", "save_clip", "save_t5xxl"), _SD3),
     **dict.fromkeys(("highvram", "lowvram", "lowram"), _MEMORY),
-    **dict.fromkeys(("blocks_to_swap", "double_blocks_to_swap", "single_blocks_to_swap",
+    **dict.fromkeys(("double_blocks_to_swap", "single_blocks_to_swap",
                      "cpu_offload_checkpointing", "split_mode", "t5xxl_device"), _MEMORY),
     **dict.fromkeys(("flux1_cache_text_encoder_outputs", "flux1_cache_text_encoder_outputs_to_disk"),
                     "text-encoder outputs are cached whenever the text encoders are not trained and "

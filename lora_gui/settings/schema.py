@@ -798,6 +798,12 @@ class AdvancedSettings(Group):
         False, "Store the frozen U-Net/transformer's linear weights in 4-bit NF4 with bitsandbytes (QLoRA): "
         "FLUX.1-dev's 12B transformer takes about 6.5 GB instead of 24 GB in bf16, at some quality cost. The "
         "LoRA stays 32-bit. Not together with fp8 storage.", widget="checkbox", label="NF4 (4-bit) base storage")
+    blocks_to_swap: int = setting(
+        0, "For 12-16 GB GPUs (sd-scripts' blocks_to_swap): keep the frozen weights of this many Flux transformer "
+        "blocks in CPU memory and copy each to the GPU only while it computes, in the forward and the backward "
+        "pass. N swaps the last N // 2 double blocks and 2 (N - N // 2) single blocks (FLUX.1 has 19 and 38; a "
+        "double block holds 680 MB in bf16, a single block 280 MB; half that in fp8); each step copies them twice, "
+        "so it is slower. 0 = off. Needs gradient checkpointing; not with NF4 storage. Flux only.", widget="number", ge=0, le=38, family="flux")
     attention: Literal["sdpa", "xformers"] = setting(
         "sdpa", "Attention kernel: sdpa (PyTorch's scaled-dot-product attention) or xformers if it "
         "is installed. Same result, different speed and memory.", widget="dropdown")

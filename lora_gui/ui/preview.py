@@ -13,11 +13,12 @@ from pydantic import ValidationError
 
 from lora_gui.dataset.buckets import BucketOptions
 from lora_gui.dataset.captions import sorted_tags, tag_frequency
-from lora_gui.dataset.memory import preview_estimate
+from lora_gui.dataset.memory import preview_estimate, recommend
 from lora_gui.dataset.scan import DatasetError, iter_images, scan_dataset
 from lora_gui.dataset.summary import dataset_summary, plan_buckets
 from lora_gui.settings.schema import GROUPS, TrainingSettings
 from lora_gui.ui.fields import SPEC_BY_KEY, values_to_document
+from lora_gui.worker.launch import find_gpus
 
 THUMBNAILS = 8
 THUMB_SIZE = 192
@@ -64,7 +65,10 @@ def _memory_line(groups: dict[str, Any], bucket_of: dict) -> str:
     est = preview_estimate(settings, largest)
     if est is None:
         return "\nMemory: choose a base model (or its family) to see the estimated peak GPU memory."
-    return f"\n{est.sentence().replace('Estimated peak memory', f'Estimated peak GPU memory at {largest[0]}x{largest[1]}')}"
+    line = f"\n{est.sentence().replace('Estimated peak memory', f'Estimated peak GPU memory at {largest[0]}x{largest[1]}')}"
+    gpus = find_gpus()  # NVML; the smallest GPU found is the one a run must fit
+    advice = recommend(settings, largest, min(g.memory_mib for g in gpus) * 2**20) if gpus else None
+    return line + (f" {advice}" if advice else "")
 
 
 def build_preview(values: dict[str, Any]) -> Preview:

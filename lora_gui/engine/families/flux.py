@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lora_gui.dataset.memory import most_swappable, swap_split
 from lora_gui.engine.families.base import ModelFamily
 from lora_gui.engine.families.flux_load import VERSION, load_flux
 from lora_gui.engine.families.flux_lora import parse_block_indices
@@ -31,6 +32,36 @@ from lora_gui.engine.model_files import ModelLoadError
 ARCHITECTURES = {"dev": "flux-1-dev/lora", "schnell": "flux-1-schnell/lora"}  # ModelSpec 1.0.1
 DEFAULT_T5_TOKENS = {"dev": 512, "schnell": 256}
 DEFAULT_SAMPLE_GUIDANCE = 3.5
+
+
+def swap_plan(num_double: int, num_single: int, n: int) -> tuple[int, int]:
+    """sd-scripts' split of ``blocks_to_swap`` N (a single block is about half a double block):
+    N // 2 double blocks and 2 (N - N // 2) single blocks, the last ones of each kind."""
+    double, single = swap_split(n)
+    if double > num_double or single > num_single:
+        most = most_swappable(num_double, num_single)
+        raise ModelLoadError(
+            f"advanced.blocks_to_swap = {n} asks for {double} double and {single} single blocks, but this transformer "
+            f"has {num_double} double and {num_single} single blocks: choose at most {most}.")
+    return double, single
+
+
+def swap_blocks(transformer, n: int, *, nf4: bool, checkpointing: bool):
+    """Keep the frozen weights of the last blocks in CPU memory, each moved to the GPU only while it
+    computes (``engine.block_swap``)."""
+    from lora_gui.engine.block_swap import BlockSwap
+
+    if nf4:
+        raise ModelLoadError("advanced.blocks_to_swap does not combine with advanced.nf4_base (4-bit weights are "
+                             "quantized on the GPU and cannot be copied back and forth): NF4 alone fits FLUX.1-dev's "
+                             "transformer in about 6.5 GB; turn one of them off.")
+    if not checkpointing:  # autograd keeps the weights a forward used; a checkpoint's recomputation takes them anew
+        raise ModelLoadError("advanced.blocks_to_swap needs training.gradient_checkpointing: without it the backward "
+                             "pass keeps the GPU copy of every swapped block from the forward pass, so nothing is "
+                             "saved; turn gradient checkpointing on.")
+    doubles, singles = list(transformer.transformer_blocks), list(transformer.single_transformer_blocks)
+    double, single = swap_plan(len(doubles), len(singles), n)
+    return BlockSwap(doubles[len(doubles) - double:] + singles[len(singles) - single:])
 
 
 def refuse_sd_settings(settings) -> None:
@@ -68,6 +99,13 @@ class Flux(ModelFamily):
             parse_block_indices(settings.advanced.flux_block_indices)
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
+        if settings.advanced.blocks_to_swap:
+            model.block_swap = swap_blocks(model.unet, settings.advanced.blocks_to_swap,
+                                           nf4=settings.advanced.nf4_base,
+                                           checkpointing=settings.training.gradient_checkpointing)
+            if not torch.cuda.is_available():
+                model.notes.append("advanced.blocks_to_swap: on the CPU the swapped blocks have no other memory to "
+                                   "go to; they are copied within it (the same result, no memory saved).")
         return model
 
     def text_encoders(self, model):
@@ -88,7 +126,7 @@ class Flux(ModelFamily):
         return None
 
     def with_unet(self, model, unet):
-        return dataclasses.replace(model, unet=unet)
+        return dataclasses.replace(model, unet=unet, block_swap=None)  # the swap belongs to the model's own blocks
 
     def meta_denoiser(self, model):
         from diffusers import FluxTransformer2DModel
@@ -171,6 +209,9 @@ class Flux(ModelFamily):
         for layer in layers.values():  # float32 LoRA on any base precision, as LoraNetwork.apply
             for module in (layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]):
                 module.to(torch.float32).requires_grad_(True)
+        if model.block_swap is not None:  # the swapped blocks' LoRA lives on the device like the rest
+            swapped = {id(p) for b in model.block_swap.blocks for p in b.parameters()}
+            model.block_swap.settle_trainable(next(p.device for p in model.unet.parameters() if id(p) not in swapped))
         network = LoraNetwork(spec, layers, {})
         network.flux_modules = modules
         return network
@@ -200,15 +241,16 @@ class Flux(ModelFamily):
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.noise_scheduler.config), vae=model.vae,
             text_encoder=model.text_encoder, tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2,
             tokenizer_2=model.tokenizer_2, transformer=model.unet)
-        # kohya's prompt syntax: --g is Flux's guidance (dev); there is no classifier-free guidance.
-        prompts = [dataclasses.replace(p, cfg_scale=p.guidance if p.guidance is not None else DEFAULT_SAMPLE_GUIDANCE)
-                   for p in prompts]
+        # kohya's prompt syntax: --g is Flux's guidance (dev); there is no classifier-free guidance, and
+        # the sampler is always the flow-matching Euler scheduler above (SD's samplers do not apply: --s is ignored).
+        prompts = [dataclasses.replace(p, cfg_scale=p.guidance if p.guidance is not None else DEFAULT_SAMPLE_GUIDANCE,
+                                       sampler=None) for p in prompts]
 
         def embeds(p) -> dict:
             states, pooled = encode([p.prompt])
             return {"prompt_embeds": states.to(device, dtype), "pooled_prompt_embeds": pooled.to(device, dtype)}
 
-        return render_samples(pipe, prompts, embeds, sampler="euler", seed=settings.samples.test_seed,
+        return render_samples(pipe, prompts, embeds, sampler=None, scheduler_config=None, seed=settings.samples.test_seed,
                               out_dir=out_dir, stem=stem)
 
     def write_demo_model(self, model_dir: Path, single_file: Path, seed: int) -> None:

@@ -73,6 +73,7 @@ class FluxModel:
     guidance_scale: float = 1.0
     prediction_type: str = "raw"
     lora_options: object = None  # settings.advanced: which blocks and linears the LoRA trains
+    block_swap: object = None  # engine.block_swap.BlockSwap when advanced.blocks_to_swap > 0
     notes: list[str] = field(default_factory=list)
     config_dir: Path | None = None
     version: str = VERSION
