@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lora_gui.engine.blocks import block_index
+from lora_gui.engine.blocks import SD_BLOCKS, BlockLayout
 from lora_gui.settings import TrainingSettings
 
 
@@ -300,18 +300,18 @@ def _named_scheduler(t, optimizer, warmup: int, total: int, extra: dict[str, Any
 # --- LoRA parameter groups ---------------------------------------------------------------------
 
 def lora_param_groups(modules: dict[str, tuple[list, list]], part: str, lr: float, *,
-                      plus_ratio: float = 0.0, block_weights: list[float] | None = None
-                      ) -> list[dict[str, Any]]:
+                      plus_ratio: float = 0.0, block_weights: list[float] | None = None,
+                      layout: BlockLayout = SD_BLOCKS) -> list[dict[str, Any]]:
     """Optimizer param groups of one model part (sd-scripts ``prepare_optimizer_params``).
 
     ``modules``: kohya name -> (lora_down params, lora_up params). With LoRA+ (Hayou et al. 2024,
     "LoRA+: Efficient Low Rank Adaptation of Large Models") the lora_up weights get lr x plus_ratio;
-    with block weights each U-Net block gets lr x its factor. Groups whose LR is 0 are left out (those
+    with block weights each U-Net block (numbered as ``layout`` says) gets lr x its factor. Groups whose LR is 0 are left out (those
     weights are not trained), as sd-scripts does. Each group carries a ``name`` for the logs.
     """
     by_block: dict[int, list[str]] = {}
     for kohya_name in modules:
-        key = block_index(kohya_name) if block_weights is not None else -1
+        key = layout.index(kohya_name) if block_weights is not None else -1
         by_block.setdefault(key, []).append(kohya_name)
     groups = []
     for block, names in sorted(by_block.items()):
