@@ -164,6 +164,22 @@ def _check_arguments(cls, name: str, user: dict[str, Any]) -> None:
             f"remove it (accepted: {', '.join(k for k in accepted if k not in ('self', 'params'))})")
 
 
+def optimizer_record(settings: TrainingSettings) -> str:
+    """``ss_optimizer`` as sd-scripts ``get_optimizer`` writes it: the class's module and name, then
+    in brackets the arguments it passed besides the learning rate (sd-scripts' completions and the
+    user's optimizer_args), 'key=value' joined by commas (SGDNesterov's nesterov=True is passed
+    apart from them there, so it is not listed)."""
+    name = settings.training.optimizer
+    cls, defaults = optimizer_class(name)
+    user = dict(settings.optimizer_kwargs)
+    if name == "Adafactor":
+        kwargs = adafactor_arguments(user)
+    else:
+        kwargs = {**{k: v for k, v in defaults.items() if k != "nesterov"}, **user}
+    args = ",".join(f"{k}={v}" for k, v in kwargs.items())
+    return f"{cls.__module__}.{cls.__name__}" + (f"({args})" if args else "")
+
+
 def build_optimizer(settings: TrainingSettings, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     """The optimizer over ``groups`` (torch param groups, each with its own ``lr``), as sd-scripts
     ``get_optimizer``: the user's ``optimizer_args`` over sd-scripts' defaults for that name."""
