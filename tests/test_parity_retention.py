@@ -161,3 +161,16 @@ def test_a_resumed_run_finds_its_earlier_periodic_saves(tmp_path, monkeypatch, k
     t.progress.step = t.progress.epoch = 6
     (checkpoint.save_step if kind == "step" else checkpoint.save_epoch)(t, 6)
     assert _left(tmp_path) == {f"{stem}000003.safetensors", f"{stem}000006.safetensors"}
+
+
+def test_a_stop_right_after_a_step_save_still_saves_the_state(tmp_path, monkeypatch):
+    """A Stop at a step that was just saved (without state) saves the state to resume from beside
+    that LoRA instead of returning none."""
+    t, logs = _trainer(tmp_path, monkeypatch, "images.save_every_n_steps=2")
+    t.progress.step = 4
+    checkpoint.save_step(t, 4)
+    path, state = checkpoint.save(t, "demo-step000004", state=True)
+    assert path.name == "demo-step000004.safetensors" and state == tmp_path / "demo-step000004-state"
+    assert state.is_dir() and logs[-1] == f"Saved the state {state}"
+    assert checkpoint.save(t, "demo-step000004", state=True) == (path, state)  # once only
+    assert _left(tmp_path) == {"demo-step000004.safetensors", "demo-step000004-state"}

@@ -66,7 +66,12 @@ def save(t, stem: str, *, state: bool, final: bool = False) -> tuple[Path, Path 
     path = t.out_dir / f"{stem}.{m.save_as}"
     state_dir = t.out_dir / f"{stem}-state"
     if path in t.saved:  # saved at this very step already (decided alike on every process)
-        return path, (state_dir if state_dir.exists() else None)
+        if state and state_dir not in t.saved:  # e.g. a Stop right after a step save without state
+            t.saved.add(state_dir)
+            state_files.save_state(t, state_dir)
+            t.files.append(state_dir)
+            t.log(f"Saved the state {state_dir}")
+        return path, (state_dir if state_dir in t.saved else None)
     t.saved.add(path)
     t.acc.wait_for_everyone()
     with averaged_weights(t.optimizer):  # schedule-free: save the averaged weights
@@ -84,6 +89,7 @@ def save(t, stem: str, *, state: bool, final: bool = False) -> tuple[Path, Path 
         path = save_lora(path, tensors, metadata, m.save_as)
         t.files.append(path)
     if state:
+        t.saved.add(state_dir)
         state_files.save_state(t, state_dir)
         t.files.append(state_dir)
     loss = validation_now(t)
