@@ -60,7 +60,7 @@ def block_layout(family: str, adv) -> BlockLayout | None:
         if given:
             raise BlockSettingError(
                 f"advanced.{given[0]}: block-wise LR weights and block dims/alphas are for the SD and SDXL "
-                "U-Nets; sd-scripts' Flux LoRA (networks/lora_flux.py) has no such blocks. Clear it for Flux.")
+                "U-Nets; sd-scripts' Flux LoRA (networks/lora_flux.py) reads none of them. Clear it for Flux.")
         return None
     for name in (n for n in given if n in BLOCK_SETTINGS[3:]):  # dims and alphas: one per block
         count = len(str(getattr(adv, name)).split(","))

@@ -156,7 +156,7 @@ class Retention:
         self.saves: list[_Save] = []
         self.newest = {"epoch": 0, "step": 0}
 
-    def add(self, kind: str, number: int, path: Path, state_dir: Path | None,
+    def add(self, kind: str, number: int, path: Path | None, state_dir: Path | None,
             loss: float | None = None) -> None:
         if any(s.kind == kind and s.number == number for s in self.saves):
             return  # the same save registered twice (e.g. resumed at that very save)
