@@ -193,3 +193,39 @@ def test_use_wandb_and_lycoris_and_flux_types():
     s, report = convert({"LoRA_type": "Flux1", "flux1_checkbox": True})  # Flux landed (issue #14)
     assert report.mapped["LoRA_type"] == "advanced.network_type" and s.advanced.network_type == "LoRA"
     assert s.model.family == "flux"
+
+
+def test_dreambooth_flux_file_keys_map_to_clip_l_and_t5xxl():
+    """kohya_ss dreambooth_gui.py passes flux1_clip_l / flux1_t5xxl as sd-scripts' --clip_l /
+    --t5xxl when flux1_checkbox is on (and they win over the SD3 tab's clip_l / t5xxl there); an
+    empty one leaves clip_l / t5xxl as the file gives them."""
+    s, report = convert({"flux1_checkbox": True, "flux1_clip_l": "/m/clip_l.safetensors",
+                         "flux1_t5xxl": "/m/t5xxl_fp16.safetensors", "clip_l": "/other/clip.safetensors"})
+    assert (s.model.clip_l, s.model.t5xxl) == ("/m/clip_l.safetensors", "/m/t5xxl_fp16.safetensors")
+    assert report.mapped["flux1_clip_l"] == "model.clip_l" and "wins" in report.not_applicable["clip_l"]
+    s, report = convert({"clip_l": "/m/c.safetensors", "flux1_clip_l": "", "flux1_t5xxl": ""})
+    assert s.model.clip_l == "/m/c.safetensors" and s.model.t5xxl == ""
+    assert report.mapped["clip_l"] == "model.clip_l" and "flux1_clip_l" in report.defaulted
+
+
+def test_num_cpu_threads_per_process_becomes_an_accelerate_launch_flag():
+    """kohya_ss class_accelerate_launch.py: --num_cpu_threads_per_process N on accelerate launch."""
+    s, report = convert({"num_cpu_threads_per_process": 2})
+    assert s.launch.extra_accelerate_launch_args == "--num_cpu_threads_per_process 2"
+    assert report.mapped["num_cpu_threads_per_process"] == "launch.extra_accelerate_launch_args"
+    s, _ = convert({"num_cpu_threads_per_process": 4, "extra_accelerate_launch_args": "--tee 3"})
+    assert s.launch.extra_accelerate_launch_args == "--tee 3 --num_cpu_threads_per_process 4"
+    s, report = convert({"num_cpu_threads_per_process": 4,
+                         "extra_accelerate_launch_args": "--num_cpu_threads_per_process 8"})
+    assert s.launch.extra_accelerate_launch_args == "--num_cpu_threads_per_process 8"
+    assert "wins" in report.not_applicable["num_cpu_threads_per_process"]
+    _, report = convert({"num_cpu_threads_per_process": "many"})
+    assert "threads" in report.rejected["num_cpu_threads_per_process"]
+
+
+def test_reasons_name_the_setting_a_user_reaches_for():
+    """Keys without a setting say what to use instead, where there is something."""
+    assert "down_lr_weight" in NOT_APPLICABLE["block_lr"]
+    assert "log_tracker_config" in NOT_APPLICABLE["wandb_run_name"]
+    for key in ("flux1_clip_l", "flux1_t5xxl", "num_cpu_threads_per_process"):
+        assert key not in NOT_APPLICABLE

@@ -316,6 +316,33 @@ def test_network_arg_settings_are_recorded_in_ss_network_args(override, key, val
                                                    step=4, final=False)
 
 
+@pytest.mark.parametrize(("overrides", "recorded"), [
+    (["training.optimizer=AdamW"], "torch.optim.adamw.AdamW"),
+    (["training.optimizer=AdamW8bit", 'training.optimizer_args="weight_decay=0.1" "betas=0.9,0.99"'],
+     "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.1,betas=(0.9, 0.99))"),
+    (["training.optimizer=Adafactor", "training.lr_scheduler=adafactor", "training.lr_warmup_steps=0"],
+     "transformers.optimization.Adafactor(relative_step=True)"),
+    (["training.optimizer=SGDNesterov"], "torch.optim.sgd.SGD(momentum=0.9)"),
+])
+def test_ss_optimizer_names_the_class_and_its_arguments_as_get_optimizer(overrides, recorded):
+    """train_util.get_optimizer: optimizer_name = class.__module__ + '.' + class.__name__,
+    optimizer_args = ','.join(f'{k}={v}') of the arguments besides lr; train_network.py records
+    ss_optimizer = name + (f'({args})' if args)."""
+    from lora_gui.engine.metadata import build_metadata
+    from lora_gui.engine.optim import optimizer_record
+
+    s = io.apply_overrides(io.validate_document({}), overrides)
+    assert optimizer_record(s) == recorded
+    facts = _facts()
+    facts.optimizer = recorded
+    assert build_metadata(s, facts, epoch=1, step=4, final=False)["ss_optimizer"] == recorded
+
+
+def test_a_run_records_ss_optimizer_as_get_optimizer(run):
+    out, result, _ = run  # the demo preset trains with AdamW and no optimizer_args
+    assert _metadata(result.output_path)["ss_optimizer"] == "torch.optim.adamw.AdamW"
+
+
 def test_vae_and_base_file_hashes_as_train_network_writes_them(tmp_path):
     """train_network.py: ss_vae_name = the file's name, ss_vae_hash = train_util.model_hash (sha256
     of bytes 0x100000..0x110000, 8 hex digits), ss_new_vae_hash = calculate_sha256; a diffusers

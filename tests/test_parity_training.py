@@ -293,7 +293,7 @@ def _ranks(t) -> dict[str, tuple[int, float]]:
 def test_block_dims_alphas_and_conv_block_dims(demo, tmp_path):
     """25 blocks IN0..IN11, MID, OUT0..OUT11: IN1 rank 8 alpha 4, IN2 rank 0 (no LoRA), the rest rank 4
     alpha 2; conv (3x3) LoRA only in IN4 (rank 3, alpha 1.5)."""
-    from lora_gui.engine.network import block_index
+    from lora_gui.engine.blocks import block_index
 
     dims = ["4"] * 25
     dims[1], dims[2] = "8", "0"
@@ -321,7 +321,7 @@ def test_block_dims_alphas_and_conv_block_dims(demo, tmp_path):
 def test_zero_block_lr_weight_leaves_the_block_out(demo, tmp_path):
     """remove_block_dims_and_alphas: a block whose LR weight is 0 (or not above the threshold) gets
     no LoRA module at all, so the saved file has none there either."""
-    from lora_gui.engine.network import block_index
+    from lora_gui.engine.blocks import block_index
 
     t = set_up(demo_settings(demo, tmp_path, "advanced.down_lr_weight=1,1,0.2", "advanced.block_lr_zero_threshold=0.3"))
     blocks = {block_index(n) for n in _ranks(t) if n.startswith("lora_unet_")}

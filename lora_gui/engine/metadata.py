@@ -41,6 +41,7 @@ class RunFacts:
     total_batch_size: int = 0
     num_validation_images: int = 0
     file_hashes: dict = field(default_factory=dict)  # ss_sd_model_hash, ss_vae_name, ...
+    optimizer: str = ""  # ss_optimizer as get_optimizer names it (optim.optimizer_record)
 
 
 def _s(value) -> str:
@@ -55,6 +56,8 @@ def _s(value) -> str:
 
 def gather_facts(t) -> RunFacts:
     """The facts of a set-up trainer ``t`` (its dataset, plan, model and accelerator)."""
+    from lora_gui.engine.optim import optimizer_record
+
     s, info, data = t.settings, t.info, t.dataset
     held_out = set(getattr(data, "held_out", ()))
     processes = t.acc.num_processes
@@ -70,7 +73,8 @@ def gather_facts(t) -> RunFacts:
         num_batches_per_epoch=math.ceil(t.plan.batches_per_epoch / processes),
         total_batch_size=s.effective_batch_size(processes), num_validation_images=len(held_out),
         # Only the main process saves, so only it reads the base model file through for its hash.
-        file_hashes=model_file_hashes(s.model.base_model, s.model.vae) if t.is_main else {})
+        file_hashes=model_file_hashes(s.model.base_model, s.model.vae) if t.is_main else {},
+        optimizer=optimizer_record(s))
 
 
 def kohya_tag_frequency(info) -> dict[str, dict[str, int]]:
@@ -223,7 +227,8 @@ def build_metadata(s: TrainingSettings, facts: RunFacts, *, epoch: int, step: in
     if s.model.no_meta:
         return {**minimal_metadata(s, facts), **modelspec(s, facts, now)}
     return {**minimal_metadata(s, facts), **_run_record(s, facts, epoch, step, now),
-            **_settings_record(s), **_dataset_record(s, facts), **facts.file_hashes,
+            **_settings_record(s), **({"ss_optimizer": facts.optimizer} if facts.optimizer else {}),
+            **_dataset_record(s, facts), **facts.file_hashes,
             **modelspec(s, facts, now)}
 
 

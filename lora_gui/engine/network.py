@@ -39,7 +39,7 @@ from peft.tuners.lora import LoraLayer  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 
 from lora_gui.atomic import atomic_open  # noqa: E402
-from lora_gui.engine.blocks import NUM_BLOCKS, block_index, block_lr_weights  # noqa: E402
+from lora_gui.engine.blocks import SD_BLOCKS, BlockLayout, block_lr_weights  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,10 @@ class NetworkSpec:
     module_dropout: float = 0.0
     train_unet: bool = True
     train_text_encoder: bool = True
-    # sd-scripts block_dims/block_alphas (25 U-Net blocks, Linear and 1x1 conv modules) and
-    # conv_block_dims/_alphas (kxk convs; None = no conv LoRA); a rank of 0 leaves a block out.
+    # sd-scripts block_dims/block_alphas (one per U-Net block of ``blocks``: SD 25, SDXL 23; Linear
+    # and 1x1 conv modules) and conv_block_dims/_alphas (kxk convs; None = no conv LoRA); a rank of
+    # 0 leaves a block out.
+    blocks: BlockLayout = SD_BLOCKS
     block_ranks: tuple[tuple[int, float], ...] | None = None
     conv_block_ranks: tuple[tuple[int, float], ...] | None = None
     # dim_from_weights: kohya name -> (rank, alpha) read from a LoRA file; other modules get none.
@@ -92,13 +94,15 @@ class NetworkSpec:
             raise ValueError("Train at least one of the U-Net and the text encoder.")
 
     @classmethod
-    def from_settings(cls, settings) -> NetworkSpec:
-        """The network a run trains, read from its (already validated) settings."""
+    def from_settings(cls, settings, blocks: BlockLayout = SD_BLOCKS) -> NetworkSpec:
+        """The network a run trains, read from its (already validated) settings; ``blocks`` is the
+        family's U-Net block numbering (``blocks.block_layout``)."""
         tr, adv = settings.training, settings.advanced
         spec = cls(rank=tr.network_dim, alpha=tr.network_alpha, conv_rank=adv.conv_dim,
                    conv_alpha=adv.conv_alpha, dropout=adv.network_dropout,
                    rank_dropout=adv.rank_dropout, module_dropout=adv.module_dropout,
-                   train_unet=settings.train_unet, train_text_encoder=settings.train_text_encoder)
+                   train_unet=settings.train_unet, train_text_encoder=settings.train_text_encoder,
+                   blocks=blocks)
         spec.block_ranks, spec.conv_block_ranks = spec.per_block(adv)
         return spec
 
@@ -108,13 +112,14 @@ class NetworkSpec:
         block-wise LR weights are given; missing lists are the network's rank/alpha (conv: the conv
         rank/alpha, or none); blocks whose LR weight is 0 get no LoRA at all."""
         lr_weights = block_lr_weights(adv.down_lr_weight, adv.mid_lr_weight, adv.up_lr_weight,
-                                      adv.block_lr_zero_threshold)
+                                      adv.block_lr_zero_threshold, self.blocks)
         if not adv.block_dims.strip() and lr_weights is None:
             return None, None
 
         def table(dims: str, alphas: str, rank: int, alpha: float) -> list[tuple[int, float]]:
-            d = [int(v) for v in dims.split(",")] if dims.strip() else [rank] * NUM_BLOCKS
-            a = [float(v) for v in alphas.split(",")] if alphas.strip() else [alpha] * NUM_BLOCKS
+            n = self.blocks.total
+            d = [int(v) for v in dims.split(",")] if dims.strip() else [rank] * n
+            a = [float(v) for v in alphas.split(",")] if alphas.strip() else [alpha] * n
             return [(r if lr_weights is None or lr_weights[i] else 0, a[i]) for i, r in enumerate(d)]
 
         blocks = table(adv.block_dims, adv.block_alphas, self.rank, self.alpha)
@@ -129,7 +134,7 @@ class NetworkSpec:
             return self.module_ranks.get(target.kohya_name, (0, 0.0))
         if target.part == "unet" and self.block_ranks is not None:
             table = self.conv_block_ranks if target.is_conv else self.block_ranks
-            index = block_index(target.kohya_name)
+            index = self.blocks.index(target.kohya_name)
             return table[index] if table is not None and index >= 0 else (0, 0.0)
         return (self.conv_rank, self.effective_conv_alpha) if target.is_conv else (self.rank, self.alpha)
 

@@ -111,11 +111,14 @@ class LycorisSpec:
         return args
 
 
-def network_spec(settings):
-    """The network a run trains: kohya's LoRA (peft, ``NetworkSpec``) or a LyCORIS one."""
+def network_spec(settings, blocks=None):
+    """The network a run trains: kohya's LoRA (peft, ``NetworkSpec``; ``blocks`` the U-Net's block
+    numbering, ``blocks.block_layout``) or a LyCORIS one."""
     from lora_gui.engine.network import NetworkSpec
 
-    return LycorisSpec.from_settings(settings) if uses_lycoris(settings) else NetworkSpec.from_settings(settings)
+    if uses_lycoris(settings):
+        return LycorisSpec.from_settings(settings)
+    return NetworkSpec.from_settings(settings, **({"blocks": blocks} if blocks else {}))
 
 
 def apply_network(unet: nn.Module | None, text_encoders, spec):

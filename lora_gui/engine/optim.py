@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lora_gui.engine.blocks import block_index
+from lora_gui.engine.blocks import SD_BLOCKS, BlockLayout
 from lora_gui.settings import TrainingSettings
 
 
@@ -164,6 +164,22 @@ def _check_arguments(cls, name: str, user: dict[str, Any]) -> None:
             f"remove it (accepted: {', '.join(k for k in accepted if k not in ('self', 'params'))})")
 
 
+def optimizer_record(settings: TrainingSettings) -> str:
+    """``ss_optimizer`` as sd-scripts ``get_optimizer`` writes it: the class's module and name, then
+    in brackets the arguments it passed besides the learning rate (sd-scripts' completions and the
+    user's optimizer_args), 'key=value' joined by commas (SGDNesterov's nesterov=True is passed
+    apart from them there, so it is not listed)."""
+    name = settings.training.optimizer
+    cls, defaults = optimizer_class(name)
+    user = dict(settings.optimizer_kwargs)
+    if name == "Adafactor":
+        kwargs = adafactor_arguments(user)
+    else:
+        kwargs = {**{k: v for k, v in defaults.items() if k != "nesterov"}, **user}
+    args = ",".join(f"{k}={v}" for k, v in kwargs.items())
+    return f"{cls.__module__}.{cls.__name__}" + (f"({args})" if args else "")
+
+
 def build_optimizer(settings: TrainingSettings, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     """The optimizer over ``groups`` (torch param groups, each with its own ``lr``), as sd-scripts
     ``get_optimizer``: the user's ``optimizer_args`` over sd-scripts' defaults for that name."""
@@ -300,18 +316,18 @@ def _named_scheduler(t, optimizer, warmup: int, total: int, extra: dict[str, Any
 # --- LoRA parameter groups ---------------------------------------------------------------------
 
 def lora_param_groups(modules: dict[str, tuple[list, list]], part: str, lr: float, *,
-                      plus_ratio: float = 0.0, block_weights: list[float] | None = None
-                      ) -> list[dict[str, Any]]:
+                      plus_ratio: float = 0.0, block_weights: list[float] | None = None,
+                      layout: BlockLayout = SD_BLOCKS) -> list[dict[str, Any]]:
     """Optimizer param groups of one model part (sd-scripts ``prepare_optimizer_params``).
 
     ``modules``: kohya name -> (lora_down params, lora_up params). With LoRA+ (Hayou et al. 2024,
     "LoRA+: Efficient Low Rank Adaptation of Large Models") the lora_up weights get lr x plus_ratio;
-    with block weights each U-Net block gets lr x its factor. Groups whose LR is 0 are left out (those
+    with block weights each U-Net block (numbered as ``layout`` says) gets lr x its factor. Groups whose LR is 0 are left out (those
     weights are not trained), as sd-scripts does. Each group carries a ``name`` for the logs.
     """
     by_block: dict[int, list[str]] = {}
     for kohya_name in modules:
-        key = block_index(kohya_name) if block_weights is not None else -1
+        key = layout.index(kohya_name) if block_weights is not None else -1
         by_block.setdefault(key, []).append(kohya_name)
     groups = []
     for block, names in sorted(by_block.items()):

@@ -178,15 +178,15 @@ def _cache_latents(t) -> None:
 
 
 def _build_network(t) -> None:
-    from lora_gui.engine.blocks import BlockSettingError
+    from lora_gui.engine.blocks import BlockSettingError, block_layout
     from lora_gui.engine.network import NetworkSpec, load_lora_file, ranks_in_file
     from lora_gui.engine.network_lycoris import check_file_type, network_spec, spec_label
 
     s, m = t.settings, t.settings.model
     tensors = load_lora_file(m.lora_model_for_resume)[0] if m.lora_model_for_resume.strip() else None
-    try:
-        spec = network_spec(s)  # kohya's LoRA or a LyCORIS network
-    except BlockSettingError as exc:  # a block-wise LR weight that is not a number list
+    try:  # kohya's LoRA or a LyCORIS network; the blocks as the family's U-Net numbers them
+        spec = network_spec(s, block_layout(t.family.name, s.advanced))
+    except BlockSettingError as exc:  # a block-wise setting that is not a number list or not for this family
         raise EngineError(str(exc)) from None
     if s.advanced.dim_from_weights and tensors is not None and isinstance(spec, NetworkSpec):
         spec.module_ranks = ranks_in_file(tensors)  # sd-scripts create_network_from_weights
@@ -270,20 +270,21 @@ def _build_optimizer(t) -> None:
 def _param_groups(t) -> list[dict]:
     """The LoRA's optimizer groups (sd-scripts ``prepare_optimizer_params``): U-Net, then text
     encoder, each with its LoRA+ ratio; the U-Net's split by block with block-wise LR weights."""
-    from lora_gui.engine.blocks import BlockSettingError, block_lr_weights
+    from lora_gui.engine.blocks import SD_BLOCKS, BlockSettingError, block_layout, block_lr_weights
     from lora_gui.engine.optim import lora_param_groups
 
     s, adv = t.settings, t.settings.advanced
     try:
+        layout = block_layout(t.family.name, adv) or SD_BLOCKS
         blocks = block_lr_weights(adv.down_lr_weight, adv.mid_lr_weight, adv.up_lr_weight,
-                                  adv.block_lr_zero_threshold)
+                                  adv.block_lr_zero_threshold, layout)
     except BlockSettingError as exc:
         raise EngineError(str(exc)) from None
     groups = []
     if s.train_unet:
         groups += lora_param_groups(t.network.module_parameters("unet"), "unet", s.effective_unet_lr,
                                     plus_ratio=adv.loraplus_unet_lr_ratio or adv.loraplus_lr_ratio,
-                                    block_weights=blocks)
+                                    block_weights=blocks, layout=layout)
     if s.train_text_encoder:
         groups += lora_param_groups(t.network.module_parameters("text_encoder"), "textencoder",
                                     s.effective_text_encoder_lr,

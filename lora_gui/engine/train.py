@@ -72,7 +72,7 @@ class Trainer:
         self.saved: set[Path] = set()  # LoRA paths saved by this run, on every process
         self.losses: list[float] = []
         self.validation_losses: list[tuple[int, float]] = []
-        self.ranked_saves: list[tuple[float, Path, Path | None]] = []  # keep_best_checkpoints
+        self.retention = None  # checkpoint.Retention: which periodic saves the settings keep
         self._pending: list[tuple[int, int, torch.Tensor, float]] = []
         self._micro_losses: list[torch.Tensor] = []
         self._norm_figures: dict[int, dict] = {}  # step -> max-norm figures (scale_weight_norms)
@@ -218,7 +218,7 @@ class Trainer:
                 and not _every(s.training.validation_every_n_steps, p.step):
             evaluation.validate(self, epoch)
         if _every(s.images.save_every_n_epochs, epoch) and not last:
-            checkpoint.save_epoch(self, epoch)  # ranked: keep_best_checkpoints
+            checkpoint.save_epoch(self, epoch)  # then the retention rules
         if _every(s.samples.sample_every_n_epochs, epoch):
             evaluation.sample(self, p.step, epoch)
 

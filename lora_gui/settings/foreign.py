@@ -43,7 +43,7 @@ _LYCORIS_TYPES = {"locon": "LoCon", "lycoris/locon": "LoCon", "lycoris/loha": "L
                   "lycoris/boft": "BOFT"}
 # When both keys of a pair are set, the second one wins (as sd-scripts reads them).
 _LOSES_TO = {"epoch": "max_train_epochs", "num_epochs": "max_train_epochs",
-             "learning_rate_te": "text_encoder_lr"}
+             "learning_rate_te": "text_encoder_lr", "clip_l": "flux1_clip_l", "t5xxl": "flux1_t5xxl"}
 _UNKNOWN = "not a setting lora-gui knows, and no open issue adds it"
 
 
@@ -345,6 +345,7 @@ def _post(doc: dict[str, Any], out: ForeignImport) -> None:
     _lora_type(doc, out)
     _warmup(doc, out)
     _noise_offset_type(doc, out)
+    _launch_threads(doc, out)
     if _get(out, "unet_lr") == 0 and _get(out, "text_encoder_lr") == 0 \
             and not _get(out, "unet_only") and not _get(out, "text_only"):
         _set(out, "unet_lr", None)
@@ -354,6 +355,22 @@ def _post(doc: dict[str, Any], out: ForeignImport) -> None:
     if _get(out, "max_steps", 0) and ("epoch" in doc or "num_epochs" in doc):
         out.notes.append(f"max steps = {_get(out, 'max_steps')} overrides the epoch count; set it to "
                          "0 to train by epochs")
+
+
+def _launch_threads(doc: dict[str, Any], out: ForeignImport) -> None:
+    """kohya_ss passes num_cpu_threads_per_process to accelerate launch (class_accelerate_launch.py);
+    here it is an accelerate launch flag too, used when a run has several processes."""
+    if "num_cpu_threads_per_process" not in doc:
+        return
+    key, threads = "num_cpu_threads_per_process", _number(doc["num_cpu_threads_per_process"], int)
+    extra = str(_get(out, "extra_accelerate_launch_args", "") or "")
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        out.rejected[key] = f"{doc[key]!r} is not a number of threads (1 or more)"
+    elif "--num_cpu_threads_per_process" in extra:
+        out.not_applicable[key] = "extra_accelerate_launch_args also gives it and wins"
+    else:
+        _set(out, "extra_accelerate_launch_args", f"{extra} --{key} {threads}".strip())
+        out.mapped[key] = "launch.extra_accelerate_launch_args"
 
 
 def _eight_bit_adam(doc: dict[str, Any], out: ForeignImport) -> None:

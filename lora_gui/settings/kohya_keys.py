@@ -19,6 +19,9 @@ ALIASES: dict[str, str] = {
     "sdxl": "family", "sdxl_checkbox": "family", "flux1_checkbox": "family",
     # Flux (kohya_ss's Flux.1 tab)
     "train_blocks": "flux_train_blocks", "t5xxl_max_token_len": "t5xxl_max_token_length",
+    # kohya_ss's DreamBooth tab names the Flux CLIP-L and T5-XXL files so (dreambooth_gui.py passes
+    # them as clip_l / t5xxl when flux1_checkbox is on)
+    "flux1_clip_l": "clip_l", "flux1_t5xxl": "t5xxl",
     # images and length of the run
     "train_resolution": "resolution", "max_resolution": "resolution", "enable_bucket": "buckets",
     "min_bucket_reso": "min_bucket_resolution", "max_bucket_reso": "max_bucket_resolution",
@@ -48,12 +51,12 @@ ALIASES: dict[str, str] = {
 
 # Keys whose value is read while converting others (they are reported with what they decided).
 HELPERS = frozenset({"use_8bit_adam", "LoRA_type", "lr_warmup", "noise_offset_type",
-                     "additional_parameters"})
+                     "additional_parameters", "num_cpu_threads_per_process"})
 
 # kohya_ss writes 0 for "not set" in these (it passes None to sd-scripts then): the default is kept.
 ZERO_IS_UNSET = frozenset({"max_timestep", "max_train_epochs", "stop_text_encoder_training_pct"})
 # ... and "" for these text settings (kohya_ss leaves them empty when a dataset_config TOML holds them).
-EMPTY_IS_UNSET = frozenset({"caption_extension"})
+EMPTY_IS_UNSET = frozenset({"caption_extension", "flux1_clip_l", "flux1_t5xxl"})
 
 # foreign key -> the open issue that adds the setting (the value is kept out until it lands).
 # Empty now: Flux (issue #14) and several GPUs (issue #15) have landed.
@@ -76,8 +79,10 @@ NOT_APPLICABLE: dict[str, str] = {
     **dict.fromkeys(("model_list", "save_as_bool"), _GUI),
     **dict.fromkeys(("caption_metadata_filename", "latent_metadata_filename", "full_path",
                      "create_buckets", "create_caption", "image_folder", "train_dir",
-                     "use_latent_files", "dataset_repeats", "train_text_encoder", "block_lr"),
-                    _FINETUNE),
+                     "use_latent_files", "dataset_repeats", "train_text_encoder"), _FINETUNE),
+    "block_lr": "sdxl_train.py's learning rate per U-Net block for full fine-tuning (kohya_ss's "
+                "fine-tune tab); a LoRA's block-wise rates are down_lr_weight, mid_lr_weight and "
+                "up_lr_weight",
     **dict.fromkeys(("sd3_checkbox", "sd3_cache_text_encoder_outputs",
                      "sd3_cache_text_encoder_outputs_to_disk", "sd3_fused_backward_pass",
                      "sd3_text_encoder_batch_size", "clip_g", "save_clip", "save_t5xxl"), _SD3),
@@ -85,17 +90,13 @@ NOT_APPLICABLE: dict[str, str] = {
     **dict.fromkeys(("double_blocks_to_swap", "single_blocks_to_swap",
                      "cpu_offload_checkpointing", "split_mode", "t5xxl_device"), _MEMORY),
     **dict.fromkeys(("flux1_cache_text_encoder_outputs", "flux1_cache_text_encoder_outputs_to_disk"),
-                    "text-encoder outputs are cached whenever the text encoders are not trained and "
-                    "the captions do not change"),
-    **dict.fromkeys(("flux1_clip_l", "flux1_t5xxl"),
-                    "a switch of kohya_ss's Flux tab that lora-gui does not have: the CLIP-L and T5-XXL "
-                    "files are the clip_l and t5xxl settings"),
+                    "text-encoder outputs are cached (in memory, for the run) whenever the text "
+                    "encoders are not trained and the captions do not change"),
     "t5xxl_dtype": "T5-XXL loads in the same precision as the rest of the Flux model here",
     "apply_t5_attn_mask": "lora-gui's Flux encodes the T5 prompt as diffusers' FluxPipeline does "
                           "(no attention mask), so that training and sampling agree",
     "flux_fused_backward_pass": "a full fine-tuning option of sd-scripts (the optimizer fused into the "
                                 "backward pass); not available for LoRA training there either",
-    "num_cpu_threads_per_process": "an accelerate launch option: lora-gui starts its processes itself",
     "learning_rate_te1": "an SDXL DreamBooth key (a learning rate per SDXL text encoder for full "
                          "fine-tuning); a LoRA uses text_encoder_lr",
     "learning_rate_te2": "an SDXL DreamBooth key (a learning rate per SDXL text encoder for full "
@@ -119,10 +120,12 @@ NOT_APPLICABLE: dict[str, str] = {
     "fused_optimizer_groups": "a full fine-tuning option of sd-scripts; not available for LoRA "
                               "training there either",
     **dict.fromkeys(("dynamo_backend", "dynamo_mode", "dynamo_use_dynamic", "dynamo_use_fullgraph"),
-                    "torch.compile through accelerate's dynamo options is not offered by lora-gui"),
+                    "torch.compile (accelerate's dynamo options) is not offered: lora-gui's trainer "
+                    "never hands its models to accelerate to compile"),
     "wandb_api_key": "an API key is a secret and lora-gui does not keep secrets in settings files: "
                      "run 'wandb login' once (offline logging needs no key)",
-    "wandb_run_name": "the W&B run is named after the output name; the project is log_tracker_name",
+    "wandb_run_name": "the W&B run is named after the output name (the project is log_tracker_name); "
+                      "a [wandb] name = ... in the log_tracker_config file names it otherwise",
     "network_module": "lora-gui picks the module from the network type (networks.lora for LoRA, "
                       "lycoris.kohya for the LyCORIS types)",
     "log_prefix": "lora-gui names the log folder after the run; use log_tracker_name for the tracker",

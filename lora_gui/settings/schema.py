@@ -39,6 +39,7 @@ LOGGERS = ("tensorboard", "wandb", "all")
 # sd-scripts networks/lora.py: 12 down blocks, 1 mid block, 12 up blocks (SD 1.x/2.x U-Net);
 # block_dims/block_alphas list the 25 blocks IN0..IN11, MID, OUT0..OUT11.
 NUM_BLOCKS = 12
+SDXL_BLOCKS = 9  # SDXL: 9 input, 3 middle, 9 output blocks, and blocks 0 (embeddings) and 22 (out)
 # network_type: "LoRA" is kohya's networks.lora (peft here); the others are LyCORIS algorithms.
 NETWORK_TYPES = ("LoRA", "LoCon", "LoHa", "LoKr", "IA3", "GLoRA", "Full", "Diag-OFT", "BOFT")
 # lycoris-lora's built-in presets (lycoris/config.py PRESET).
@@ -247,7 +248,7 @@ class ImageSettings(Group):
         widget="number", ge=0)
     keep_best_checkpoints: int = setting(
         0, "Keep only the N intermediate LoRAs (save every N epochs) with the lowest validation "
-        "loss; the others are deleted as better ones arrive. The final LoRA is always kept. Needs "
+        "loss; the others are deleted as better ones arrive (unless 'save last N epochs' still keeps them). The final LoRA is always kept. Needs "
         "a validation split above 0. 0 = keep every intermediate LoRA.", widget="number", ge=0)
     save_every_n_steps: int = setting(
         0, "Also save an intermediate LoRA every N optimizer steps (NAME-step000500...; not at the "
@@ -255,7 +256,7 @@ class ImageSettings(Group):
         widget="number", ge=0)
     save_last_n_epochs: int = setting(
         0, "Keep only the last N per-epoch saves: older NAME-0000XX files are deleted when a new "
-        "one is written (the final LoRA is never deleted). 0 = keep all.", widget="number", ge=0,
+        "one is written, unless 'keep best checkpoints' keeps them (the final LoRA is never deleted). 0 = keep all.", widget="number", ge=0,
         advanced=True)
     save_last_n_epochs_state: int = setting(
         0, "Keep only the last N per-epoch state folders (overrides 'save last N epochs' for the "
@@ -666,14 +667,15 @@ class AdvancedSettings(Group):
         ge=0, le=128, advanced=True, label="LoRA+ text encoder LR ratio")
     down_lr_weight: str = setting(
         "", "Block-wise learning rate: up to 12 comma-separated weights for the U-Net's down "
-        "blocks IN0..IN11 (missing ones = 1), or a preset sine, cosine, linear, reverse_linear, "
+        "blocks IN0..IN11 (SDXL: 9, input blocks 0..8; extra ones are cut) (missing ones = 1), or a preset sine, cosine, linear, reverse_linear, "
         "zeros (with +number to shift, e.g. sine+0.5). Empty = 1 for every block.", widget="text", advanced=True, label="Down LR weights")
     mid_lr_weight: str = setting(
-        "", "Block-wise learning rate weight of the U-Net's middle block. Empty = 1.",
+        "", "Block-wise learning rate weight of the U-Net's middle block (SDXL: up to 3 weights, one per "
+        "middle block part). Empty = 1.",
         widget="text", advanced=True, label="Mid LR weight")
     up_lr_weight: str = setting(
         "", "Block-wise learning rate: 12 comma-separated weights for the U-Net's up blocks "
-        "(OUT0..OUT11), or a preset as for the down blocks. Empty = 1 for every block.",
+        "(OUT0..OUT11; SDXL: 9, output blocks 0..8), or a preset as for the down blocks. Empty = 1 for every block.",
         widget="text", advanced=True, label="Up LR weights")
     block_lr_zero_threshold: float = setting(
         0.0, "Blocks whose LR weight is at or below this value get no LoRA at all (not trained, "
@@ -681,16 +683,17 @@ class AdvancedSettings(Group):
         advanced=True, label="Block LR zero threshold")
     block_dims: str = setting(
         "", "Rank per U-Net block: 25 comma-separated numbers for IN0..IN11, MID, OUT0..OUT11 "
-        "of the SD 1.x/2.x U-Net. "
+        "of the SD 1.x/2.x U-Net; SDXL: 23 (0 embeddings, IN 1..9, MID 10..12, OUT 13..21, 22 out). "
+        "Not for Flux. "
         "Empty = the network rank everywhere.", widget="text", advanced=True)
     block_alphas: str = setting(
-        "", "Alpha per U-Net block (25 numbers as for the block dims). Empty = the network alpha.",
+        "", "Alpha per U-Net block (25 or, SDXL, 23 numbers as for the block dims). Empty = the network alpha.",
         widget="text", advanced=True)
     conv_block_dims: str = setting(
-        "", "Convolution (LoCon) rank per U-Net block (25 numbers; 0 = no conv LoRA there). Empty "
+        "", "Convolution (LoCon) rank per U-Net block (25, SDXL 23 numbers; 0 = no conv LoRA there). Empty "
         "= the conv rank everywhere.", widget="text", advanced=True)
     conv_block_alphas: str = setting(
-        "", "Convolution alpha per U-Net block (25 numbers). Empty = the conv alpha.",
+        "", "Convolution alpha per U-Net block (25, SDXL 23 numbers). Empty = the conv alpha.",
         widget="text", advanced=True)
     dim_from_weights: bool = setting(
         False, "Take the rank (and alpha) of each layer from the 'Start from LoRA' file instead of "
@@ -811,13 +814,14 @@ class AdvancedSettings(Group):
     @field_validator("block_dims", "conv_block_dims")
     @classmethod
     def _per_block_ints(cls, value: str) -> str:
-        """sd-scripts networks/lora.py get_block_dims_and_alphas: exactly one int per block."""
-        return _number_list(value, 2 * NUM_BLOCKS + 1, exact=True, integers=True)
+        """sd-scripts networks/lora.py get_block_dims_and_alphas: exactly one int per block (25 for
+        SD 1.x/2.x, 23 for SDXL; the engine checks the count against the model's family)."""
+        return _block_counts(_number_list(value, 2 * NUM_BLOCKS + 1, integers=True))
 
     @field_validator("block_alphas", "conv_block_alphas")
     @classmethod
     def _per_block(cls, value: str) -> str:
-        return _number_list(value, 2 * NUM_BLOCKS + 1, exact=True)
+        return _block_counts(_number_list(value, 2 * NUM_BLOCKS + 1))
 
     @field_validator("down_lr_weight", "up_lr_weight")
     @classmethod
@@ -836,7 +840,8 @@ class AdvancedSettings(Group):
     @field_validator("mid_lr_weight")
     @classmethod
     def _mid_weight(cls, value: str) -> str:
-        return _number_list(value, 1)
+        """SD 1.x/2.x reads 1 number, SDXL 3 (sd-scripts SDXL_NUM_OF_MID_BLOCKS); extra ones are cut."""
+        return _number_list(value, 3)
 
 
 class SampleSettings(Group):
@@ -1121,6 +1126,16 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _block_counts(text: str) -> str:
+    """A per-block list: one number for each of the 25 SD 1.x/2.x or 23 SDXL U-Net blocks."""
+    got = len(text.split(",")) if text else 0
+    if got not in (0, 2 * NUM_BLOCKS + 1, 2 * SDXL_BLOCKS + 3 + 2):
+        raise PydanticCustomError(
+            "number_list", "must be 25 comma-separated numbers (SD 1.x/2.x) or 23 (SDXL), one per "
+            "U-Net block (got {got}), or empty", {"got": f"{got}: {text}"})
+    return text
 
 
 def _number_list(value: str, count: int, *, exact: bool = False, integers: bool = False) -> str:
