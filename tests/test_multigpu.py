@@ -65,7 +65,10 @@ def _reap(clients: list[WorkerClient], root: Path) -> None:
     for client in clients:
         for popen in client._popens.values():
             if popen.poll() is None:
-                os.killpg(popen.pid, signal.SIGKILL)
+                try:
+                    os.killpg(popen.pid, signal.SIGKILL)
+                except ProcessLookupError:  # ended between poll() and killpg()
+                    popen.kill()
             popen.wait(10)
     for proc in _run_processes(root):
         proc.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
@@ -80,15 +81,23 @@ def strength_sweep(t, epoch: int) -> None:
     multiplier), once at the end of a finished run; the multiplier is 1 again afterwards."""
     from lora_gui.settings.schema import parse_strengths
 
+    from lora_gui.engine.sampling import image_seed
+
     strengths = parse_strengths(t.settings.samples.strength_sweep)
     if not strengths or not t.sample_prompts or not t.is_main:
         return
+    # Every strength renders with the same seed per prompt (drawn once here when neither --d nor
+    # samples.test_seed fixes it), so the images differ only by the LoRA's strength.
+    prompts = t.sample_prompts
+    t.sample_prompts = [dataclasses.replace(p, seed=image_seed(p, t.settings.samples.test_seed, i))
+                        for i, p in enumerate(prompts)]
     try:
         for strength in strengths:
             t.network.set_multiplier(strength)
             sample(t, t.progress.step, epoch, strength=strength)
     finally:
         t.network.set_multiplier(1.0)
+        t.sample_prompts = prompts
 
 
 @contextlib.contextmanager
