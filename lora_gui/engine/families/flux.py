@@ -208,8 +208,8 @@ class Flux(ModelFamily):
             states, pooled = encode([p.prompt])
             return {"prompt_embeds": states.to(device, dtype), "pooled_prompt_embeds": pooled.to(device, dtype)}
 
-        return render_samples(pipe, prompts, embeds, sampler="euler", seed=settings.samples.test_seed,
-                              out_dir=out_dir, stem=stem)
+        return render_samples(pipe, prompts, embeds, sampler="euler", scheduler_config=None,
+                              seed=settings.samples.test_seed, out_dir=out_dir, stem=stem)
 
     def write_demo_model(self, model_dir: Path, single_file: Path, seed: int) -> None:
         from lora_gui.engine.families.flux_demo import write_tiny_flux
