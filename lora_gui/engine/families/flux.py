@@ -110,7 +110,9 @@ class Flux(ModelFamily):
     def sample_timesteps(self, model, latents, generator, settings):
         """t = 1000 sigma, sigma drawn as advanced.timestep_sampling says."""
         adv = settings.advanced
-        sigmas = training_sigmas(adv.discrete_flow_shift)
+        # The scheduler's sigmas only for "sigma" sampling: the engine draws per sample, and building
+        # the 1000-step table for every sample was a measurable part of the tiny demo's step.
+        sigmas = training_sigmas(adv.discrete_flow_shift) if adv.timestep_sampling == "sigma" else None
         sigma = sample_sigmas(adv, latents.shape[0], tuple(latents.shape[-2:]), generator, sigmas)
         return (sigma * 1000).to(latents.device)
 
