@@ -1,12 +1,12 @@
 """``python -m bench`` (``make bench``): benchmarks 1-5 on this machine, printed as tables and
 appended, with the machine's description, to BENCHMARKS.md. They measure; they never fail a build.
 
-    python -m bench                 # 1-5 and 8 (about 8 minutes on 2 cores)
+    python -m bench                 # 1-5, 8 and 9 (about 12 minutes on 2 cores)
     python -m bench --only 1,5      # some of them
     python -m bench --no-report     # print only
 
 6 and 7 (``bench/gpu_sd15.py``, ``bench/gpu_sdxl.py``) are for a CUDA machine and are run on their own;
-8 (the SDXL demo: engine/bare ratio, memory estimate beside peak RSS) runs on the CPU. Every process uses one
+8 and 9 (the SDXL and Flux demos: engine/bare ratio, memory estimate beside peak RSS) run on the CPU. Every process uses one
 torch thread unless BENCH_THREADS says otherwise (see bench/common.py); BENCH_WORKDIR keeps the
 scratch files (demo model, datasets, runs) in a folder of your choice.
 """
@@ -27,6 +27,7 @@ BENCHMARKS = {
     "4": ("streaming", "4. Streaming"),
     "5": ("scale", "5. Scale"),
     "8": ("sdxl_demo", "8. SDXL demo"),
+    "9": ("flux_demo", "9. Flux demo"),
 }
 
 

@@ -238,13 +238,13 @@ def paired(settings, loop: Loop, steps: int) -> dict:
         def engine_step() -> None:
             nonlocal batches
             try:
-                index, batch = next(batches)
+                index, batch, size = next(batches)
             except StopIteration:
                 p.epoch, p.batch = p.epoch + 1, 0
                 sampler.epoch, sampler.skip = p.epoch, 0
                 batches = iter(loader)
-                index, batch = next(batches)
-            trainer._step(batch, index)
+                index, batch, size = next(batches)
+            trainer._step(batch, index, size)
 
         import warnings
 

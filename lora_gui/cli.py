@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 
 from lora_gui.dataset.scan import DatasetError
 from lora_gui.settings import SettingsError, io
 from lora_gui.settings.foreign import convert, load_any, looks_foreign
+from lora_gui.settings.schema import ModelSettings
 
 
 def _print_error(message: str) -> None:
@@ -379,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build the tiny offline demo model and dataset")
     p.add_argument("--out", default="demo")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--family", choices=("sd", "sdxl"), default="sd", help="the tiny model's family")
+    families = [f for f in typing.get_args(ModelSettings.model_fields["family"].annotation) if f != "auto"]
+    p.add_argument("--family", choices=families, default="sd", help="the tiny model's family")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a LoRA headless")

@@ -175,8 +175,9 @@ def render_samples(pipe, prompts, embeds, *, sampler: str | None, scheduler_conf
                    stem: str) -> list[tuple[Path, str]]:
     """The sampling loop every family's pipeline shares: ``embeds(prompt)`` gives the pipeline's
     prompt-embedding arguments; size, steps, guidance, sampler and seed come from the prompt line
-    (the sampler made from ``scheduler_config``, the training schedule; no sampler at all: the
-    pipeline's own scheduler, as Flux's flow matching needs)."""
+    (the sampler made from ``scheduler_config``, the training schedule). ``scheduler_config=None``
+    keeps the pipeline's own scheduler for every prompt (Flux: its pipeline takes only the
+    flow-matching Euler scheduler; a prompt's sampler is ignored there)."""
     import torch
     from PIL.PngImagePlugin import PngInfo
 
@@ -184,8 +185,8 @@ def render_samples(pipe, prompts, embeds, *, sampler: str | None, scheduler_conf
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for index, p in enumerate(prompts):
-        used_sampler = p.sampler or sampler
-        if used_sampler:
+        used_sampler = sampler if scheduler_config is None else p.sampler or sampler
+        if scheduler_config is not None:
             pipe.scheduler = make_sampler(used_sampler, scheduler_config)
         seed_used = image_seed(p, seed, index)
         with torch.no_grad():

@@ -79,8 +79,9 @@ class ModelSettings(Group):
     title: ClassVar[str] = "Model and folders"
 
     base_model: str = setting(
-        "", "The Stable Diffusion 1.x, 2.x or SDXL model to train on: a local diffusers folder or a "
-        "single .safetensors / .ckpt file. It is read offline; nothing is downloaded.", widget="file")
+        "", "The Stable Diffusion 1.x, 2.x, SDXL or FLUX.1 model to train on: a local diffusers folder or a "
+        "single .safetensors / .ckpt file (Flux: the transformer, with the AE, CLIP-L and T5-XXL fields below). "
+        "It is read offline; nothing is downloaded.", widget="file")
     family: Literal["auto", "sd", "sdxl", "flux"] = setting(
         "auto", "The base model's family: auto detects it from the weights; sd = SD 1.x/2.x, sdxl = "
         "SDXL and its fine-tunes (Pony, Illustrious, NoobAI-XL), flux = FLUX.1 dev or schnell. A model that is not of the chosen "
@@ -759,21 +760,27 @@ class AdvancedSettings(Group):
         "shift", "How Flux timesteps are drawn (sd-scripts' names): sigma = from the scheduler's shifted sigmas "
         "with the weighting scheme's density; uniform; sigmoid = sigmoid(sigmoid_scale * N(0,1)); logit_normal = "
         "sigmoid(N(logit_mean, logit_std)); shift = sigmoid sampling shifted by discrete_flow_shift; flux_shift = "
-        "shifted by the image's resolution as Flux samples. Flux only.", widget="dropdown", family="flux")
+        "shifted by the image's resolution as Flux samples. The default is the timestep_sampling of the settings "
+        "sd-scripts' Flux guide recommends (shift with discrete_flow_shift 3.1582, model_prediction_type raw, "
+        "guidance_scale 1.0); its command-line default is sigma. Flux only.", widget="dropdown", family="flux")
     discrete_flow_shift: float = setting(
-        3.1582, "The flow shift s for timestep_sampling shift and sigma: t' = s t / (1 + (s - 1) t). sd-scripts' "
-        "recommended Flux value 3.1582. Flux only.", widget="number", gt=0, le=100, step=0.1, family="flux")
+        3.1582, "The flow shift s for timestep_sampling shift and sigma: t' = s t / (1 + (s - 1) t). 3.1582 (about "
+        "e^1.15, Flux's shift at 4096 tokens) is the value sd-scripts' Flux guide recommends with shift sampling; "
+        "its command-line default is 3.0. Flux only.", widget="number", gt=0, le=100, step=0.1, family="flux")
     sigmoid_scale: float = setting(
         1.0, "Scale of the normal draw for sigmoid/shift/flux_shift sampling (larger = more uniform). Flux only.",
         widget="number", gt=0, le=100, step=0.1, family="flux")
     model_prediction_type: Literal["raw", "additive", "sigma_scaled"] = setting(
         "raw", "How the Flux prediction is read (sd-scripts' names): raw = the velocity, compared with noise - "
         "latents; additive = prediction + noisy input; sigma_scaled = noisy - sigma * prediction, an estimate of "
-        "the clean latents compared with them (SD3's preconditioning). Flux only.", widget="dropdown",
+        "the clean latents compared with them (SD3's preconditioning, as diffusers' SD3/Flux scripts' "
+        "precondition_outputs; sd-scripts compares it with noise - latents instead). raw is what sd-scripts' Flux "
+        "guide recommends; its command-line default is sigma_scaled. Flux only.", widget="dropdown",
         family="flux")
     weighting_scheme: Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"] = setting(
         "none", "diffusers' SD3/Flux schemes: logit_normal and mode shape the density of timestep_sampling sigma; "
-        "sigma_sqrt and cosmap weight the loss per sample. Flux only.", widget="dropdown", family="flux")
+        "sigma_sqrt and cosmap weight the loss per sample, with every model_prediction_type (sd-scripts weights "
+        "only with sigma_scaled). Default none, as sd-scripts. Flux only.", widget="dropdown", family="flux")
     logit_mean: float = setting(0.0, "Mean of the logit-normal draw. Flux only.", widget="number", ge=-10, le=10,
                                 step=0.1, family="flux")
     logit_std: float = setting(1.0, "Standard deviation of the logit-normal draw. Flux only.", widget="number",
@@ -781,8 +788,9 @@ class AdvancedSettings(Group):
     mode_scale: float = setting(1.29, "Scale of the mode weighting scheme. Flux only.", widget="number", ge=0,
                                 le=10, step=0.01, family="flux")
     guidance_scale: float = setting(
-        1.0, "The guidance value FLUX.1-dev's guidance embedding gets while training (sd-scripts recommends 1.0 "
-        "for LoRAs; schnell has no guidance embedding and ignores it). Flux only.", widget="number", ge=0, le=100,
+        1.0, "The guidance value FLUX.1-dev's guidance embedding gets while training: 1.0, as sd-scripts' Flux "
+        "guide says to set it for training (its command-line default is 3.5, the distilled model's inference "
+        "value); schnell has no guidance embedding and ignores it. Flux only.", widget="number", ge=0, le=100,
         step=0.1, family="flux")
     t5xxl_max_token_length: int = setting(
         0, "T5-XXL tokens per caption; 0 = the model's own (512 for dev, 256 for schnell). Flux only.",

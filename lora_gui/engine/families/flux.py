@@ -148,7 +148,9 @@ class Flux(ModelFamily):
     def sample_timesteps(self, model, latents, generator, settings):
         """t = 1000 sigma, sigma drawn as advanced.timestep_sampling says."""
         adv = settings.advanced
-        sigmas = training_sigmas(adv.discrete_flow_shift)
+        # The scheduler's sigmas only for "sigma" sampling: the engine draws per sample, and building
+        # the 1000-step table for every sample was a measurable part of the tiny demo's step.
+        sigmas = training_sigmas(adv.discrete_flow_shift) if adv.timestep_sampling == "sigma" else None
         sigma = sample_sigmas(adv, latents.shape[0], tuple(latents.shape[-2:]), generator, sigmas)
         return (sigma * 1000).to(latents.device)
 
@@ -250,8 +252,8 @@ class Flux(ModelFamily):
             states, pooled = encode([p.prompt])
             return {"prompt_embeds": states.to(device, dtype), "pooled_prompt_embeds": pooled.to(device, dtype)}
 
-        return render_samples(pipe, prompts, embeds, sampler=None, scheduler_config=None, seed=settings.samples.test_seed,
-                              out_dir=out_dir, stem=stem)
+        return render_samples(pipe, prompts, embeds, sampler="euler", scheduler_config=None,
+                              seed=settings.samples.test_seed, out_dir=out_dir, stem=stem)
 
     def write_demo_model(self, model_dir: Path, single_file: Path, seed: int) -> None:
         from lora_gui.engine.families.flux_demo import write_tiny_flux

@@ -12,6 +12,7 @@ Timestep sampling follows sd-scripts' ``flux_train_utils.get_noisy_model_input_a
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -57,8 +58,9 @@ def time_shift(mu: float, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def sample_sigmas(adv, batch: int, latent_hw: tuple[int, int], generator: torch.Generator,
-                  scheduler_sigmas: torch.Tensor) -> torch.Tensor:
-    """sigma per sample for ``advanced.timestep_sampling`` (sd-scripts' names and formulas)."""
+                  scheduler_sigmas: torch.Tensor | None) -> torch.Tensor:
+    """sigma per sample for ``advanced.timestep_sampling`` (sd-scripts' names and formulas);
+    ``scheduler_sigmas`` (``training_sigmas``) is needed by "sigma" sampling only."""
     kind = adv.timestep_sampling
     if kind == "uniform":
         return torch.rand(batch, generator=generator)
@@ -88,8 +90,10 @@ def _density(adv, batch: int, generator: torch.Generator) -> torch.Tensor:
     return u
 
 
+@functools.lru_cache(maxsize=8)
 def training_sigmas(shift: float, steps: int = 1000) -> torch.Tensor:
-    """The shifted sigmas of FlowMatchEulerDiscreteScheduler(shift=...) at its 1000 training steps."""
+    """The shifted sigmas of FlowMatchEulerDiscreteScheduler(shift=...) at its 1000 training steps
+    (cached: a read-only table, indexed by ``sample_sigmas``)."""
     sigma = torch.linspace(1, steps, steps).flip(0) / steps
     return shift_sigma(sigma, shift)
 
