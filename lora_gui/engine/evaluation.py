@@ -79,9 +79,8 @@ def sample(t, step: int, epoch: int, strength: float | None = None) -> None:
 def strength_sweep(t, epoch: int) -> None:
     """``samples.strength_sweep``: the sample prompts at each LoRA strength (the network's output
     multiplier), once at the end of a finished run; the multiplier is 1 again afterwards."""
-    from lora_gui.settings.schema import parse_strengths
-
     from lora_gui.engine.sampling import image_seed
+    from lora_gui.settings.schema import parse_strengths
 
     strengths = parse_strengths(t.settings.samples.strength_sweep)
     if not strengths or not t.sample_prompts or not t.is_main:
