@@ -21,15 +21,22 @@ def _safetensors_header(path, keys):
     return path
 
 
+SD_AND_SDXL = {"advanced.noise_offset", "advanced.noise_offset_random_strength", "advanced.adaptive_noise_scale",
+               "advanced.multires_noise_iterations", "advanced.multires_noise_discount", "advanced.min_snr_gamma",
+               "advanced.conv_dim", "advanced.conv_alpha", "advanced.zero_terminal_snr", "model.v_parameterization"}
+
+
 def test_family_only_settings_say_so_in_the_schema():
-    family_of = {f"{g}.{n}": (info.json_schema_extra or {}).get("family")
+    family_of = {f"{g}.{n}": tuple((info.json_schema_extra or {}).get("family", ()))
                  for g, cls in GROUPS.items() for n, info in cls.model_fields.items()}
-    assert family_of["model.v2"] == "sd" and family_of["training.clip_skip"] == "sd"
-    flux_only = {k for k, v in family_of.items() if v == "flux"}
+    assert family_of["model.v2"] == ("sd",) and family_of["training.clip_skip"] == ("sd",)
+    flux_only = {k for k, v in family_of.items() if v == ("flux",)}
     assert {"model.ae", "model.clip_l", "model.t5xxl", "model.flux_lora_format", "advanced.timestep_sampling",
             "advanced.discrete_flow_shift", "advanced.guidance_scale", "advanced.t5xxl_max_token_length"} <= flux_only
+    # the DDPM settings a Flux run refuses are shown for SD and SDXL only
+    assert {k for k, v in family_of.items() if v == ("sd", "sdxl")} == SD_AND_SDXL
     assert {k for k, v in family_of.items() if v} == set(fields.FAMILY_KEYS) == {"model.v2", "training.clip_skip"} \
-        | flux_only
+        | flux_only | SD_AND_SDXL
     assert GROUPS["model"].model_fields["family"].default == "auto"
 
 
@@ -44,14 +51,15 @@ def test_the_family_is_guessed_without_torch(tmp_path):
 
 def test_family_only_fields_are_hidden_for_another_family(tmp_path):
     xl = _safetensors_header(tmp_path / "xl.safetensors", ["conditioner.embedders.1.model.x"])
-    def shown(values, flux=False):  # the SD-only fields; the Flux-only ones are shown for Flux (or an unknown family)
+    def shown(values, flux=False, ddpm=True):  # the SD-only fields; Flux-only and DDPM ones by the flags
         visible = fields.family_fields_visible(values)
+        assert {visible.pop(k) for k in SD_AND_SDXL} == {ddpm}
         assert {visible.pop(k) for k in list(visible) if k not in ("model.v2", "training.clip_skip")} == {flux}
         return visible
 
     assert shown({"model.family": "sdxl"}) == {"model.v2": False, "training.clip_skip": False}
     assert shown({"model.family": "sd"}) == {"model.v2": True, "training.clip_skip": True}
-    assert shown({"model.family": "flux"}, flux=True) == {"model.v2": False, "training.clip_skip": False}
+    assert shown({"model.family": "flux"}, flux=True, ddpm=False) == {"model.v2": False, "training.clip_skip": False}
     assert shown({"model.family": "auto", "model.base_model": str(xl)}) == {"model.v2": False, "training.clip_skip": False}
     assert shown({"model.family": "auto", "model.base_model": ""}, flux=True) == {"model.v2": True,
                                                                                    "training.clip_skip": True}

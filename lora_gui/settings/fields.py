@@ -30,14 +30,14 @@ def setting(
     choices: list[str] | None = None,
     step: float | None = None,
     custom: bool = False,
-    family: str | None = None,
+    family: str | tuple[str, ...] | None = None,
     **constraints: Any,
 ) -> Any:
     """Declare one setting. ``constraints`` are pydantic's (ge, le, gt, lt, min_length, ...).
 
     ``custom``: a dropdown whose choices are suggestions; other values may be typed in.
-    ``family``: the one model family ("sd", "sdxl") that uses the setting; the page shows it only
-    for that family."""
+    ``family``: the model family ("sd", "sdxl", "flux") or families that use the setting; the page
+    shows it only for those."""
     if widget not in WIDGETS:
         raise ValueError(f"unknown widget kind {widget!r}")
     extra: dict[str, Any] = {"widget": widget, "advanced": advanced, "order": next(_order)}
@@ -50,5 +50,5 @@ def setting(
     if custom:
         extra["custom"] = True
     if family is not None:
-        extra["family"] = family
+        extra["family"] = [family] if isinstance(family, str) else list(family)
     return Field(default, description=description, json_schema_extra=extra, **constraints)

@@ -93,7 +93,7 @@ class ModelSettings(Group):
     v_parameterization: bool = setting(
         False, "Train with the v-prediction objective (the target is the velocity, not the noise), "
         "as SD 2.x 768-v models were trained. Use it only with a v-prediction base model.",
-        widget="checkbox")
+        widget="checkbox", family=("sd", "sdxl"))
     vae: str = setting(
         "", "Optional path to a replacement VAE (diffusers folder or single file) used to encode "
         "images and decode samples instead of the base model's VAE. Empty = the base model's VAE.",
@@ -570,23 +570,23 @@ class AdvancedSettings(Group):
     noise_offset: float = setting(
         0.0, "Add offset x N(0,1) per sample and channel to the noise, so the model can learn very "
         "dark or very bright images. Typical 0.05-0.1; 0 = off.", widget="number", ge=0, le=1,
-        step=0.01)
+        step=0.01, family=("sd", "sdxl"))
     noise_offset_random_strength: bool = setting(
         False, "Use a random noise offset between 0 and the noise offset for each sample instead of "
-        "the fixed value.", widget="checkbox", advanced=True)
+        "the fixed value.", widget="checkbox", advanced=True, family=("sd", "sdxl"))
     adaptive_noise_scale: float = setting(
         0.0, "Adds |mean of the latent| x this value to the noise offset of each sample and channel "
         "(needs a noise offset). Typical 0.01-0.05; 0 = off.", widget="number", ge=-1, le=1,
-        advanced=True, step=0.001)
+        advanced=True, step=0.001, family=("sd", "sdxl"))
     multires_noise_iterations: int = setting(
         0, "Pyramid (multi-resolution) noise: add this many levels of up-sampled lower-resolution "
-        "noise. Typical 6-10; 0 = off.", widget="number", ge=0, le=16)
+        "noise. Typical 6-10; 0 = off.", widget="number", ge=0, le=16, family=("sd", "sdxl"))
     multires_noise_discount: float = setting(
         0.3, "Weight of each coarser pyramid-noise level (level i is weighted discount^i).",
-        widget="number", ge=0, le=1, step=0.05)
+        widget="number", ge=0, le=1, step=0.05, family=("sd", "sdxl"))
     min_snr_gamma: float = setting(
         0.0, "Min-SNR loss weighting (Hang et al. 2023): caps the weight of low-noise timesteps. "
-        "Typical 5; 0 = off.", widget="number", ge=0, le=100, label="Min-SNR gamma")
+        "Typical 5; 0 = off.", widget="number", ge=0, le=100, label="Min-SNR gamma", family=("sd", "sdxl"))
     ip_noise_gamma: float = setting(
         0.0, "Input perturbation (Ning et al. 2023): the noisy latent is made from noise + gamma x "
         "N(0,1) while the target stays the plain noise; regularises. Typical 0.1; 0 = off.",
@@ -638,10 +638,10 @@ class AdvancedSettings(Group):
     conv_dim: int = setting(
         0, "LoCon: also put a LoRA of this rank on the 3x3 convolutions of the ResNet blocks and the "
         "down/up-samplers. 0 = off (plain LoRA).", widget="number", ge=0, le=1024,
-        label="Conv rank (LoCon)")
+        label="Conv rank (LoCon)", family=("sd", "sdxl"))
     conv_alpha: float = setting(
         1.0, "Alpha of the convolution LoRA (scale = conv alpha / conv rank).", widget="number",
-        gt=0, le=4096)
+        gt=0, le=4096, family=("sd", "sdxl"))
     network_dropout: float = setting(
         0.0, "Dropout of the LoRA's rank features (after the down projection) while training, as "
         "sd-scripts' dropout (regularises; 0 = off).", widget="number", ge=0, lt=1, step=0.05)
@@ -751,7 +751,7 @@ class AdvancedSettings(Group):
         False, "Rescale the noise schedule so its last timestep is pure noise (Lin et al. 2024, as "
         "sd-scripts). For v-prediction models trained that way (NoobAI-XL v-pred, SD 2 768-v): use it "
         "with v_parameterization; with noise prediction the result is unexpected.",
-        widget="checkbox", label="Zero terminal SNR")
+        widget="checkbox", label="Zero terminal SNR", family=("sd", "sdxl"))
     fp8_base: bool = setting(
         False, "Store the frozen U-Net's weights in 8-bit floats and compute in the mixed precision "
         "(layer by layer): halves the U-Net's memory (SDXL: 5 GB -> 2.6 GB) at a small quality cost. "

@@ -42,7 +42,7 @@ class FieldSpec:
     maximum: float | None = None
     step: float | None = None
     custom: bool = False  # a dropdown that also takes typed-in values
-    family: str | None = None  # the one model family that uses it (shown only for that family)
+    family: tuple[str, ...] = ()  # the model families that use it (shown only for those); () = all
 
 
 def humanise(name: str) -> str:
@@ -113,7 +113,7 @@ def field_specs() -> list[FieldSpec]:
                 default=info.get_default(call_default_factory=True), kind=kind, optional=optional,
                 choices=choices, minimum=low, maximum=high, step=extra.get("step"),
                 custom=bool(extra.get("custom", False)),
-                family=extra.get("family"),
+                family=tuple(extra.get("family", ())),
             ))
     return sorted(specs, key=lambda s: (list(GROUPS).index(s.group), s.order))
 
@@ -127,7 +127,7 @@ def family_fields_visible(values: dict[str, Any]) -> dict[str, bool]:
     """Which family-only settings the page shows: those of the chosen (or, with auto, detected)
     family; all of them while the family cannot be told."""
     family = effective_family(values.get("model.family") or "auto", values.get("model.base_model") or "")
-    return {key: family is None or SPEC_BY_KEY[key].family == family for key in FAMILY_KEYS}
+    return {key: family is None or family in SPEC_BY_KEY[key].family for key in FAMILY_KEYS}
 
 
 # --- values <-> settings ----------------------------------------------------------------------------
