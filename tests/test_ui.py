@@ -418,7 +418,7 @@ def test_auth_shows_the_login_page_not_the_app(tmp_path):
         base = f"http://127.0.0.1:{port}"
         _wait_http(base + "/", proc)
         page = urllib.request.urlopen(base + "/", timeout=10).read().decode()
-        assert "Train a Stable Diffusion LoRA" not in page  # the app's config is not in the page
+        assert "Train a LoRA for SD 1.x/2.x" not in page  # the app's config is not in the page
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(base + "/config", timeout=10)
         assert info.value.code == 401

@@ -52,7 +52,7 @@ def build_app(config: UIConfig | None = None, client: Any = None) -> gr.Blocks:
     comp = ctx.components
     with gr.Blocks(title=TITLE, analytics_enabled=False) as blocks:
         ctx.blocks = blocks
-        gr.Markdown(f"# {TITLE}\nTrain a Stable Diffusion LoRA: choose a preset, check the tabs, "
+        gr.Markdown(f"# {TITLE}\nTrain a LoRA for SD 1.x/2.x, SDXL or Flux.1: choose a preset, check the tabs, "
                     "press Start. Each field says what it does under its label.", elem_id="header")
         comp["note"] = gr.Markdown(f"<small>{note}</small>", elem_id="startup-note")
         with gr.Row():

@@ -55,6 +55,9 @@ def point_at_the_flux_demo(page) -> None:
     set_field(page, "model", "output_folder", "outputs/browser-flux")
     page.wait_for_selector("#field-model-t5xxl", state="visible", timeout=10_000)  # Flux only
     page.wait_for_selector("#field-model-v2", state="hidden", timeout=10_000)  # SD only
+    # the note under the title says which preset the form shows now
+    page.wait_for_function("document.querySelector('#startup-note').innerText.includes(\"'demo-tiny-flux-cpu'\")",
+                           timeout=10_000)
     open_tab(page, "images", "Image processing")
     set_field(page, "images", "max_steps", 100_000)  # runs until Stop
     open_tab(page, "samples", "Samples")
@@ -62,6 +65,7 @@ def point_at_the_flux_demo(page) -> None:
     set_field(page, "samples", "sample_every_n_epochs", 0)
     open_tab(page, "advanced", "Advanced")
     assert field(page, "advanced", "t5xxl_max_token_length").input_value() == "32"  # the preset's
+    page.wait_for_selector("#field-advanced-noise_offset", state="hidden", timeout=10_000)  # SD and SDXL only
     shot(page, "01-preset")
 
 
