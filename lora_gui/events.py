@@ -141,6 +141,15 @@ class CheckpointSaved(Event):
 
 
 @dataclass(frozen=True)
+class CheckpointDeleted(Event):
+    """A periodic save (LoRA file or state folder) removed by the retention settings, and why."""
+
+    kind: ClassVar[str] = "checkpoint_deleted"
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Finished(Event):
     """The run ended normally (``stopped`` is True when a Stop command ended it early)."""
 
@@ -208,7 +217,7 @@ class ForceStop(Command):
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (Started, Log, Progress, LossReported, ValidationLoss, SampleReady,
-                CheckpointSaved, Finished, Failed)
+                CheckpointSaved, CheckpointDeleted, Finished, Failed)
 }
 COMMAND_TYPES: dict[str, type[Command]] = {
     cls.kind: cls for cls in (Stop, SaveNow, SampleNow, ForceStop)

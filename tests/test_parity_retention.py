@@ -29,14 +29,15 @@ def _trainer(tmp_path: Path, monkeypatch, *overrides: str):
     monkeypatch.setattr(checkpoint, "build_metadata", lambda *a, **k: {})
     monkeypatch.setattr(checkpoint.state_files, "save_state", lambda t, d: d.mkdir())
     logs: list[str] = []
-    t = SimpleNamespace(
+    emitted: list[ev.Event] = []
+    t = SimpleNamespace(emitted=emitted, 
         settings=settings, name="demo", out_dir=tmp_path, files=[], saved=set(), is_main=True,
         retention=None,
         progress=SimpleNamespace(step=0, epoch=0), validation_losses=[], family=_Family(),
         model=None, network=None, optimizer=None, facts=None,
         acc=SimpleNamespace(wait_for_everyone=lambda: None),
         dataset=SimpleNamespace(validation_batches=lambda: []),
-        emit=lambda e: logs.append(e.message) if isinstance(e, ev.Log) else None,
+        emit=lambda e: logs.append(e.message) if isinstance(e, ev.Log) else emitted.append(e),
         log=lambda message, level="info": logs.append(message))
     return t, logs
 
@@ -73,6 +74,9 @@ def test_keep_best_and_last_n_epochs_delete_only_what_both_drop(tmp_path, monkey
                        "(0.5000; images.keep_best_checkpoints) and older than the last 2 epoch saves "
                        "(images.save_last_n_epochs)"]
     assert tmp_path / "demo-000002.safetensors" not in t.files
+    # the page learns it from an event that names the file and both rules
+    assert [e for e in t.emitted if isinstance(e, ev.CheckpointDeleted)] == [ev.CheckpointDeleted(
+        path=str(tmp_path / "demo-000002.safetensors"), reason=deleted[0].split(": ", 1)[1])]
 
 
 def test_each_rule_alone_keeps_its_own_behaviour(tmp_path, monkeypatch):

@@ -58,8 +58,12 @@ def test_checkpoint_rows_mark_the_best_existing_one_and_deleted_ones(tmp_path):
     losses = [0.10, 0.30, 0.20, 0.25]  # c0 had the lowest but was deleted
     view.apply([ev.CheckpointSaved(step=10 * (i + 1), epoch=i + 1, path=str(p), validation_loss=v,
                                    final=i == 3) for i, (p, v) in enumerate(zip(paths, losses))])
+    assert view.checkpoint_rows()[0] == [10, "c0.safetensors", "0.1000", "deleted"]  # no reason known (by hand)
+    # the engine's deletion event names the retention rules that removed it
+    view.apply([ev.CheckpointDeleted(path=str(paths[0]), reason="older than the last 2 epoch saves "
+                                     "(images.save_last_n_epochs)")])
     assert view.checkpoint_rows() == [
-        [10, "c0.safetensors", "0.1000", "deleted (not among the best)"],
+        [10, "c0.safetensors", "0.1000", "deleted (save_last_n_epochs)"],
         [20, "c1.safetensors", "0.3000", ""],
         [30, "c2.safetensors", "0.2000", "★ best"],
         [40, "c3.safetensors", "0.2500", "final"]]

@@ -242,6 +242,7 @@ def _delete(t, target: Path, reasons: list[str]) -> None:
         target.unlink()
     t.files = [f for f in t.files if f != target]
     t.log(f"Deleted {target.name}: " + " and ".join(reasons))
+    t.emit(ev.CheckpointDeleted(path=str(target), reason=" and ".join(reasons)))
 
 
 def resume(t, state_dir: Path) -> None:

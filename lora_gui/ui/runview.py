@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_gui.events import (
+    CheckpointDeleted,
     CheckpointSaved,
     Event,
     Failed,
@@ -78,6 +80,7 @@ class RunView:
     samples: list[tuple[str, str]] = field(default_factory=list)  # (path, caption), oldest first
     sample_events: list[SampleReady] = field(default_factory=list)  # for the grids
     checkpoints: list[CheckpointSaved] = field(default_factory=list)
+    deleted: dict[str, str] = field(default_factory=dict)  # path -> why the retention settings removed it
     log: deque = field(default_factory=lambda: deque(maxlen=LOG_LINES))
     finished: Finished | None = None
     failed: Failed | None = None
@@ -145,6 +148,9 @@ class RunView:
             self._bump("checkpoints")
             self._clear_note("saving the LoRA now")
             self._log(f"Saved {event.path}" + (f" (state {event.state_dir})" if event.state_dir else ""))
+        elif isinstance(event, CheckpointDeleted):
+            self.deleted[event.path] = event.reason
+            self._bump("checkpoints")
         elif isinstance(event, Log):
             self._log(event.message if event.level == "info" else f"[{event.level}] {event.message}")
         elif isinstance(event, Finished):
@@ -224,14 +230,15 @@ class RunView:
 
     def checkpoint_rows(self) -> list[list]:
         """[step, file, validation loss, note] per saved LoRA; the lowest validation loss among the
-        files still on disk is marked best; deleted ones (keep_best_checkpoints) say so."""
+        files still on disk is marked best; deleted ones say why (the retention rule that removed
+        them: keep_best_checkpoints, save_last_n_*)."""
         present = [c for c in self.checkpoints if os.path.exists(c.path)]
         scored = [c for c in present if c.validation_loss is not None]
         best = min(scored, key=lambda c: c.validation_loss) if scored else None
         rows = []
         for c in self.checkpoints:
             notes = ["★ best" if c is best else "", "final" if c.final else "",
-                     "" if c in present else "deleted (not among the best)"]
+                     "" if c in present else _deleted_note(self.deleted.get(c.path))]
             loss = f"{c.validation_loss:.4f}" if c.validation_loss is not None else "–"
             rows.append([c.step, Path(c.path).name, loss, ", ".join(n for n in notes if n)])
         return rows
@@ -285,3 +292,10 @@ class RunView:
         if self.finished and Path(self.finished.output_path).is_file():
             return self.finished.output_path
         return None
+
+
+def _deleted_note(reason: str | None) -> str:
+    """"deleted (keep_best_checkpoints)"-style: the settings named in the engine's reason; a file
+    removed by hand (no reason) is just "deleted"."""
+    rules = re.findall(r"images\.(\w+)", reason or "")
+    return f"deleted ({', '.join(rules)})" if rules else "deleted"

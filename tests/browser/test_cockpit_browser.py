@@ -146,7 +146,7 @@ def test_a_run_in_the_cockpit_then_force_stop_past_run_and_compare(page, server)
     wait_text(page, "#run-result", "LoRA ready", 400)
     checkpoints = wait_text(page, "#run-checkpoints", "final", 30)
     assert "★ best" in checkpoints and re.search(r"\d\.\d{4}", checkpoints), checkpoints
-    assert "deleted (not among the best)" in checkpoints  # keep_best_checkpoints = 1 of 2 intermediate saves (3 epochs)
+    assert "deleted (keep_best_checkpoints)" in checkpoints  # keep_best_checkpoints = 1 of 2 intermediate saves (3 epochs)
     page.wait_for_selector("#run-grid img")
     page.wait_for_selector("#run-sweep img")
     wait_log(page, r"Making 2 sample images at step 80 at strength 0\.5", 10)
