@@ -16,10 +16,11 @@ ratio is the median over them, on wall and on process CPU time. Then ``paired`` 
 engine's ``Trainer`` step and a bare step one for one and gives the CPU ms each spends outside
 U-Net forward, backward and the optimizer's step (the loop's own overhead).
 
-Memory: each loop once more in its own fresh process, so that its peak RSS is its own. The
-estimate covers what the engine keeps for training (weights, LoRA + gradients + optimizer state,
-traced activations); the RSS also holds Python, torch and diffusers themselves, so the table shows
-the RSS growth from after the imports to the peak as well.
+Memory: each loop once more in its own fresh process, so that its peak RSS is its own; the peak
+is taken after the imports (``common.reset_peak_rss``: an import's transient peak is not
+training's). The estimate covers what the engine keeps for training (weights, LoRA + gradients +
+optimizer state, traced activations); the RSS also holds Python, torch and diffusers themselves, so
+the table shows the RSS growth from after the imports to the peak as well.
 
 Run alone: ``python -m bench.sdxl_demo``.
 """
@@ -140,7 +141,7 @@ def interleaved(work: Path, repeats: int = REPEATS, window_s: float = WINDOW_S) 
 
 def _child(kind: str, work: Path) -> dict:
     code = ("import json, sys; from bench import common, sdxl_demo; common.setup(); "
-            "import lora_gui.engine.train, diffusers; a = common.peak_rss_mb(); "
+            "import lora_gui.engine.train, diffusers; a = common.reset_peak_rss(); "
             f"r = sdxl_demo.{kind}_child(__import__('pathlib').Path(sys.argv[1])); "
             "r.update(rss_imports_mb=a, peak_rss_mb=common.peak_rss_mb()); print('RESULT ' + json.dumps(r))")
     proc = subprocess.run([sys.executable, "-c", code, str(work)], capture_output=True, text=True, timeout=900,
@@ -173,7 +174,8 @@ def run(work: Path | None = None) -> common.Section:
              f"{WINDOW_S:.0f} s, each with one bare step after every engine step; steps/s and ratios are medians "
              f"over the runs; paired: {PAIRED_STEPS} Trainer steps alternated with bare steps. Target engine/bare "
              ">= 0.95 (as for SD 1.x).",
-             "Memory: each loop alone in a fresh process for the peak RSS."]
+             "Memory: each loop alone in a fresh process; peak RSS from after the imports (the high-water "
+             "mark reset then), growth = that peak minus the RSS after the imports."]
     return common.Section("8. SDXL demo", common.markdown_table(HEADERS, rows), notes,
                           {"speed": speed, "engine": engine, "bare": bare}, seconds=time.perf_counter() - t0)
 
