@@ -167,18 +167,20 @@ class Interleave:
         return []
 
 
-def interleaved_run(settings, loop, seconds: float,
-                    modes: tuple[str, ...] = ("bare", "diffusers")) -> dict[str, common.Rate]:
+def interleaved_run(settings, loop, seconds: float, modes: tuple[str, ...] = ("bare", "diffusers"),
+                    warmup_s: float = 0.4) -> dict[str, common.Rate]:
     """One ``run_training`` with a step of each of ``loop``'s ``modes`` after every engine step;
-    a Rate per mode and one for the engine (its window minus the interleaved steps in it)."""
+    a Rate per mode and one for the engine (its window minus the interleaved steps in it). The
+    window starts ``warmup_s`` after the first step (a fresh run's first steps are slower; a
+    model with slow steps needs more than the default to leave them out)."""
     from lora_gui.engine.train import run_training
 
     recorder = common.Recorder()
-    source = Interleave(recorder, loop, seconds + 0.4, modes)
+    source = Interleave(recorder, loop, seconds + warmup_s, modes)
     result = run_training(settings, recorder, source)
     if result.status == "failed":
         raise RuntimeError(result.message)
-    window = common.steady_rate(recorder)
+    window = common.steady_rate(recorder, warmup_s)
     training = recorder.of("progress", "training")
     end = training[-1].wall
     start = end - window.wall_s

@@ -40,6 +40,9 @@ RESOLUTION, BATCH = 64, 4
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 WINDOW_S = float(os.environ.get("BENCH_WINDOW_S", "5.0"))
 PAIRED_STEPS = int(os.environ.get("BENCH_PAIRED_STEPS", "40"))
+# A step of the SDXL demo takes 0.15-0.3 s here: the default 0.4 s of warm-up would keep a fresh
+# run's slower first steps in the window (bench 1's steps take a tenth of that).
+WARMUP_S = float(os.environ.get("BENCH_WARMUP_S", "2.0"))
 
 
 def sdxl_demo(work: Path):
@@ -129,7 +132,7 @@ def interleaved(work: Path, repeats: int = REPEATS, window_s: float = WINDOW_S) 
     ``repeats`` times, then paired one for one (``engine_overhead.paired``)."""
     loop = BareSDXL(settings_for(work, work / "runs" / "sdxl-loop"))
     runs = [engine_overhead.interleaved_run(settings_for(work, work / "runs" / f"sdxl-interleaved-{r}"), loop,
-                                            window_s, modes=("bare",)) for r in range(repeats)]
+                                            window_s, modes=("bare",), warmup_s=WARMUP_S) for r in range(repeats)]
     pair = engine_overhead.paired(settings_for(work, work / "runs" / "sdxl-paired"), loop, PAIRED_STEPS)
     return {"engine": common.median(x["engine"].per_s for x in runs),
             "bare": common.median(x["bare"].per_s for x in runs),
