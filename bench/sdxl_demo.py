@@ -176,9 +176,11 @@ def run(work: Path | None = None) -> common.Section:
              f"step by step as in benchmark 1 (bench/engine_overhead.py): {REPEATS} run_training runs of about "
              f"{WINDOW_S:.0f} s, each with one bare step after every engine step; steps/s and ratios are medians "
              f"over the runs; paired: {PAIRED_STEPS} Trainer steps alternated with bare steps. Target engine/bare "
-             ">= 0.95 (as for SD 1.x).",
+             ">= 0.95 (as for SD 1.x). Under the load of a shared machine the wall-time ratio moves by several "
+             "per cent from run to run; the CPU-time ratios are the steadier figures.",
              "Memory: each loop alone in a fresh process; peak RSS from after the imports (the high-water "
-             "mark reset then), growth = that peak minus the RSS after the imports."]
+             "mark reset then), growth = that peak minus the RSS after the imports (it includes the modules that loading the model "
+             "imports on the way, the same in both loops)."]
     return common.Section("8. SDXL demo", common.markdown_table(HEADERS, rows), notes,
                           {"speed": speed, "engine": engine, "bare": bare}, seconds=time.perf_counter() - t0)
 
