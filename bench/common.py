@@ -226,6 +226,21 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def reset_peak_rss() -> float:
+    """Start a new peak-RSS window and return the RSS now, in MB. On Linux writing 5 to
+    ``/proc/self/clear_refs`` resets the high-water mark that ``peak_rss_mb`` reads, so a transient
+    peak while importing torch and diffusers is not taken for the peak of what follows. Elsewhere
+    nothing is reset and the peak so far is returned (the growth after it then reads as 0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return peak_rss_mb()
+
+
 # --- tables and the report ------------------------------------------------------------------------
 
 def fmt(value, digits: int = 2) -> str:

@@ -127,19 +127,26 @@ class Loop:
         self.optimizer.zero_grad(set_to_none=True)
 
     def run(self, mode: str, seconds: float) -> common.Rate:
-        steps, t0, c0 = 0, time.perf_counter(), time.process_time()
-        while time.perf_counter() - t0 < seconds:
-            self.step(mode)
-            steps += 1
-        return common.Rate(steps, time.perf_counter() - t0, time.process_time() - c0)
+        return timed_loop(lambda: self.step(mode), seconds)
+
+
+def timed_loop(step, seconds: float) -> common.Rate:
+    """``step()`` again and again for ``seconds``: its Rate (wall and process CPU time)."""
+    steps, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        steps += 1
+    return common.Rate(steps, time.perf_counter() - t0, time.process_time() - c0)
 
 
 class Interleave:
-    """The command source of an interleaved run: at each step boundary one bare and one
-    diffusers-style step (timed, the order alternating); Stop after ``seconds`` of training."""
+    """The command source of an interleaved run: at each step boundary one step of each of the
+    loop's ``modes`` (timed, the order alternating); Stop after ``seconds`` of training. ``loop`` is
+    anything with ``step(mode)`` (``Loop`` here, the SDXL bare loop in ``bench/sdxl_demo.py``)."""
 
-    def __init__(self, recorder: common.Recorder, loop: Loop, seconds: float) -> None:
-        self.recorder, self.loop, self.seconds = recorder, loop, seconds
+    def __init__(self, recorder: common.Recorder, loop, seconds: float,
+                 modes: tuple[str, ...] = ("bare", "diffusers")) -> None:
+        self.recorder, self.loop, self.seconds, self.modes = recorder, loop, seconds, modes
         self.samples: list[tuple[str, float, float, float]] = []  # mode, start, wall, cpu
         self.stopped = False
 
@@ -152,30 +159,34 @@ class Interleave:
         if time.perf_counter() - training[0].wall >= self.seconds:
             self.stopped = True
             return [ev.Stop()]
-        modes = ("bare", "diffusers") if len(self.samples) % 4 == 0 else ("diffusers", "bare")
-        for mode in modes:
+        forward = (len(self.samples) // len(self.modes)) % 2 == 0
+        for mode in self.modes if forward else self.modes[::-1]:
             t0, c0 = time.perf_counter(), time.process_time()
             self.loop.step(mode)
             self.samples.append((mode, t0, time.perf_counter() - t0, time.process_time() - c0))
         return []
 
 
-def interleaved_run(settings, loop: Loop, seconds: float) -> dict[str, common.Rate]:
-    """One ``run_training`` with bare and diffusers-style steps interleaved; a Rate per loop."""
+def interleaved_run(settings, loop, seconds: float, modes: tuple[str, ...] = ("bare", "diffusers"),
+                    warmup_s: float = 0.4) -> dict[str, common.Rate]:
+    """One ``run_training`` with a step of each of ``loop``'s ``modes`` after every engine step;
+    a Rate per mode and one for the engine (its window minus the interleaved steps in it). The
+    window starts ``warmup_s`` after the first step (a fresh run's first steps are slower; a
+    model with slow steps needs more than the default to leave them out)."""
     from lora_gui.engine.train import run_training
 
     recorder = common.Recorder()
-    source = Interleave(recorder, loop, seconds + 0.4)
+    source = Interleave(recorder, loop, seconds + warmup_s, modes)
     result = run_training(settings, recorder, source)
     if result.status == "failed":
         raise RuntimeError(result.message)
-    window = common.steady_rate(recorder)
+    window = common.steady_rate(recorder, warmup_s)
     training = recorder.of("progress", "training")
     end = training[-1].wall
     start = end - window.wall_s
     inside = [x for x in source.samples if start <= x[1] < end]
     rates = {}
-    for mode in ("bare", "diffusers"):
+    for mode in modes:
         mine = [x for x in inside if x[0] == mode]
         rates[mode] = common.Rate(len(mine), sum(x[2] for x in mine), sum(x[3] for x in mine))
     rates["engine"] = common.Rate(window.steps, window.wall_s - sum(x[2] for x in inside),
@@ -217,7 +228,7 @@ class _ModelClock:
                 setattr(obj, name, original)
 
 
-def paired(settings, loop: Loop, steps: int) -> dict:
+def paired(settings, loop, steps: int) -> dict:
     """The engine's ``Trainer`` step (next batch from its DataLoader + ``_step``) and a bare step,
     alternated one for one. Returns the steps/s ratio engine / bare on wall and CPU time, and the
     median CPU ms per step each spends outside forward, backward and the optimizer's step."""
@@ -238,13 +249,13 @@ def paired(settings, loop: Loop, steps: int) -> dict:
         def engine_step() -> None:
             nonlocal batches
             try:
-                index, batch, size = next(batches)
+                index, batch, global_size = next(batches)
             except StopIteration:
                 p.epoch, p.batch = p.epoch + 1, 0
                 sampler.epoch, sampler.skip = p.epoch, 0
                 batches = iter(loader)
-                index, batch, size = next(batches)
-            trainer._step(batch, index, size)
+                index, batch, global_size = next(batches)
+            trainer._step(batch, index, global_size)
 
         import warnings
 

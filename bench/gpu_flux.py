@@ -17,7 +17,7 @@ Not part of ``python -m bench`` (the CPU suite); ``tests/test_bench_smoke.py`` r
 
 from __future__ import annotations
 
-import argparse
+import functools
 import os
 import sys
 import time
@@ -27,7 +27,8 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gpu_sdxl import optimizer_for, table  # noqa: E402  (the same table and optimizer choice)
+from bench import gpu_common  # noqa: E402
+from bench.gpu_sdxl import table  # noqa: E402  (the same table)
 
 ADV = SimpleNamespace(timestep_sampling="shift", discrete_flow_shift=3.1582, sigmoid_scale=1.0, weighting_scheme="none",
                       logit_mean=0.0, logit_std=1.0, mode_scale=1.29, flux_train_blocks="all",
@@ -64,8 +65,6 @@ def build(args, device, storage: str):
 
 
 def measure(args, device, family, model, network, text, dtype, batch: int, checkpointing: bool, storage: str):
-    import resource
-
     import torch
     import torch.nn.functional as F
 
@@ -75,7 +74,7 @@ def measure(args, device, family, model, network, text, dtype, batch: int, check
     transformer = model.unet
     transformer.enable_gradient_checkpointing() if checkpointing else transformer.disable_gradient_checkpointing()
     params = network.unet_parameters()
-    optimizer, optimizer_name = optimizer_for(params, device)
+    optimizer, optimizer_name = gpu_common.optimizer_for(params, device)
     side = args.resolution // 8
     gen = torch.Generator(device).manual_seed(batch)
     latents = torch.randn((batch, 16, side, side), generator=gen, device=device)  # "cached latents"
@@ -91,53 +90,23 @@ def measure(args, device, family, model, network, text, dtype, batch: int, check
         with autocast:
             pred = family.predict(model, noisy, timesteps, cond, None, dtype)
         loss = F.mse_loss(pred.float(), family.target(model, latents, noise, timesteps).float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return gpu_common.optimizer_step(loss, params, optimizer)
 
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.warmup):
-        loss = step()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"the loss is {float(loss)}")
+    timing = gpu_common.timed_loop(step, device, batch=batch, warmup=args.warmup, steps=args.steps)
     activations = unet_activation_bytes(family, model, network.spec, text, batch=batch, width=args.resolution,
                                         height=args.resolution, checkpointing=checkpointing)
     est = run_estimate(frozen=[transformer], lora_params=sum(p.numel() for p in params), optimizer=optimizer_name,
-                       activations=activations, gpu=cuda)
+                       activations=activations, gpu=device.type == "cuda")
     return {"resolution": args.resolution, "batch": batch, "checkpointing": checkpointing, "storage": storage,
-            "it_s": args.steps / seconds, "images_s": args.steps * batch / seconds,
-            "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-            "estimate_gib": est.total / GIB, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            **timing, "estimate_gib": est.total / GIB}
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="the tiny Flux demo model at 64 px on a CPU (CI)")
-    parser.add_argument("--resolution", type=int, default=None, help="pixels (default 1024; smoke 64)")
+    parser = gpu_common.parser(__doc__.splitlines()[0], smoke="the tiny Flux demo model at 64 px on a CPU (CI)",
+                               resolution=1024, batches="1", steps=10, warmup=3, rank=16)
     parser.add_argument("--storage", default=None, help="comma-separated: fp8, nf4, bf16 (default fp8,nf4; smoke fp8)")
-    parser.add_argument("--batches", default="1", help="comma-separated batch sizes (default 1)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per cell (default 10; smoke 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke 1)")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--report", action="store_true", help="append the table to BENCHMARKS.md")
-    args = parser.parse_args(argv)
-    args.resolution = args.resolution or (64 if args.smoke else 1024)
+    args = gpu_common.parse(parser, argv)
     args.storage = args.storage or ("fp8" if args.smoke else "fp8,nf4")
-    args.steps = args.steps or (2 if args.smoke else 10)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     return args
 
 
@@ -149,11 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     from lora_gui.engine.families.flux import Flux
     from lora_gui.engine.network import NetworkSpec
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if not cuda:
-        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    name = torch.cuda.get_device_name(0) if cuda else "CPU"
+    device = gpu_common.device_for()
+    name = gpu_common.device_name(device)
     what = "tiny Flux demo model (smoke)" if args.smoke else "FLUX.1-dev shapes, random weights"
     print(f"gpu_flux: {what}, {args.resolution} px, LoRA rank {args.rank}; device {name}; torch {torch.__version__}",
           flush=True)
@@ -166,24 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         text = (torch.randn(1, 32 if args.smoke else 512, width, device=device),
                 torch.randn(1, model.unet.config.pooled_projection_dim, device=device))
         print(f"built the {storage} model in {time.perf_counter() - t0:.1f} s", flush=True)
-        for batch in (int(b) for b in args.batches.split(",")):
-            for checkpointing in (False, True):
-                try:
-                    results.append(measure(args, device, family, model, network, text, dtype, batch, checkpointing,
-                                           storage))
-                except torch.cuda.OutOfMemoryError:
-                    results.append({"resolution": args.resolution, "batch": batch, "checkpointing": checkpointing,
-                                    "storage": storage, **dict.fromkeys(("it_s", "images_s", "peak_vram_gib",
-                                                                         "estimate_gib", "peak_rss_mb"), float("nan"))})
-                    torch.cuda.empty_cache()
+        results += gpu_common.grid(args.batches, functools.partial(
+            measure, args, device, family, model, network, text, dtype, storage=storage), resolution=args.resolution, storage=storage)
         del model, network
-    text_table = table(results).replace("U-Net storage", "base storage")
-    print(text_table, flush=True)
-    if args.report:
-        from bench import common
-
-        common.append_report([common.Section(f"9. FLUX.1-dev LoRA on {name}", text_table,
-                                              [f"{what}, {args.resolution} px, rank {args.rank}."], {"results": results})])
+    gpu_common.publish(f"9. FLUX.1-dev LoRA on {name}", table(results).replace("U-Net storage", "base storage"),
+                       [f"{what}, {args.resolution} px, rank {args.rank}."], results, args.report)
     return 0
 
 

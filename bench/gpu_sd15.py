@@ -18,7 +18,7 @@ Not part of ``python -m bench`` (that is the CPU suite); ``tests/test_bench_smok
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import os
 import sys
@@ -26,6 +26,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import common, gpu_common  # noqa: E402
+
 CONFIGS = ROOT / "lora_gui" / "engine" / "configs" / "sd15"
 HEADERS = ("resolution", "batch", "grad. checkpointing", "text encoder", "it/s", "images/s",
            "peak VRAM (GiB)", "peak RSS (MB)")
@@ -113,115 +117,50 @@ def measure(args, device, models, batch: int, checkpointing: bool) -> dict:
         with autocast:
             hidden = states if states is not None else text_encoder(ids).last_hidden_state
             pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
-        loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return gpu_common.optimizer_step(F.mse_loss(pred.float(), noise.float()), params, optimizer)
 
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.warmup):
-        loss = step()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"the loss is {float(loss)}")
-    import resource
-
+    timing = gpu_common.timed_loop(step, device, batch=batch, warmup=args.warmup, steps=args.steps)
     return {"resolution": args.resolution, "batch": batch, "checkpointing": checkpointing,
-            "train_te": args.train_text_encoder, "it_s": args.steps / seconds,
-            "images_s": args.steps * batch / seconds,
-            "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "train_te": args.train_text_encoder, **timing}
 
 
 def table(results: list[dict]) -> str:
-    def cell(v):
-        return "-" if isinstance(v, float) and v != v else (f"{v:.2f}" if isinstance(v, float) else str(v))
-
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|"]
-    for r in results:
-        row = (r["resolution"], r["batch"], "on" if r["checkpointing"] else "off",
-               "trained" if r["train_te"] else "frozen, cached", r["it_s"], r["images_s"],
-               r["peak_vram_gib"], f"{r['peak_rss_mb']:.0f}")
-        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
-    return "\n".join(lines)
+    return common.markdown_table(HEADERS, [
+        (r["resolution"], r["batch"], "on" if r["checkpointing"] else "off",
+         "trained" if r["train_te"] else "frozen, cached", r["it_s"], r["images_s"], r["peak_vram_gib"],
+         common.fmt(r["peak_rss_mb"], 0)) for r in results])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true",
-                        help="a few steps at 64 px with tiny widths (runs on a CPU; for CI)")
-    parser.add_argument("--resolution", type=int, default=None, help="pixels (default 512; smoke 64)")
-    parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes (default 1,4)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per cell (default 20; smoke 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; smoke 1)")
-    parser.add_argument("--rank", type=int, default=32)
+    parser = gpu_common.parser(__doc__.splitlines()[0], smoke="a few steps at 64 px with tiny widths (runs on a "
+                               "CPU; for CI)", resolution=512, batches="1,4", steps=20, warmup=5, rank=32)
     parser.add_argument("--train-text-encoder", action="store_true",
                         help="also train a text-encoder LoRA (no cached text states)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32, no autocast")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is there")
-    parser.add_argument("--report", action="store_true", help="append the table to BENCHMARKS.md")
-    args = parser.parse_args(argv)
-    args.resolution = args.resolution or (64 if args.smoke else 512)
-    args.steps = args.steps or (2 if args.smoke else 20)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
+    args = gpu_common.parse(parser, argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(ROOT))
     import torch
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
-
-    cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if cuda else "cpu")
-    if not cuda:
-        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-        if not args.smoke:
-            print("No CUDA GPU: running the full-size model on the CPU (slow); use --smoke for CI.",
-                  file=sys.stderr)
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = gpu_common.device_for(args.cpu)
+    if device.type != "cuda" and not args.smoke:
+        print("No CUDA GPU: running the full-size model on the CPU (slow); use --smoke for CI.", file=sys.stderr)
     what = "tiny widths (smoke)" if args.smoke else "SD-1.5 U-Net + CLIP-L text encoder"
-    name = torch.cuda.get_device_name(0) if cuda else "CPU"
+    name = gpu_common.device_name(device)
     print(f"gpu_sd15: {what}, {args.resolution} px, LoRA rank {args.rank}, "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}, SDPA, {args.steps} timed steps after "
           f"{args.warmup} warm-up; device {name}; torch {torch.__version__}", flush=True)
     t0 = time.perf_counter()
     models = build(args, device)
     print(f"built the models in {time.perf_counter() - t0:.1f} s", flush=True)
-    results = []
-    for batch in (int(b) for b in args.batches.split(",")):
-        for checkpointing in (False, True):
-            try:
-                results.append(measure(args, device, models, batch, checkpointing))
-            except torch.cuda.OutOfMemoryError:
-                results.append({"resolution": args.resolution, "batch": batch,
-                                "checkpointing": checkpointing, "train_te": args.train_text_encoder,
-                                "it_s": float("nan"), "images_s": float("nan"),
-                                "peak_vram_gib": float("nan"), "peak_rss_mb": float("nan")})
-                torch.cuda.empty_cache()
-    text = table(results)
-    print(text, flush=True)
-    if args.report:
-        from bench import common
-
-        section = common.Section(f"6. SD-1.5-shaped LoRA on {name}", text,
-                                 [f"{what}, {args.resolution} px, rank {args.rank}, {args.steps} timed "
-                                  f"steps after {args.warmup} warm-up steps."], {"results": results})
-        common.append_report([section])
+    results = gpu_common.grid(args.batches, functools.partial(measure, args, device, models),
+                              resolution=args.resolution, train_te=args.train_text_encoder)
+    gpu_common.publish(f"6. SD-1.5-shaped LoRA on {name}", table(results),
+                       [f"{what}, {args.resolution} px, rank {args.rank}, {args.steps} timed steps after "
+                        f"{args.warmup} warm-up steps."], results, args.report)
     return 0
 
 

@@ -19,7 +19,7 @@ Not part of ``python -m bench`` (the CPU suite); ``tests/test_bench_smoke.py`` r
 
 from __future__ import annotations
 
-import argparse
+import functools
 import os
 import sys
 import time
@@ -27,6 +27,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import common, gpu_common  # noqa: E402
+
 HEADERS = ("resolution", "batch", "grad. checkpointing", "U-Net storage", "it/s", "images/s",
            "peak VRAM (GiB)", "estimate (GiB)", "peak RSS (MB)")
 
@@ -84,19 +88,6 @@ def prepare(args, device, model, fp8: bool):
     return family, network, text, weight_dtype
 
 
-def optimizer_for(params, device):
-    import torch
-
-    if device.type == "cuda":
-        try:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(params, lr=1e-4), "AdamW8bit"
-        except Exception:  # noqa: BLE001 - no CUDA kernels: plain AdamW
-            pass
-    return torch.optim.AdamW(params, lr=1e-4), "AdamW"
-
-
 def estimate_gib(family, model, network, text, batch, args, checkpointing, optimizer_name, device) -> float:
     from lora_gui.dataset.memory import GIB
     from lora_gui.engine.memory import run_estimate, unet_activation_bytes
@@ -110,8 +101,6 @@ def estimate_gib(family, model, network, text, batch, args, checkpointing, optim
 
 
 def measure(args, device, family, model, network, text, weight_dtype, batch, checkpointing, fp8) -> dict:
-    import resource
-
     import torch
     import torch.nn.functional as F
 
@@ -122,7 +111,7 @@ def measure(args, device, family, model, network, text, weight_dtype, batch, che
     else:
         model.unet.disable_gradient_checkpointing()
     params = network.unet_parameters()
-    optimizer, optimizer_name = optimizer_for(params, device)
+    optimizer, optimizer_name = gpu_common.optimizer_for(params, device)
     side = args.resolution // 8
     gen = torch.Generator(device).manual_seed(batch)
     latents = torch.randn((batch, 4, side, side), generator=gen, device=device)  # "cached latents"
@@ -138,84 +127,41 @@ def measure(args, device, family, model, network, text, weight_dtype, batch, che
         with autocast:
             pred = family.predict(model, noisy, timesteps, cond, extra, weight_dtype)
         loss = F.mse_loss(pred.float(), family.target(model, latents, noise, timesteps).float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return gpu_common.optimizer_step(loss, params, optimizer)
 
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.warmup):
-        loss = step()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"the loss is {float(loss)}")
+    timing = gpu_common.timed_loop(step, device, batch=batch, warmup=args.warmup, steps=args.steps)
     return {"resolution": args.resolution, "batch": batch, "checkpointing": checkpointing,
-            "storage": "fp8" if fp8 else ("bf16" if weight_dtype == torch.bfloat16 else "fp32"),
-            "it_s": args.steps / seconds, "images_s": args.steps * batch / seconds,
-            "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+            "storage": "fp8" if fp8 else ("bf16" if weight_dtype == torch.bfloat16 else "fp32"), **timing,
             "estimate_gib": estimate_gib(family, model, network, text, batch, args, checkpointing,
-                                         optimizer_name, device),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                                         optimizer_name, device)}
 
 
 def table(results: list[dict]) -> str:
-    def cell(v):
-        return "-" if isinstance(v, float) and v != v else (f"{v:.2f}" if isinstance(v, float) else str(v))
-
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|"]
-    for r in results:
-        row = (r["resolution"], r["batch"], "on" if r["checkpointing"] else "off", r["storage"], r["it_s"],
-               r["images_s"], r["peak_vram_gib"], r["estimate_gib"], f"{r['peak_rss_mb']:.0f}")
-        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
-    return "\n".join(lines)
+    """The table of gpu_sdxl.py and gpu_flux.py (which calls its storage column "base storage")."""
+    return common.markdown_table(HEADERS, [
+        (r["resolution"], r["batch"], "on" if r["checkpointing"] else "off", r["storage"], r["it_s"],
+         r["images_s"], r["peak_vram_gib"], r["estimate_gib"], common.fmt(r["peak_rss_mb"], 0)) for r in results])
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="the tiny SDXL demo model at 64 px on a CPU (CI)")
-    parser.add_argument("--resolution", type=int, default=None, help="pixels (default 1024; smoke 64)")
-    parser.add_argument("--batches", default="1,2", help="comma-separated batch sizes (default 1,2)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per cell (default 10; smoke 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke 1)")
-    parser.add_argument("--rank", type=int, default=32)
+    parser = gpu_common.parser(__doc__.splitlines()[0], smoke="the tiny SDXL demo model at 64 px on a CPU (CI)",
+                               resolution=1024, batches="1,2", steps=10, warmup=3, rank=32)
     parser.add_argument("--fp8", action="store_true", help="store the frozen U-Net in fp8")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32, no autocast")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is there")
-    parser.add_argument("--report", action="store_true", help="append the table to BENCHMARKS.md")
-    args = parser.parse_args(argv)
-    args.resolution = args.resolution or (64 if args.smoke else 1024)
-    args.steps = args.steps or (2 if args.smoke else 10)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
-    return args
+    return gpu_common.parse(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(ROOT))
     import torch
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
-    cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if cuda else "cpu")
-    if not cuda:
-        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device = gpu_common.device_for(args.cpu)
     what = "tiny SDXL demo model (smoke)" if args.smoke else "SDXL base 1.0 shapes, random weights"
-    name = torch.cuda.get_device_name(0) if cuda else "CPU"
+    name = gpu_common.device_name(device)
     print(f"gpu_sdxl: {what}, {args.resolution} px, LoRA rank {args.rank}, {'fp8' if args.fp8 else 'bf16'} "
           f"U-Net, {args.steps} timed steps after {args.warmup} warm-up; device {name}; torch {torch.__version__}",
           flush=True)
@@ -223,27 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     model = build(args, device)
     family, network, text, weight_dtype = prepare(args, device, model, args.fp8)
     print(f"built the model in {time.perf_counter() - t0:.1f} s", flush=True)
-    results = []
-    for batch in (int(b) for b in args.batches.split(",")):
-        for checkpointing in (False, True):
-            try:
-                results.append(measure(args, device, family, model, network, text, weight_dtype, batch,
-                                       checkpointing, args.fp8))
-            except torch.cuda.OutOfMemoryError:
-                results.append({"resolution": args.resolution, "batch": batch, "checkpointing": checkpointing,
-                                "storage": "fp8" if args.fp8 else "bf16", "it_s": float("nan"),
-                                "images_s": float("nan"), "peak_vram_gib": float("nan"),
-                                "estimate_gib": float("nan"), "peak_rss_mb": float("nan")})
-                torch.cuda.empty_cache()
-    text_table = table(results)
-    print(text_table, flush=True)
-    if args.report:
-        from bench import common
-
-        section = common.Section(f"7. SDXL LoRA on {name}", text_table,
-                                 [f"{what}, {args.resolution} px, rank {args.rank}, {args.steps} timed steps "
-                                  f"after {args.warmup} warm-up steps."], {"results": results})
-        common.append_report([section])
+    results = gpu_common.grid(args.batches, functools.partial(
+        measure, args, device, family, model, network, text, weight_dtype, fp8=args.fp8), resolution=args.resolution, storage="fp8" if args.fp8 else "bf16")
+    gpu_common.publish(f"7. SDXL LoRA on {name}", table(results),
+                       [f"{what}, {args.resolution} px, rank {args.rank}, {args.steps} timed steps "
+                        f"after {args.warmup} warm-up steps."], results, args.report)
     return 0
 
 

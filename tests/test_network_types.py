@@ -72,7 +72,14 @@ def _image(pipe) -> np.ndarray:
                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
 
 
-def _load_with_lycoris(pipe, path: Path) -> None:
+def _sd_modules(pipe) -> dict:
+    """kohya module name -> module of an SD pipeline (diffusers' U-Net paths, CLIP's text_model paths)."""
+    models = {"lora_unet": pipe.unet, "lora_te_text_model": pipe.text_encoder}
+    return {f"{prefix}_{path}".replace(".", "_"): module
+            for prefix, model in models.items() for path, module in model.named_modules()}
+
+
+def _load_with_lycoris(modules: dict, path: Path) -> None:
     """lycoris-lora's own loader (create_network_from_weights, module by module): it tells each
     module's algorithm from the file's key names, builds it from the tensors and hooks it into the
     fresh model. Not through its network class, which first builds a default network that
@@ -82,53 +89,47 @@ def _load_with_lycoris(pipe, path: Path) -> None:
     from lycoris.modules import get_module, make_module
 
     sd = load_file(str(path))
-    models = {"lora_unet": pipe.unet, "lora_te_text_model": pipe.text_encoder}
     names = {k.split(".")[0] for k in sd}
     loaded = []
-    for prefix, model in models.items():
-        for module_path, module in model.named_modules():
-            name = f"{prefix}_{module_path}".replace(".", "_")
-            if name in names:
-                kind, params = get_module(sd, name)
-                loaded.append(make_module(kind, params, name, module).eval())
+    for name, module in modules.items():
+        if name in names:
+            kind, params = get_module(sd, name)
+            loaded.append(make_module(kind, params, name, module).eval())
     for module in loaded:
         module.apply_to()
     assert len(loaded) == len(names)
 
 
-def _merge_by_formula(pipe, path: Path) -> None:
+def _merge_by_formula(modules: dict, path: Path) -> None:
     """Where lycoris-lora 4.1.3's own loader fails (LoKr: it re-derives the Kronecker split from the
     shapes and gets some layers wrong; IA3: make_module_from_state_dict is called with one argument
     too many), the file is merged by the formulas A1111's built-in Lora extension applies
     (network_lokr.py, network_ia3.py): LoKr W += kron(w1, w2) * alpha / dim (dim = rank of a
     decomposed factor, else scale 1); IA3 W += W * w along the output (or input) channels."""
     sd = load_file(str(path))
-    models = {"lora_unet": pipe.unet, "lora_te_text_model": pipe.text_encoder}
     names = {k.split(".")[0] for k in sd}
     merged = 0
     with torch.no_grad():
-        for prefix, model in models.items():
-            for module_path, module in model.named_modules():
-                name = f"{prefix}_{module_path}".replace(".", "_")
-                if name not in names:
-                    continue
-                t = {k.split(".", 1)[1]: v for k, v in sd.items() if k.split(".")[0] == name}
-                weight = module.weight
-                if "on_input" in t:
-                    w = t["weight"].flatten()
-                    view = ([1, -1] if int(t["on_input"]) else [-1, 1]) + [1] * (weight.dim() - 2)
-                    delta = weight * w.view(view)
-                else:
-                    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
-                    w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
-                    dim = t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else (
-                        t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else None)
-                    if w2.dim() == 4:
-                        w1 = w1[:, :, None, None]
-                    delta = torch.kron(w1, w2).reshape(weight.shape)
-                    delta = delta * (float(t["alpha"]) / dim if dim else 1.0)
-                weight += delta
-                merged += 1
+        for name, module in modules.items():
+            if name not in names:
+                continue
+            t = {k.split(".", 1)[1]: v for k, v in sd.items() if k.split(".")[0] == name}
+            weight = module.weight
+            if "on_input" in t:
+                w = t["weight"].flatten()
+                view = ([1, -1] if int(t["on_input"]) else [-1, 1]) + [1] * (weight.dim() - 2)
+                delta = weight * w.view(view)
+            else:
+                w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+                w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+                dim = t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else (
+                    t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else None)
+                if w2.dim() == 4:
+                    w1 = w1[:, :, None, None]
+                delta = torch.kron(w1, w2).reshape(weight.shape)
+                delta = delta * (float(t["alpha"]) / dim if dim else 1.0)
+            weight += delta
+            merged += 1
     assert merged == len(names)
 
 
@@ -169,9 +170,9 @@ def test_trains_saves_lycoris_keys_and_reloads_with_identical_images(demo, tmp_p
     base = _image(_pipeline(demo))
     loaded_pipe = _pipeline(demo)
     if network_type in ("LoKr", "IA3"):
-        _merge_by_formula(loaded_pipe, path)
+        _merge_by_formula(_sd_modules(loaded_pipe), path)
     else:
-        _load_with_lycoris(loaded_pipe, path)
+        _load_with_lycoris(_sd_modules(loaded_pipe), path)
     loaded = _image(loaded_pipe)
     assert np.abs(loaded - trained).max() < 1e-4
     assert np.abs(trained - base).max() > 1e-4  # the network changed the images
@@ -329,3 +330,109 @@ def test_loha_file_is_the_hadamard_formula(demo):
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
     assert float(sd[f"{name}.alpha"]) == 2.0 and sd[f"{name}.hada_w1_b"].shape == (4, layer.in_features)
+
+
+# --- SDXL -------------------------------------------------------------------------------------------
+# LyCORIS on SDXL is named as lycoris-lora names it under sd-scripts' SDXL U-Net (the original module
+# paths, sdxl_original_unet.py) with both text encoders: lora_unet_input_blocks_..., lora_te1_/lora_te2_.
+# On the tiny SDXL demo the "full" preset with conv_dim > 0 finds the 192 transformer modules, 17 resnets
+# x 3 (in_layers_2, emb_layers_1, out_layers_3), 10 skip convs, 2 downsamplers (op) and 2 upsamplers (conv):
+# 257 U-Net modules (the count of kohya's LoCon); 3 layers x 6 in each text encoder. The preset's
+# diffusers-only names (conv_in, conv_out, time_embedding.*) name no module of that U-Net: none here.
+XL_UNET_MODULES, XL_TE_MODULES = 192 + 65, 18
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    from lora_gui.engine.demo import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("demo-sdxl"), seed=0, family="sdxl")
+
+
+def _xl_pipeline(xl, trainer=None):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl.model_dir, local_files_only=True, add_watermarker=False)
+    if trainer is not None:
+        pipe.unet = trainer.acc.unwrap_model(trainer.unet)
+        pipe.text_encoder, pipe.text_encoder_2 = trainer.model.text_encoder, trainer.model.text_encoder_2
+    for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        model.train(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sdxl_modules(xl, pipe) -> dict:
+    """kohya module name -> module of an SDXL pipeline, found the way A1111 and ComfyUI find a file's
+    U-Net keys: ``lora_unet_<p>`` is the single file's ``model.diffusion_model.<p>`` (the original
+    U-Net's paths); the diffusers module is the one holding that very weight (the demo's random
+    weights are unique). The text encoders by their CLIP paths (lora_te1_ CLIP-L, lora_te2_ bigG)."""
+    by_bytes: dict[bytes, list[str]] = {}
+    for name, param in pipe.unet.named_parameters():
+        if name.endswith(".weight"):
+            by_bytes.setdefault(param.detach().numpy().tobytes(), []).append(name.removesuffix(".weight"))
+    unet_modules, modules = dict(pipe.unet.named_modules()), {}
+    with safe_open(str(xl.single_file), "pt") as f:
+        for key in f.keys():
+            if key.startswith("model.diffusion_model.") and key.endswith(".weight"):
+                found = by_bytes.get(f.get_tensor(key).numpy().tobytes(), [])
+                if len(found) == 1:  # norms (all ones) are ambiguous; no network targets them here
+                    path = key.removeprefix("model.diffusion_model.").removesuffix(".weight")
+                    modules[f"lora_unet_{path}".replace(".", "_")] = unet_modules[found[0]]
+    for prefix, te in (("lora_te1", pipe.text_encoder), ("lora_te2", pipe.text_encoder_2)):
+        for path, module in te.named_modules():
+            path = path if path.startswith("text_model.") else f"text_model.{path}"
+            modules[f"{prefix}_{path}".replace(".", "_")] = module
+    return modules
+
+
+@pytest.mark.parametrize("network_type", ["LoHa", pytest.param("LoKr", marks=pytest.mark.slow)])
+def test_sdxl_lycoris_file_has_sdxl_keys_reloads_and_reproduces_the_trained_model(xl, tmp_path, network_type):
+    s = io.apply_overrides(io.load_preset("demo-tiny-sdxl-cpu"), [
+        f"model.base_model={xl.model_dir}", f"model.img_folder={xl.dataset_dir}", f"model.output_folder={tmp_path}",
+        "samples.sample_every_n_epochs=0", "images.save_every_n_epochs=0", "training.validation_split=0",
+        "training.validation_every_n_steps=0", "images.max_steps=2", f"advanced.network_type={network_type}",
+        "advanced.conv_dim=2", "advanced.conv_alpha=1", "training.network_dim=4", "training.network_alpha=2",
+        "training.learning_rate=0.01", "training.unet_only=false"])
+    trainer = Trainer(s, lambda e: None, ev.CommandQueue())
+    result = trainer.run()
+    assert result.status == "finished", result.message
+    tensors = load_file(str(result.output_path))
+    names = {k.split(".")[0] for k in tensors}
+    assert {k.split(".", 1)[1] for k in tensors} == SUFFIXES[network_type]
+    assert len([n for n in names if n.startswith("lora_unet_")]) == XL_UNET_MODULES
+    assert len([n for n in names if n.startswith("lora_te1_text_model_encoder_layers_")]) == XL_TE_MODULES
+    assert len([n for n in names if n.startswith("lora_te2_text_model_encoder_layers_")]) == XL_TE_MODULES
+    assert len(names) == XL_UNET_MODULES + 2 * XL_TE_MODULES
+    assert {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "lora_unet_middle_block_1_proj_in",
+            "lora_unet_input_blocks_1_0_in_layers_2", "lora_unet_input_blocks_1_0_emb_layers_1",
+            "lora_unet_input_blocks_3_0_op", "lora_unet_output_blocks_2_2_conv",
+            "lora_unet_output_blocks_0_0_skip_connection"} <= names
+    with safe_open(str(result.output_path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_module"] == "lycoris.kohya" and meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert json.loads(meta["ss_network_args"])["algo"] == ALGO[network_type]
+
+    trained = _image(_xl_pipeline(xl, trainer))
+    base = _image(_xl_pipeline(xl))
+    loaded_pipe = _xl_pipeline(xl)
+    modules = _sdxl_modules(xl, loaded_pipe)
+    assert names <= modules.keys()  # every key names a module of the single file's layout
+    if network_type == "LoKr":
+        _merge_by_formula(modules, result.output_path)
+    else:
+        _load_with_lycoris(modules, result.output_path)
+    loaded = _image(loaded_pipe)
+    assert np.abs(loaded - trained).max() < 1e-4
+    assert np.abs(trained - base).max() > 1e-4  # the network changed the images
+
+    # the engine reads its own file back (start from a LoRA): the same tensors in the same modules
+    again = Trainer(io.apply_overrides(s, [f"model.lora_model_for_resume={result.output_path}",
+                                           f"model.output_folder={tmp_path / 'again'}"]),
+                    lambda e: None, ev.CommandQueue())
+    again._setup()
+    try:
+        reread = again.network.state_dict_kohya()
+        assert reread.keys() == tensors.keys() and all(torch.equal(reread[k], tensors[k]) for k in tensors)
+    finally:
+        again.close()

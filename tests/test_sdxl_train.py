@@ -264,9 +264,3 @@ def test_the_advanced_settings_of_sd_work_for_sdxl(xl, tmp_path):
     assert len(losses) == 3 and all(np.isfinite(losses))
     keys = load_file(str(result.output_path)).keys()
     assert any(k.startswith("lora_unet_input_blocks_1_0_in_layers_2.") for k in keys)  # LoCon on a resnet
-
-
-def test_lycoris_types_are_refused_for_sdxl_with_a_sentence(xl, tmp_path):
-    result, _ = train(xl_settings(xl, tmp_path, "images.max_steps=1", "advanced.network_type=LoHa"))
-    assert result.status == "failed"
-    assert result.message.startswith("advanced.network_type: LyCORIS networks are not available for SDXL yet")

@@ -8,7 +8,9 @@ lycoris-lora's own ``LycorisNetworkKohya``; this module only
 * chooses which network a run trains (``network_spec``: kohya LoRA through peft in ``network.py``,
   everything else here) and applies it (``apply_network``, called by the model families);
 * names the text encoder's modules ``lora_te_text_model_...`` as A1111, Forge and ComfyUI expect
-  (transformers 5 dropped the ``text_model.`` level of ``CLIPTextModel``);
+  (transformers 5 dropped the ``text_model.`` level of ``CLIPTextModel``), and, for a family whose
+  files name the U-Net by another layout (SDXL: the original U-Net's ``input_blocks_4_1_...``),
+  renames the U-Net's modules to it, as lycoris-lora names them under sd-scripts' SDXL U-Net;
 * reads and writes the file: LyCORIS keys (``lora_unet_<path>.hada_w1_a`` for LoHa,
   ``.lokr_w1`` for LoKr, ``.dora_scale`` for DoRA, ``.diff`` for Full, ``.oft_blocks``, ``.alpha``),
   with ``ss_network_module = lycoris.kohya`` and ``ss_network_args`` (algo and its arguments);
@@ -19,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -169,7 +172,9 @@ def check_file_type(spec, tensors: dict, what: str = "The LoRA file") -> None:
 
 
 @contextlib.contextmanager
-def _preset(name: str, conv: bool) -> Iterator[type]:
+def _preset(name: str, conv: bool, file_paths: Iterator[str] | None = None) -> Iterator[type]:
+    """lycoris-lora's preset ``name`` on its network class for one build. ``file_paths``: the U-Net's
+    module paths in the file's layout, when that is not diffusers' (SDXL)."""
     from lycoris.config import PRESET
     from lycoris.kohya import LycorisNetworkKohya as Net
 
@@ -181,6 +186,13 @@ def _preset(name: str, conv: bool) -> Iterator[type]:
     # ("duplicated lora name"). The names alone give the same modules and key names.
     preset["unet_target_module"] = [m for m in preset.get("unet_target_module", Net.UNET_TARGET_REPLACE_MODULE)
                                     if m != "TimestepEmbedding"]
+    if file_paths is not None:
+        # Module *names* in a preset are diffusers' (conv_in, time_embedding.linear_1); under sd-scripts'
+        # SDXL U-Net (original names: input_blocks.0.0, time_embed.0) lycoris-lora matches none of them,
+        # so neither do we: a name stays a target only if it names a module of the file's layout.
+        paths = list(file_paths)
+        preset["unet_target_name"] = [t for t in preset.get("unet_target_name", Net.UNET_TARGET_REPLACE_NAME)
+                                      if any(t == p or re.match(t, p) for p in paths)]
     try:
         Net.apply_preset(preset)
         yield Net
@@ -207,7 +219,10 @@ class LycorisNetwork:
         self.net = net
 
     @classmethod
-    def apply(cls, unet: nn.Module | None, text_encoders, spec: LycorisSpec) -> LycorisNetwork:
+    def apply(cls, unet: nn.Module | None, text_encoders, spec: LycorisSpec, *,
+              unet_module_names: Mapping[str, str] | None = None) -> LycorisNetwork:
+        """The network on the models; ``unet_module_names`` (diffusers module path -> the file's
+        module path) names the U-Net's modules as the family's files do (SDXL's original names)."""
         if spec.train_unet and unet is None:
             raise ValueError("train_unet is set but no U-Net was given.")
         encoders = [] if text_encoders is None else (
@@ -220,9 +235,12 @@ class LycorisNetwork:
                     raise ValueError(f"{type(model).__name__} already has a network; apply it to a fresh model.")
                 model.requires_grad_(False)
         named = [_kohya_named(te) for te in encoders] if spec.train_text_encoder else []
-        with _preset(spec.preset, conv=spec.conv_rank > 0) as Net:
+        file_paths = None if unet_module_names is None else unet_module_names.values()
+        with _preset(spec.preset, conv=spec.conv_rank > 0, file_paths=file_paths) as Net:
             net = Net(named if len(named) > 1 else (named[0] if named else None),
                       unet if spec.train_unet else nn.Module(), **_lycoris_kwargs(spec))
+        if unet_module_names is not None:
+            _rename_unet_modules(net, unet_module_names)
         net.apply_to(None, None, apply_text_encoder=spec.train_text_encoder, apply_unet=spec.train_unet)
         if not net.loras:
             raise ValueError(f"The {spec.preset} preset found no layers for {spec.network_type} in "
@@ -336,6 +354,20 @@ class LycorisNetwork:
                 for suffix, param in zip(self._EXACT, (getattr(lora, "weight", None), getattr(lora, "bias", None))):
                     if lora.lora_name + suffix in sd and isinstance(param, nn.Parameter):
                         param.copy_(sd[lora.lora_name + suffix])
+
+
+def _rename_unet_modules(net, module_names: Mapping[str, str]) -> None:
+    """Name each U-Net module by the file's layout (``lora_unet_`` + its path there, dots as
+    underscores), before ``apply_to`` registers the modules under their names (the file's keys)."""
+    prefix = net.LORA_PREFIX_UNET
+    renamed = {f"{prefix}_{src}".replace(".", "_"): f"{prefix}_{dst}".replace(".", "_")
+               for src, dst in module_names.items()}
+    unknown = [lora.lora_name for lora in net.unet_loras if lora.lora_name not in renamed]
+    if unknown:
+        raise ValueError(f"The U-Net module {unknown[0]} has no name in this model's LoRA file layout: choose "
+                         "another LyCORIS preset.")
+    for lora in net.unet_loras:
+        lora.lora_name = renamed[lora.lora_name]
 
 
 def _lycoris_kwargs(spec: LycorisSpec) -> dict:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from lora_gui.engine.errors import EngineError
 from lora_gui.engine.families.sd import StableDiffusion
 from lora_gui.engine.families.sdxl_condition import encode_sdxl, time_ids
 from lora_gui.engine.families.sdxl_convert import to_sdxl_single_file_state_dict, unet_module_map
@@ -270,14 +269,14 @@ class StableDiffusionXL(StableDiffusion):
         return model.unet(noisy.to(dtype), timesteps, states.to(dtype), added_cond_kwargs=added).sample
 
     def apply_network(self, model, spec):
-        from lora_gui.engine.network import LoraNetwork, NetworkSpec
-
-        if not isinstance(spec, NetworkSpec):
-            # LyCORIS would name the U-Net's modules by diffusers' paths, which SDXL loaders do not read.
-            raise EngineError("advanced.network_type: LyCORIS networks are not available for SDXL yet: "
-                                 "choose LoRA (with a conv rank for LoCon) and no DoRA.")
+        from lora_gui.engine.network import LoraNetwork
+        from lora_gui.engine.network_lycoris import LycorisNetwork, LycorisSpec
 
         names = unet_module_map(model.unet.state_dict().keys())
+        if isinstance(spec, LycorisSpec):
+            # named as lycoris-lora names them under sd-scripts' SDXL U-Net (the original module paths)
+            return LycorisNetwork.apply(model.unet if spec.train_unet else None,
+                                        [model.text_encoder, model.text_encoder_2], spec, unet_module_names=names)
         encoders = [("lora_te1_", model.text_encoder), ("lora_te2_", model.text_encoder_2)]
         return LoraNetwork.apply(model.unet if spec.train_unet else None, None, spec, unet_module_names=names,
                                  text_encoders=encoders if spec.train_text_encoder else [])
