@@ -436,3 +436,30 @@ def test_sdxl_lycoris_file_has_sdxl_keys_reloads_and_reproduces_the_trained_mode
         assert reread.keys() == tensors.keys() and all(torch.equal(reread[k], tensors[k]) for k in tensors)
     finally:
         again.close()
+
+
+def test_the_attn_only_preset_trains_the_u_nets_attention_layers(demo):
+    """lycoris-lora's attn-only preset names sd-scripts' CrossAttention class; on diffusers' U-Net the
+    same layers are Attention's to_q/to_k/to_v/to_out.0 (4 per attention), named as sd-scripts names them."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention
+    from transformers import CLIPTextModel
+
+    from lora_gui.engine.network_lycoris import LycorisNetwork, LycorisSpec
+
+    unet = UNet2DConditionModel.from_pretrained(demo.model_dir / "unet")
+    te = CLIPTextModel.from_pretrained(demo.model_dir / "text_encoder")
+    spec = LycorisSpec(network_type="LoHa", rank=4, alpha=2.0, conv_rank=0, conv_alpha=1.0,
+                       preset="attn-only", train_unet=True, train_text_encoder=True)
+    network = LycorisNetwork.apply(unet, te, spec)
+    attentions = [name for name, m in unet.named_modules() if isinstance(m, Attention)]
+    unet_names = {lora.lora_name for lora in network.net.unet_loras}
+    assert len(attentions) > 0 and unet_names == {
+        f"lora_unet_{a.replace('.', '_')}_{layer}" for a in attentions
+        for layer in ("to_q", "to_k", "to_v", "to_out_0")}
+    # the tiny demo: 22 attentions x 4 = 88 U-Net modules; the text encoder's CLIPAttention:
+    # q/k/v/out_proj in each of its 3 layers = 12, and no MLP (attention only)
+    assert len(unet_names) == 88 and len(attentions) == 22
+    te_names = {lora.lora_name for lora in network.net.text_encoder_loras}
+    assert te_names == {f"lora_te_text_model_encoder_layers_{i}_self_attn_{p}_proj" for i in range(3)
+                        for p in ("q", "k", "v", "out")}

@@ -186,6 +186,10 @@ def _preset(name: str, conv: bool, file_paths: Iterator[str] | None = None) -> I
     # ("duplicated lora name"). The names alone give the same modules and key names.
     preset["unet_target_module"] = [m for m in preset.get("unet_target_module", Net.UNET_TARGET_REPLACE_MODULE)
                                     if m != "TimestepEmbedding"]
+    # attn-only names sd-scripts' own U-Net classes (CrossAttention); diffusers' U-Net, which the
+    # engine trains, calls the same layers Attention (to_q/to_k/to_v/to_out.0, the same key names).
+    if "CrossAttention" in preset["unet_target_module"]:
+        preset["unet_target_module"].append("Attention")
     if file_paths is not None:
         # Module *names* in a preset are diffusers' (conv_in, time_embedding.linear_1); under sd-scripts'
         # SDXL U-Net (original names: input_blocks.0.0, time_embed.0) lycoris-lora matches none of them,
@@ -242,9 +246,10 @@ class LycorisNetwork:
         if unet_module_names is not None:
             _rename_unet_modules(net, unet_module_names)
         net.apply_to(None, None, apply_text_encoder=spec.train_text_encoder, apply_unet=spec.train_unet)
-        if not net.loras:
+        if not net.loras or (spec.train_unet and not net.unet_loras):
+            part = "this model" if not net.loras else "the U-Net"
             raise ValueError(f"The {spec.preset} preset found no layers for {spec.network_type} in "
-                             "this model: choose another LyCORIS preset.")
+                             f"{part}: choose another LyCORIS preset.")
         device = next((p.device for m in (unet, *encoders) if m is not None for p in m.parameters()), None)
         net.to(device=device, dtype=torch.float32)  # the network trains in float32 on any base
         for model in (unet, *encoders):
