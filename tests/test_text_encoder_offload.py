@@ -4,8 +4,8 @@ the sample prompts are encoded, and samples and the validation loss come out bit
 that keeps them; an fp8 or NF4 base is converted in CPU memory before it moves to the device.
 
 There is no GPU here (the training device is the CPU), so the moves are observed by recording every
-``Module.to`` call, and the run that proves the text encoders are not used after set-up parks them
-on the meta device, where any use of their weights fails."""
+``Module.to`` call, and the run that proves the text encoders are not used after set-up makes them
+raise once they are released."""
 
 from __future__ import annotations
 
@@ -126,15 +126,22 @@ def test_a_prompt_outside_the_cache_brings_the_encoders_back_for_that_step(demos
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["flux", "sdxl"])
 def test_samples_and_validation_are_bit_identical_without_the_text_encoders(demos, family, tmp_path, monkeypatch):
-    """The offloaded run parks the text encoders on the meta device (no weights at all): its samples,
+    """Once the offloaded run has released its text encoders, calling one raises; its samples,
     validation losses, losses and LoRA equal those of a run that keeps the encoders and encodes each
     sample prompt as it renders it (what the engine did before)."""
     extra = ("images.max_steps=4", "training.validation_split=0.2", "training.validation_every_n_steps=2",
-             "samples.sample_every_n_steps=4")
+             "samples.sample_every_n_steps=4", "samples.test_seed=5")
     with monkeypatch.context() as m:
         m.setattr(setup, "_release_text_encoders", lambda t: None)  # the encoders stay, as before
         kept, kept_events = _run(cached_text_settings(demos[family], family, tmp_path / "kept", *extra))
-    monkeypatch.setattr(setup, "TEXT_ENCODER_HOME", "meta")
+    release = setup._release_text_encoders
+
+    def release_for_good(t):
+        release(t)
+        for encoder in t.text_encoders:
+            encoder.forward = _used_after_release
+
+    monkeypatch.setattr(setup, "_release_text_encoders", release_for_good)
     gone, gone_events = _run(cached_text_settings(demos[family], family, tmp_path / "gone", *extra))
     assert kept.status == gone.status == "finished", gone.message
     assert kept.losses == gone.losses and kept.validation_losses == gone.validation_losses
@@ -142,8 +149,12 @@ def test_samples_and_validation_are_bit_identical_without_the_text_encoders(demo
     a, b = load_file(str(kept.output_path)), load_file(str(gone.output_path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     kept_samples, gone_samples = _samples(kept_events), _samples(gone_events)
-    assert len(gone_samples) == 2
+    assert len(gone_samples) == 4  # two prompts at step 0 and at step 4
     assert [Path(p).read_bytes() for p in kept_samples] == [Path(p).read_bytes() for p in gone_samples]
+
+
+def _used_after_release(*args, **kwargs):
+    raise AssertionError("a text encoder was used after it left the device")
 
 
 def _run(settings):
