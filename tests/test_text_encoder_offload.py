@@ -23,15 +23,20 @@ from lora_gui.settings import io
 
 torch.set_num_threads(1)
 
-PRESETS = {"flux": "demo-tiny-flux-cpu", "sdxl": "demo-tiny-sdxl-cpu"}
+PRESETS = {"flux": "demo-tiny-flux-cpu", "sdxl": "demo-tiny-sdxl-cpu", "sd": "demo-tiny-cpu"}
 
 
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory):
+    """Each family's demo, built when a test first asks for it."""
     from lora_gui.engine.demo import build_demo
 
-    return {family: build_demo(tmp_path_factory.mktemp(f"demo-{family}"), seed=0, family=family)
-            for family in PRESETS}
+    class Demos(dict):
+        def __missing__(self, family):
+            self[family] = build_demo(tmp_path_factory.mktemp(f"demo-{family}"), seed=0, family=family)
+            return self[family]
+
+    return Demos()
 
 
 def cached_text_settings(demo, family: str, out: Path, *extra: str):
@@ -74,7 +79,7 @@ def _set_up(settings) -> Trainer:
     return trainer
 
 
-@pytest.mark.parametrize("family", ["flux", "sdxl"])
+@pytest.mark.parametrize("family", ["flux", "sdxl", "sd"])
 def test_cached_text_encoders_leave_the_device_after_every_prompt_is_encoded(demos, family, tmp_path, monkeypatch):
     log = MoveLog(monkeypatch)
 

@@ -279,7 +279,8 @@ def _release_text_encoders(t) -> None:
     for encoder in t.text_encoders:
         encoder.to(TEXT_ENCODER_HOME)
     if t.device.type != TEXT_ENCODER_HOME:
-        t.log(f"The text encoders wait in CPU memory while the LoRA trains ({len(texts)} sample prompts encoded)")
+        t.log("The text encoders wait in CPU memory while the LoRA trains (the captions and the sample prompts "
+              "are encoded)")
 
 
 def _build_optimizer(t) -> None:
