@@ -29,7 +29,8 @@ def test_checkpoints_carry_validation_loss_best_kept_and_strength_sweep(demo, tm
         "images.epochs=4", "training.validation_split=0.2", "training.validation_every_n_steps=0",
         "training.validation_every_n_epochs=1", "images.save_every_n_epochs=1",
         "images.keep_best_checkpoints=2", "samples.sample_every_n_steps=12",
-        "samples.sample_prompts=demoshape, red circle", "samples.strength_sweep=0, 1")
+        "samples.sample_prompts=demoshape, red circle", "samples.strength_sweep=0, 1",
+        "samples.test_seed=1")  # the same seed for every sample (without it each image draws its own)
     result, events = run(settings)
     assert result.status == "finished", result.message
     val = {e.step: e.loss for e in of_type(events, ev.ValidationLoss)}
@@ -71,7 +72,7 @@ def test_strength_sweep_scales_a_lycoris_network_too(demo, tmp_path):
     settings = demo_settings(
         demo, tmp_path / "out", "advanced.network_type=LoHa", "images.max_steps=3",
         "samples.sample_every_n_steps=3", "samples.sample_prompts=demoshape, red circle",
-        "samples.strength_sweep=0, 1")
+        "samples.strength_sweep=0, 1", "samples.test_seed=1")
     result, events = run(settings)
     assert result.status == "finished", result.message
     samples = of_type(events, ev.SampleReady)
