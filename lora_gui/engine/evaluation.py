@@ -65,7 +65,7 @@ def sample(t, step: int, epoch: int, strength: float | None = None) -> None:
     with _evaluating(t):
         t.vae.to(t.device)
         written = t.family.generate_samples(
-            t.model, t.sample_prompts, t.settings, encode=t._encode, out_dir=t.out_dir / "sample",
+            t.model, t.sample_prompts, t.settings, encode=_prompt_encoder(t), out_dir=t.out_dir / "sample",
             stem=stem, device=t.device, dtype=t.weight_dtype)
         if t.device.type == "cuda" and t.settings.images.cache_latents:
             t.vae.to("cpu")
@@ -74,6 +74,35 @@ def sample(t, step: int, epoch: int, strength: float | None = None) -> None:
             t.files.append(path)
         t.emit(ev.SampleReady(step=step, epoch=epoch, path=str(path), prompt=prompt, index=index,
                               strength=strength))
+
+
+def _prompt_encoder(t):
+    """What the sample pipelines encode prompts with: the set-up's prompt cache when the text
+    encoders have left the device (``setup._release_text_encoders``), else the text encoders."""
+    cache = t.prompt_cache
+    if cache is None:
+        return t._encode
+
+    def encode(texts: list[str]):
+        if len(texts) == 1 and texts[0] in cache:
+            return cache[texts[0]]
+        with text_encoders_on_device(t), torch.no_grad():
+            return t._encode(texts)
+
+    return encode
+
+
+@contextlib.contextmanager
+def text_encoders_on_device(t):
+    """The text encoders on the training device for one step, and back where they waited."""
+    homes = [next(encoder.parameters()).device for encoder in t.text_encoders]
+    for encoder in t.text_encoders:
+        encoder.to(t.device)
+    try:
+        yield
+    finally:
+        for encoder, home in zip(t.text_encoders, homes):
+            encoder.to(home)
 
 
 def strength_sweep(t, epoch: int) -> None:

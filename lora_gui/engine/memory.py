@@ -170,14 +170,17 @@ def unet_activation_bytes(family, model, spec, text, *, batch: int, width: int, 
     return traced_activation_bytes(meta_unet, call, checkpointing)
 
 
-def estimate_for_run(family, model, settings, network, text_encoders, buckets, device) -> MemoryEstimate:
+def estimate_for_run(family, model, settings, network, text_encoders, buckets, device, text=None) -> MemoryEstimate:
     """The estimate of a set-up run: its frozen modules as they sit on the device, its LoRA, and the
     activations of its U-Net traced at the largest bucket and the batch size (text-encoder
-    activations, when they are trained, are not traced: they are small beside the U-Net's)."""
+    activations, when they are trained, are not traced: they are small beside the U-Net's).
+    ``text``: the empty caption's conditioning when it is already encoded (the text encoders may
+    have left the device)."""
     s = settings
     width, height = max(buckets, key=lambda b: b[0] * b[1])
-    with torch.no_grad():
-        text = family.encode_text(model, [""], settings, device)
+    if text is None:
+        with torch.no_grad():
+            text = family.encode_text(model, [""], settings, device)
     activations = unet_activation_bytes(family, model, network.spec, text, batch=s.training.batch_size,
                                         width=width, height=height, checkpointing=s.training.gradient_checkpointing)
     lora = sum(p.numel() for p in network.unet_parameters() + network.text_encoder_parameters())

@@ -19,6 +19,7 @@ from lora_gui.engine.families import split_conditioning
 from lora_gui.engine.loader import RunBatches
 
 TEXT_CACHE_CHUNK = 16  # captions encoded at once while filling the text cache
+TEXT_ENCODER_HOME = "cpu"  # where frozen text encoders wait once their outputs are cached
 
 
 def set_up(t) -> None:
@@ -31,10 +32,11 @@ def set_up(t) -> None:
     t.name = checkpoint.output_name(t, t.out_dir)
     _load_model(t)
     _load_data(t)
-    _build_network(t)
-    _prepare_text_cache(t)
-    _build_optimizer(t)
     evaluation.prepare_samples(t)
+    _prepare_text_cache(t)
+    _place_denoiser(t)
+    _build_network(t)
+    _build_optimizer(t)
     checkpoint.write_run_files(t)
     if m.load_previous_save_state.strip():
         checkpoint.resume(t, Path(m.load_previous_save_state).expanduser())
@@ -83,6 +85,9 @@ def _accelerator(t) -> None:
 
 
 def _load_model(t) -> None:
+    """Load, freeze and cast the base in CPU memory; the VAE and the text encoders go to the device
+    (the denoiser waits for ``_place_denoiser``: it is stored smaller first, and the text encoders
+    may leave the device before it arrives)."""
     t.log(f"Loading the base model {t.settings.model.base_model}")
     t.model = model = t.family.load(t.settings)
     for note in model.notes:
@@ -91,22 +96,31 @@ def _load_model(t) -> None:
     t.unet, t.vae, t.scheduler = model.unet, model.vae, model.noise_scheduler
     for module in (t.unet, *t.text_encoders, t.vae):
         module.requires_grad_(False)
-        module.to(t.device)
     if t.weight_dtype != torch.float32:  # frozen weights in 16 bits on the GPU; LoRA stays fp32
         for module in (t.unet, *t.text_encoders):
             module.to(dtype=t.weight_dtype)
     if t.settings.advanced.fp8_base and t.settings.advanced.nf4_base:
         raise EngineError("advanced.fp8_base and advanced.nf4_base both store the base smaller: choose one.")
-    if t.settings.advanced.fp8_base:
-        _fp8_unet(t)
-    if t.settings.advanced.nf4_base:
-        _nf4_unet(t)
+    for module in (*t.text_encoders, t.vae):
+        module.to(t.device)
     if t.settings.advanced.attention == "xformers":
         try:
             t.unet.enable_xformers_memory_efficient_attention()
         except Exception as exc:
             raise EngineError(f"advanced.attention: xformers does not work here ({exc}); choose "
                               "sdpa.") from None
+
+
+def _place_denoiser(t) -> None:
+    """The frozen denoiser onto the device, stored smaller first when fp8 or NF4 is chosen: the
+    conversion runs in CPU memory, so the 16-bit weights never sit on the GPU whole (FLUX.1-dev's
+    transformer is 24 GB in bf16). Blocks that ``advanced.blocks_to_swap`` swaps stay in CPU memory
+    (``engine.block_swap`` keeps them home through ``.to``)."""
+    if t.settings.advanced.fp8_base:
+        _fp8_unet(t)
+    if t.settings.advanced.nf4_base:
+        _nf4_unet(t)  # each 4-bit layer is quantized as it moves to the device
+    t.unet.to(t.device)
 
 
 def _fp8_unet(t) -> None:
@@ -224,15 +238,18 @@ def _log_memory_estimate(t) -> None:
 
     buckets = {item.bucket for item in t.dataset.train_items + t.dataset.reg_items}
     t.memory_estimate = estimate_for_run(t.family, t.model, t.settings, t.network, t.text_encoders, buckets,
-                                         t.device)
+                                         t.device, text=t.prompt_cache[""] if t.prompt_cache else None)
     t.log(t.memory_estimate.sentence())
 
 
 def _prepare_text_cache(t) -> None:
-    """Frozen text encoders with captions that never change: encode each caption once."""
-    t.text_cache = None
+    """Frozen text encoders with captions that never change: encode each caption once, then the
+    sample prompts, and let the text encoders leave the device (``_release_text_encoders``)."""
+    t.text_cache = t.prompt_cache = None
     if t.settings.train_text_encoder or t.dataset.options.captions.varies:
         return
+    for encoder in t.text_encoders:
+        encoder.train(False)  # frozen: no dropout in what is cached (T5's config has some)
     ds = t.dataset
     captions = sorted({ds.fixed_caption(item) for item in
                        ds.train_items + ds.reg_items + ds.validation_items()})
@@ -247,6 +264,23 @@ def _prepare_text_cache(t) -> None:
 
     t.text_cache = distributed.share_text_cache(t, compute)
     t.log(f"Cached the text encoder's output for {len(captions)} captions")
+    _release_text_encoders(t)
+
+
+def _release_text_encoders(t) -> None:
+    """Encode the sample prompts (and the empty caption, whose shapes the memory estimate traces)
+    one at a time outside autocast, as sampling encodes them, so the images stay the same bit for
+    bit; then move the text encoders to CPU memory (T5-XXL is ~9 GB in bf16; the memory estimate
+    counts cached text encoders off the GPU). A prompt not in this cache brings them back for that
+    one encoding (``evaluation.text_encoders_on_device``)."""
+    texts = dict.fromkeys(["", *(text for p in t.sample_prompts for text in (p.prompt, p.negative))])
+    with torch.no_grad():
+        t.prompt_cache = {text: t._encode([text]) for text in texts}
+    for encoder in t.text_encoders:
+        encoder.to(TEXT_ENCODER_HOME)
+    if t.device.type != TEXT_ENCODER_HOME:
+        t.log("The text encoders wait in CPU memory while the LoRA trains (the captions and the sample prompts "
+              "are encoded)")
 
 
 def _build_optimizer(t) -> None:

@@ -59,7 +59,7 @@ class Trainer:
     Set-up fills in: ``acc`` (accelerate), ``device``, ``weight_dtype``, ``out_dir``, ``name``;
     ``model`` (the family's loaded base) with ``unet``, ``text_encoders``, ``vae``, ``scheduler``;
     ``info``, ``dataset``, ``run_batches``, ``plan``, ``num_train_images``; ``network``,
-    ``network_alpha``, ``text_cache``; ``params``, ``optimizer``, ``lr_scheduler``,
+    ``network_alpha``, ``text_cache``, ``prompt_cache``; ``params``, ``optimizer``, ``lr_scheduler``,
     ``trained_models``, ``text_encoder_steps`` (the steps in which the text encoder trains);
     ``sample_prompts``; ``facts`` (the metadata's run facts).
     """
