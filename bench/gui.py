@@ -15,6 +15,12 @@ One session measures everything (the results are kept per work folder, so 3 and 
   page open and idle, and with the page polling a running run (the trainer's CPU not included).
 * the GUI server's RSS (now and peak) and whether it has loaded torch (its memory maps).
 
+The machine is shared, so each timed Start also reports two load-independent figures: the CPU
+seconds the trainer spent between the click and its first loss event (the warm trainer's CPU
+times before and after), and the contention of the moment: the wall time over the CPU time of a
+fixed single-threaded busy loop run just before the click (1.0 on an idle core; 4 means a runnable
+thread got a quarter of a core). Start -> first point divided by it estimates the idle figure.
+
 Run alone: ``python -m bench.gui``.
 """
 
@@ -123,6 +129,9 @@ class Tail(threading.Thread):
         self.runs, self.known = runs, set(runs.glob("*")) if runs.exists() else set()
         self.lines: list[tuple[float, dict]] = []
         self.run_dir: Path | None = None
+        self.pid: int | None = None  # the trainer whose CPU time is read at the first loss event
+        self.on_loss = None
+        self.loss_cpu: float | None = None
         self.halt = threading.Event()
 
     def run(self) -> None:
@@ -146,9 +155,12 @@ class Tail(threading.Thread):
                     *complete, buffer = buffer.split(b"\n")
                     for line in complete:
                         try:
-                            self.lines.append((now, json.loads(line)))
+                            event = json.loads(line)
                         except ValueError:
-                            pass
+                            continue
+                        self.lines.append((now, event))
+                        if event.get("kind") == "loss" and self.loss_cpu is None and self.on_loss:
+                            self.loss_cpu = self.on_loss(self.pid)
             time.sleep(0.002)
 
     def first(self, pred) -> float | None:
@@ -228,6 +240,36 @@ def _server_memory(pid: int) -> dict:
     return {"rss_mb": rss, "peak_rss_mb": peak, "torch_loaded": torch_loaded}
 
 
+def contention(cpu_s: float = 0.3) -> float:
+    """Wall seconds over CPU seconds of a busy loop of ``cpu_s`` CPU seconds (1.0: an idle core)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    x = 0
+    while time.process_time() - c0 < cpu_s:
+        x += sum(range(1000))
+    return (time.perf_counter() - w0) / max(time.process_time() - c0, 1e-9)
+
+
+def _warm_pid(server: Server) -> int | None:
+    """The pid of the warm trainer waiting now (its last ready line in the warm log)."""
+    from lora_gui.worker.client import WARM_LOG
+    from lora_gui.worker.warm import WARM_READY
+
+    log = server.runs / WARM_LOG
+    found = re.findall(re.escape(WARM_READY) + r" \(pid (\d+)\)",
+                       log.read_text(errors="replace") if log.is_file() else "")
+    return int(found[-1]) if found else None
+
+
+def _cpu_s(pid: int | None) -> float | None:
+    import psutil
+
+    try:
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+    except (psutil.Error, TypeError, ValueError):
+        return None
+
+
 def _wait_text(page, selector: str, pattern: str, timeout: float) -> str:
     deadline, text = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
@@ -243,12 +285,19 @@ def _one_run(page, server: Server, measure_streaming: bool) -> dict:
     then Stop and wait until the run has ended."""
     page.evaluate(_OBSERVE)
     tail = Tail(server.runs)
+    tail.on_loss = _cpu_s
     tail.start()
+    load = contention()
+    warm_pid = _warm_pid(server)
+    tail.pid, cpu_before = warm_pid, _cpu_s(warm_pid)
     t_click = time.time()
     page.locator("#run-start").click()
     page.wait_for_function("() => window.__bench.plot !== null", timeout=240_000, polling=50)
     t_point = page.evaluate("() => window.__bench.plot") / 1000
-    out = {"start_to_first_loss_point": t_point - t_click}
+    out = {"start_to_first_loss_point": t_point - t_click, "contention": load,
+           "estimated_idle_s": (t_point - t_click) / load}
+    if cpu_before is not None and tail.loss_cpu is not None:
+        out["trainer_cpu_to_first_loss_s"] = tail.loss_cpu - cpu_before
     try:  # the trainer writes its start time into status.json as soon as it runs
         t_process = json.loads((tail.run_dir / "status.json").read_text())["started"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -339,6 +388,12 @@ def startup_rows(result: dict) -> dict:
         table[f"  {key}"] = common.median(r.get(key, float("nan")) for r in runs)
     table["**Start -> first loss point (cached runs)**"] = common.median(
         r["start_to_first_loss_point"] for r in runs)
+    table["  contention (busy loop wall / CPU; 1.0 idle)"] = common.median(
+        r["contention"] for r in runs)
+    table["  Start -> first loss point / contention (idle estimate)"] = common.median(
+        r["estimated_idle_s"] for r in runs)
+    table["  warm trainer CPU seconds, Start -> first loss event"] = common.median(
+        r.get("trainer_cpu_to_first_loss_s", float("nan")) for r in runs)
     return table
 
 

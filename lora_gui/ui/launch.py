@@ -169,11 +169,45 @@ def serve(args: argparse.Namespace, logins: list[tuple[str, str]]) -> int:
     return 0
 
 
+class IdleSessions(dict):
+    """A dict of gradio's queue keyed by session id that drops its oldest idle sessions once it
+    holds twice ``capacity``: gradio adds one entry per session that sends an event and keeps it
+    after the event (see ``bound_queue_sessions``). ``busy(key, value)`` says an entry is in use
+    (an event pending or a message not yet read): those are never dropped. Used from the server's
+    event loop alone, like the dicts it replaces."""
+
+    def __init__(self, capacity: int, busy) -> None:
+        super().__init__()
+        self.capacity, self.busy = capacity, busy
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        if len(self) > 2 * self.capacity:  # amortised: one scan per ``capacity`` new sessions
+            idle = [k for k, v in self.items() if k != key and not self.busy(k, v)]
+            for k in idle[: len(self) - self.capacity]:
+                del self[k]
+
+
+def bound_queue_sessions(blocks, capacity: int = SESSION_CAPACITY) -> None:
+    """Bound what gradio 6.31's queue keeps per session id, which grew the web process by ~2.5 KB
+    per API call of a client with a new session (each curl or script call), without end: a set of
+    pending event ids (an empty set stays once its events are done; never removed) and a message
+    queue (kept for up to 2000 sessions). A dropped idle session gets fresh ones at its next event,
+    as a new one does. Call after ``blocks.queue()``, which makes the queue."""
+    queue = blocks._queue
+    ids = IdleSessions(capacity, busy=lambda _key, pending: bool(pending))
+    ids.update(queue.pending_event_ids_session)
+    messages = IdleSessions(capacity, busy=lambda key, q: not q.empty() or bool(ids.get(key)))
+    messages.update(queue.pending_messages_per_session)
+    queue.pending_event_ids_session, queue.pending_messages_per_session = ids, messages
+
+
 def _launch(blocks, args: argparse.Namespace, logins: list[tuple[str, str]]) -> None:
     from lora_gui.ui.app import CSS
 
     auth = (logins[0] if len(logins) == 1 else logins) if logins else None
     blocks.queue(default_concurrency_limit=4)
+    bound_queue_sessions(blocks)
     blocks.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                   root_path=args.root_path,  # no allowed_paths: see ui.files.ServedFiles
                   state_session_capacity=SESSION_CAPACITY,

@@ -32,6 +32,9 @@ COMMANDS: tuple[tuple[Command, str, RunState | None], ...] = (
 COMMAND_BUTTONS = tuple(command.kind for command, _, _ in COMMANDS)
 
 ACTIVE_POLL_S = 0.5
+# From Start to the first loss point the page polls twice as often: the trainer's set-up takes a
+# second or two, and the first point should not wait half a poll more (Start -> first point).
+FIRST_POINT_POLL_S = 0.25
 IDLE_POLL_S = 2.0  # while queued items wait for their turn
 # The timer is off while nothing runs and nothing is queued: each tick makes the page drop the red
 # validation messages under the fields (gradio 6.31 resets the loading status of components that
@@ -86,6 +89,8 @@ def draw(ctx: Ctx, view: RunView, force: bool = False) -> dict:
         out.update(_buttons(ctx, view.active))
         out[comp["timer"]] = timer_update(ctx, view)
         view.mark_drawn("status")
+    elif view.active and view.poll_s != poll_interval(view):  # the first point arrived
+        out[comp["timer"]] = timer_update(ctx, view)
     if force or view.changed("progress"):
         out[comp["progress"]] = view.progress_markdown()
         view.mark_drawn("progress")
@@ -113,9 +118,15 @@ def draw(ctx: Ctx, view: RunView, force: bool = False) -> dict:
     return out
 
 
+def poll_interval(view: RunView) -> float:
+    return ACTIVE_POLL_S if view.losses or view.validation else FIRST_POINT_POLL_S
+
+
 def timer_update(ctx: Ctx, view: RunView) -> gr.Timer:
     if view.active:
-        return gr.Timer(ACTIVE_POLL_S, active=True)
+        view.poll_s = poll_interval(view)
+        return gr.Timer(view.poll_s, active=True)
+    view.poll_s = 0.0
     return gr.Timer(IDLE_POLL_S, active=ctx.runs.queue_pending())
 
 

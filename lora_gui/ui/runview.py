@@ -90,6 +90,7 @@ class RunView:
     versions: dict[str, int] = field(default_factory=dict)
     drawn: dict[str, int] = field(default_factory=dict)
     plot_drawn_at: float = 0.0
+    poll_s: float = 0.0  # the page's poll interval as last sent (0: idle)
     expects_validation: bool = False  # the run holds images out (training.validation_split > 0)
     resources: str = ""  # the trainer's RAM and GPU line as last sent
     resources_at: float = 0.0
