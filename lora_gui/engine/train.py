@@ -12,6 +12,7 @@ between model families is the run's ``families.ModelFamily``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -280,9 +281,11 @@ class Trainer:
             noise = self._noise(latents[i:i + 1], generator)
             noises.append(noise)
             steps.append(self.family.sample_timesteps(self.model, latents[i:i + 1], generator, self.settings))
-            perturbed.append(input_perturbation(noise, adv.ip_noise_gamma, generator,
-                                                adv.ip_noise_gamma_random_strength))
-        return torch.cat(noises), host_to(torch.cat(steps), self.device), torch.cat(perturbed)
+            if adv.ip_noise_gamma > 0:
+                perturbed.append(input_perturbation(noise, adv.ip_noise_gamma, generator,
+                                                    adv.ip_noise_gamma_random_strength))
+        noise = torch.cat(noises)
+        return noise, host_to(torch.cat(steps), self.device), torch.cat(perturbed) if perturbed else noise
 
     def _latents(self, batch) -> torch.Tensor:
         if batch.latents is not None:
@@ -306,7 +309,9 @@ class Trainer:
         (input perturbation)."""
         family, model, adv = self.family, self.model, self.settings.advanced
         noisy = family.add_noise(model, latents, noise if noisy_with is None else noisy_with, timesteps)
-        with self.acc.autocast():
+        # accelerate's autocast is a nullcontext without native AMP (mixed_precision "no", or bf16
+        # on the CPU); entering it still builds its state objects every step.
+        with self.acc.autocast() if self.acc.native_amp else contextlib.nullcontext():
             text = self._text_states(captions)
             pred = family.predict(model, noisy, timesteps, text, extra, self.weight_dtype)
         target = family.target(model, latents, noise, timesteps)
@@ -315,8 +320,10 @@ class Trainer:
                                num_train_timesteps=family.num_train_timesteps(model)
                                if needs_timestep_count(adv) else None,
                                mask=None if mask is None else host_to(mask, target.device))
-        weights = torch.where(host_to(is_reg, loss.device), adv.prior_loss_weight, 1.0)
         scheme = family.loss_weights(model, timesteps, self.settings)
+        if scheme is None and adv.prior_loss_weight == 1.0:
+            return loss.mean()  # every weight 1: x * 1.0 == x, the same mean without the product
+        weights = torch.where(host_to(is_reg, loss.device), adv.prior_loss_weight, 1.0)
         if scheme is not None:
             weights = weights * scheme.to(loss.device)
         return (loss * weights).mean()
