@@ -159,8 +159,20 @@ class Recorder:
         self.stamps.append(Stamp(time.perf_counter(), time.process_time(), event))
 
     def of(self, kind: str, phase: str | None = None) -> list[Stamp]:
-        return [s for s in self.stamps if getattr(s.event, "kind", None) == kind
-                and (phase is None or getattr(s.event, "phase", None) == phase)]
+        return [s for s in self.stamps if _is(s, kind, phase)]
+
+    def first(self, kind: str, phase: str | None = None) -> Stamp | None:
+        return next((s for s in self.stamps if _is(s, kind, phase)), None)
+
+    def last(self, kind: str, phase: str | None = None) -> Stamp | None:
+        """Searched from the end: a command source polled at every step finds it in a few
+        comparisons (``of`` scans every event so far, which would charge the engine's time
+        with a search that grows with the run)."""
+        return next((s for s in reversed(self.stamps) if _is(s, kind, phase)), None)
+
+
+def _is(stamp: Stamp, kind: str, phase: str | None) -> bool:
+    return getattr(stamp.event, "kind", None) == kind and (phase is None or getattr(stamp.event, "phase", None) == phase)
 
 
 class StopAfter:
@@ -170,15 +182,17 @@ class StopAfter:
 
     def __init__(self, recorder: Recorder, seconds: float, min_steps: int = 0) -> None:
         self.recorder, self.seconds, self.min_steps, self.sent = recorder, seconds, min_steps, False
+        self.start: Stamp | None = None  # the first training Progress, found once
 
     def poll(self) -> list:
         from lora_gui import events as ev
 
         if self.sent:
             return []
-        training = self.recorder.of("progress", "training")
-        if training and time.perf_counter() - training[0].wall >= self.seconds \
-                and training[-1].event.step - training[0].event.step >= self.min_steps:
+        self.start = self.start or self.recorder.first("progress", "training")
+        if self.start is None or time.perf_counter() - self.start.wall < self.seconds:
+            return []
+        if self.recorder.last("progress", "training").event.step - self.start.event.step >= self.min_steps:
             self.sent = True
             return [ev.Stop()]
         return []

@@ -149,14 +149,19 @@ class Interleave:
         self.recorder, self.loop, self.seconds, self.modes = recorder, loop, seconds, modes
         self.samples: list[tuple[str, float, float, float]] = []  # mode, start, wall, cpu
         self.stopped = False
+        self.start = None
 
     def poll(self) -> list:
         from lora_gui import events as ev
 
-        training = self.recorder.of("progress", "training")
-        if self.stopped or not training:
+        if self.stopped:
             return []
-        if time.perf_counter() - training[0].wall >= self.seconds:
+        # The first training Progress, found once: a search over all events at every poll would
+        # be charged to the engine's time (it grows with the run's events).
+        self.start = self.start or self.recorder.first("progress", "training")
+        if self.start is None:
+            return []
+        if time.perf_counter() - self.start.wall >= self.seconds:
             self.stopped = True
             return [ev.Stop()]
         forward = (len(self.samples) // len(self.modes)) % 2 == 0

@@ -31,11 +31,9 @@ def flush(t, force: bool = False) -> None:
         t.losses.append(value)
         norms = t._norm_figures.pop(step, {})
         t.emit(ev.LossReported(step=step, epoch=epoch, loss=value, lr=lr, **norms))
-        if t._writer is not None:
-            t._writer.add_scalar("loss/train", value, step)
-            t._writer.add_scalar("lr", lr, step)
-            for name, figure in norms.items():  # sd-scripts' max_norm/* scalars
-                t._writer.add_scalar(f"max_norm/{name}", figure, step)
+        if t._writer is not None:  # with sd-scripts' max_norm/* scalars
+            t._writer.add_scalars({"loss/train": value, "lr": lr,
+                                   **{f"max_norm/{name}": figure for name, figure in norms.items()}}, step)
     p, plan = t.progress, t.plan
     elapsed = now - t._t_loop
     rate = (p.step - t._step_at_loop) / elapsed if elapsed > 0 else 0.0

@@ -33,9 +33,27 @@ class Trackers:
         for writer in self.writers:
             writer.add_scalar(name, value, step)
 
+    def add_scalars(self, values: dict[str, float], step: int) -> None:
+        """Several scalars of one step at once: one TensorBoard event whose summary holds a value
+        per tag (what add_scalar writes one event each for; the writer's thread wakes once, not
+        per scalar) and one W&B log call."""
+        for writer in self.writers:
+            if isinstance(writer, _WandbWriter):
+                writer.run.log({"global_step": step, **values})
+            else:
+                _tensorboard_scalars(writer, values, step)
+
     def close(self) -> None:
         for writer in self.writers:
             writer.close()
+
+
+def _tensorboard_scalars(writer, values: dict[str, float], step: int) -> None:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from torch.utils.tensorboard.summary import scalar
+
+    summary = Summary(value=[v for name, value in values.items() for v in scalar(name, value).value])
+    writer._get_file_writer().add_summary(summary, step)
 
 
 class _WandbWriter:
