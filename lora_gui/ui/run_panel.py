@@ -31,9 +31,12 @@ COMMANDS: tuple[tuple[Command, str, RunState | None], ...] = (
 )
 COMMAND_BUTTONS = tuple(command.kind for command, _, _ in COMMANDS)
 
-ACTIVE_POLL_S = 0.5
-# From Start to the first loss point the page polls twice as often: the trainer's set-up takes a
-# second or two, and the first point should not wait half a poll more (Start -> first point).
+# Once points arrive the page polls every second: every poll costs the browser gradio's status work
+# across the whole page (it grows with the number of settings), so polling every 0.5 s cost 34-35 %
+# of a core in chromium and every 1 s 19-20 % (bench/page_cpu.py, quiet machine, one run); the chart
+# is redrawn at most every 2 s either way. From Start to the first loss point the page polls every
+# 0.25 s: the trainer's set-up takes a second or two, and the first point should not wait for a poll.
+ACTIVE_POLL_S = 1.0
 FIRST_POINT_POLL_S = 0.25
 IDLE_POLL_S = 2.0  # while queued items wait for their turn
 # The timer is off while nothing runs and nothing is queued: each tick makes the page drop the red
