@@ -119,12 +119,16 @@ def is_relative_step_adafactor(optimizer) -> bool:
     return type(optimizer).__name__ == "Adafactor" and bool(optimizer.defaults.get("relative_step"))
 
 
+# The schedule-free optimizers' two mode methods (a method call on the optimizer, not Python's eval).
+SCHEDULE_FREE_MODES = {True: "train", False: "eval"}
+
+
 def is_schedule_free(optimizer) -> bool:
-    """Schedule-free optimizers (Defazio et al. 2024) keep two points and must be switched with
-    ``optimizer.train()`` / ``optimizer.eval()`` around training and evaluation (sd-scripts
-    ``get_optimizer_train_eval_fn``). ``optimizer`` may be accelerate's wrapper."""
+    """Schedule-free optimizers (Defazio et al. 2024) keep two points and must be switched between
+    their training and averaged modes (their methods named ``SCHEDULE_FREE_MODES``) around training and
+    evaluation (sd-scripts ``get_optimizer_train_eval_fn``). ``optimizer`` may be accelerate's wrapper."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    return callable(getattr(inner, "train", None)) and callable(getattr(inner, "eval", None))
+    return all(callable(getattr(inner, name, None)) for name in SCHEDULE_FREE_MODES.values())
 
 
 def set_optimizer_mode(optimizer, train: bool) -> None:
@@ -132,7 +136,7 @@ def set_optimizer_mode(optimizer, train: bool) -> None:
     averaged point that is evaluated and saved; other optimizers have one point only."""
     if is_schedule_free(optimizer):
         inner = getattr(optimizer, "optimizer", optimizer)
-        inner.train() if train else inner.eval()
+        getattr(inner, SCHEDULE_FREE_MODES[train])()
 
 
 @contextlib.contextmanager
